@@ -1,0 +1,105 @@
+// Shared helpers for the CPU kernels: dtype tags, scalar conversions, small vector types.
+// No torch headers here (see README, "Design"): kernels take raw pointers, sizes, strides and a dtype tag.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace conmim {
+
+// Dtype tags passed from Python (conmim/_ext.py keeps the same table).
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+
+struct bf16_t {
+  uint16_t bits;
+};
+struct fp16_t {
+  uint16_t bits;
+};
+
+static inline float to_float(float x) { return x; }
+static inline double to_float(double x) { return x; }
+static inline float to_float(bf16_t x) {
+  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline float to_float(fp16_t x) {
+  _Float16 h;
+  std::memcpy(&h, &x.bits, 2);
+  return static_cast<float>(h);
+}
+
+template <typename T>
+static inline T from_float(double x);
+template <>
+inline float from_float<float>(double x) {
+  return static_cast<float>(x);
+}
+template <>
+inline double from_float<double>(double x) {
+  return x;
+}
+template <>
+inline bf16_t from_float<bf16_t>(double xd) {
+  // Round to nearest even, NaN kept quiet (matches torch's float -> bfloat16 conversion).
+  float x = static_cast<float>(xd);
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  bf16_t r;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    r.bits = static_cast<uint16_t>((u >> 16) | 0x40u);
+    return r;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  r.bits = static_cast<uint16_t>(u >> 16);
+  return r;
+}
+template <>
+inline fp16_t from_float<fp16_t>(double xd) {
+  _Float16 h = static_cast<_Float16>(static_cast<float>(xd));
+  fp16_t r;
+  std::memcpy(&r.bits, &h, 2);
+  return r;
+}
+
+inline std::string dtype_name(int tag) {
+  switch (tag) {
+    case kFloat32:
+      return "float32";
+    case kBFloat16:
+      return "bfloat16";
+    case kFloat16:
+      return "float16";
+    case kFloat64:
+      return "float64";
+    default:
+      return "unknown dtype tag " + std::to_string(tag);
+  }
+}
+
+// Calls f(T{}) with T the storage type for `tag`.
+template <typename F>
+inline void dispatch_storage(int tag, F&& f) {
+  switch (tag) {
+    case kFloat32:
+      f(float{});
+      break;
+    case kBFloat16:
+      f(bf16_t{});
+      break;
+    case kFloat16:
+      f(fp16_t{});
+      break;
+    case kFloat64:
+      f(double{});
+      break;
+    default:
+      throw std::invalid_argument("conmim._C: " + dtype_name(tag));
+  }
+}
+
+}  // namespace conmim
