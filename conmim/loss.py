@@ -1,0 +1,114 @@
+"""User API of the patch-contrast loss: ``patch_contrast_loss`` and ``FusedPatchContrastLoss``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from conmim import backends
+from conmim._validate import (
+    check_patch_contrast_args,
+    check_positive_index_range,
+    check_reduction,
+    check_temperature,
+)
+from conmim.ops import patch_contrast_op
+
+
+def _host_checks_allowed(t: torch.Tensor) -> bool:
+    """Host-side value checks (they read device memory) are skipped while compiling or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def patch_contrast_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 0.1,
+    reduction: str = "mean",
+    normalize: bool = True,
+    positive_index: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """ConMIM masked patch-to-patch contrastive loss (InfoNCE over the patches of the same image).
+
+    For every masked patch i of image b: ``logsumexp_j(<q_i, k_j> / tau) - <q_i, k_pos(i)> / tau`` with
+    q = normalised student features, k = normalised teacher features of the same image, j over all N patches.
+    Never materialises the [B, N, N] logits on the fused backends.
+
+    Args:
+        student: [B, N, d] float32 / bfloat16 / float16 (float64: cpu and reference backends); any strides.
+        teacher: [B, N, d], same dtype and device. Gets a gradient only if it requires grad.
+        mask: bool [B, N]; any number of masked patches per image, including none and all.
+        temperature: tau > 0 (ConMIM: 0.1).
+        reduction: "mean" over all masked patches of the batch (0 if there are none), "sum", or "none"
+            (one loss per masked patch in ``mask.nonzero()`` order; this one reads the count on the host).
+        normalize: L2-normalise both inputs (False for features that are already normalised).
+        positive_index: optional int64 [B, N]; key index of each query's positive (default: same index).
+        backend: "auto", "triton", "cuda", "cpu" or "reference" (env CONMIM_BACKEND overrides "auto").
+
+    Returns:
+        float32 loss (float64 for float64 inputs); gradients flow back in the inputs' dtype.
+    """
+    _, N, _ = check_patch_contrast_args(student, teacher, mask, positive_index, temperature, reduction)
+    if positive_index is not None and _host_checks_allowed(positive_index):
+        check_positive_index_range(positive_index, mask, N)
+    name = backends.requested_backend(backend)
+    row_loss, _ = patch_contrast_op(
+        student, teacher, mask, positive_index, float(temperature), bool(normalize), name
+    )
+    if reduction == "none":
+        return row_loss[mask]
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    return total / mask.sum().clamp_min(1).to(total.dtype)
+
+
+class FusedPatchContrastLoss(nn.Module):
+    """Drop-in module form of :func:`patch_contrast_loss`.
+
+    Example::
+
+        loss_fn = conmim.FusedPatchContrastLoss(temperature=0.1)
+        loss = loss_fn(student_feats, teacher_feats.detach(), mask)   # [B, N, d], [B, N, d], bool [B, N]
+    """
+
+    def __init__(
+        self, temperature: float = 0.1, reduction: str = "mean", normalize: bool = True, backend: str = "auto"
+    ):
+        super().__init__()
+        check_temperature(temperature)
+        check_reduction(reduction)
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
+        self.temperature = float(temperature)
+        self.reduction = reduction
+        self.normalize = bool(normalize)
+        self.backend = backend
+
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        mask: torch.Tensor,
+        positive_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return patch_contrast_loss(
+            student,
+            teacher,
+            mask,
+            self.temperature,
+            self.reduction,
+            self.normalize,
+            positive_index,
+            self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, reduction={self.reduction!r}, normalize={self.normalize}, "
+            f"backend={self.backend!r}"
+        )

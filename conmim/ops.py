@@ -1,0 +1,317 @@
+"""The op layer: torch.library custom ops with fake and autograd registrations, dispatching to a backend.
+
+``conmim::patch_contrast`` returns per-position losses and logsumexps ([B, N], zero where the mask is False) so
+that its output shapes never depend on the mask's contents (no host sync, CUDA-graph capturable, compilable);
+the user API (conmim.loss) reduces them. ``conmim::ema_update_`` mutates its teacher list in place.
+Both validate inputs once and pick a backend by the rules in conmim.backends.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from conmim import _ext, backends, native
+from conmim.reference import acc_dtype, ema_update_reference_, patch_contrast_loss_reference
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_TRITON_D = 2048
+
+
+def _triton_module(name: str):
+    """Import conmim.kernels.<name>; returns (module, None) or (None, why)."""
+    from conmim.kernels import triton_status
+
+    why = triton_status()
+    if why is not None:
+        return None, why
+    return importlib.import_module(f"conmim.kernels.{name}"), None
+
+
+def _triton_device_reason(device: torch.device) -> str | None:
+    from conmim.kernels import interpreting
+
+    if device.type == "cuda" or interpreting():
+        return None
+    return f"wrong device: Triton kernels need CUDA tensors, got {device.type} (or set TRITON_INTERPRET=1)"
+
+
+# --------------------------------------------------------------------------------------------- patch contrast
+def patch_contrast_reasons(student: torch.Tensor) -> dict[str, Callable[[], str | None]]:
+    """backend -> thunk saying why it cannot run the loss on inputs like ``student``; in auto priority order."""
+    dev, dtype, D = student.device, student.dtype, student.shape[-1]
+
+    def triton_reason():
+        why = _triton_device_reason(dev)
+        if why is None and dtype not in _TRITON_DTYPES:
+            why = f"dtype {dtype} is not supported by the Triton kernels (float32, bfloat16, float16)"
+        if why is None and D > MAX_TRITON_D:
+            why = f"feature dim d = {D} is above the Triton kernels' limit of {MAX_TRITON_D}"
+        if why is None:
+            why = _triton_module("patch_contrast")[1]
+        return why
+
+    def cuda_reason():
+        if dev.type != "cuda":
+            return f"wrong device: the CUDA kernels need CUDA tensors, got {dev.type}"
+        return "this build has no CUDA kernel for the patch-contrast loss yet (the Triton kernel covers GPUs)"
+
+    def cpu_reason():
+        if dev.type != "cpu":
+            return f"wrong device: the C++ kernels need CPU tensors, got {dev.type}"
+        return _ext.why_unavailable()
+
+    gpu_first = {"triton": triton_reason, "cuda": cuda_reason, "cpu": cpu_reason}
+    cpu_first = {"cpu": cpu_reason, "triton": triton_reason, "cuda": cuda_reason}
+    order = gpu_first if dev.type == "cuda" else cpu_first
+    return {**order, "reference": lambda: None}
+
+
+def _reference_rows(student, teacher, mask, positive_index, temperature, normalize):
+    """Dense [B, N] loss and logsumexp from the reference (rows that are not masked hold 0)."""
+    B, N, _ = student.shape
+    acc = acc_dtype(student.dtype)
+    per_row = patch_contrast_loss_reference(
+        student, teacher, mask, temperature, "none", normalize, positive_index
+    )
+    loss = torch.zeros(B, N, dtype=acc, device=student.device)
+    loss = loss.masked_scatter(mask, per_row)
+    q = student.to(acc)
+    k = teacher.to(acc)
+    if normalize:
+        q = torch.nn.functional.normalize(q, dim=-1)
+        k = torch.nn.functional.normalize(k, dim=-1)
+    b_idx, i_idx = mask.nonzero(as_tuple=True)
+    rows = torch.einsum("md,mnd->mn", q[b_idx, i_idx], k[b_idx]) / temperature
+    lse = torch.zeros(B, N, dtype=acc, device=student.device).masked_scatter(mask, torch.logsumexp(rows, -1))
+    return loss, lse
+
+
+def _normalize_backward(x: torch.Tensor, dq: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Vector-Jacobian product of x -> x / max(|x|, eps) along the last dim."""
+    nrm = x.norm(dim=-1, keepdim=True)
+    q = x / nrm.clamp_min(eps)
+    proj = (q * dq).sum(-1, keepdim=True) * (nrm >= eps)
+    return (dq - q * proj) / nrm.clamp_min(eps)
+
+
+def _reference_backward(grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher):
+    """Analytic gradients of the dense per-position loss (the reference backend's backward; O(B N^2) memory).
+
+    dlogit_ij = g_i (softmax_ij - [j == pos_i]) / tau on masked rows; dq = G k_hat, dk = G^T q_hat, then the
+    L2-normalisation Jacobian. Returns (d_student, d_teacher or None) in the input dtype, contiguous.
+    """
+    B, N, _ = student.shape
+    acc = acc_dtype(student.dtype)
+    x, y = student.to(acc), teacher.to(acc)
+    q = torch.nn.functional.normalize(x, dim=-1) if normalize else x
+    k = torch.nn.functional.normalize(y, dim=-1) if normalize else y
+    logits = torch.bmm(q, k.transpose(1, 2)) / temperature
+    pos = (
+        positive_index if positive_index is not None else torch.arange(N, device=student.device).expand(B, N)
+    )
+    onehot = torch.nn.functional.one_hot(pos.clamp(0, N - 1), N).to(acc)
+    g = (grad.to(acc) * mask.to(acc)).unsqueeze(-1)
+    G = g * (torch.softmax(logits, dim=-1) - onehot) / temperature
+    dq = torch.bmm(G, k)
+    ds = _normalize_backward(x, dq) if normalize else dq
+    dt = None
+    if need_teacher:
+        dk = torch.bmm(G.transpose(1, 2), q)
+        dt = (_normalize_backward(y, dk) if normalize else dk).to(student.dtype).contiguous()
+    return ds.to(student.dtype).contiguous(), dt
+
+
+@torch.library.custom_op("conmim::patch_contrast", mutates_args=())
+def patch_contrast_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    positive_index: torch.Tensor | None,
+    temperature: float,
+    normalize: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position loss and logsumexp, each [B, N] float32 (float64 for float64 inputs), 0 where not masked."""
+    name = backends.choose("conmim::patch_contrast", backend, patch_contrast_reasons(student))
+    if name == "cpu":
+        return native.patch_contrast_forward_cpu(
+            student, teacher, mask, positive_index, temperature, normalize
+        )
+    if name == "triton":
+        mod, _ = _triton_module("patch_contrast")
+        return mod.patch_contrast_forward(student, teacher, mask, positive_index, temperature, normalize)
+    return _reference_rows(student, teacher, mask, positive_index, temperature, normalize)
+
+
+@patch_contrast_op.register_fake
+def _(student, teacher, mask, positive_index, temperature, normalize, backend):
+    B, N, _ = student.shape
+    acc = acc_dtype(student.dtype)
+    return student.new_empty(B, N, dtype=acc), student.new_empty(B, N, dtype=acc)
+
+
+@torch.library.custom_op("conmim::patch_contrast_backward", mutates_args=())
+def patch_contrast_backward_op(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    positive_index: torch.Tensor | None,
+    lse: torch.Tensor,
+    temperature: float,
+    normalize: bool,
+    need_teacher: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_student [B, N, d], d_teacher [B, N, d] or an empty tensor when ``need_teacher`` is False), in the input
+    dtype."""
+    name = backends.choose("conmim::patch_contrast_backward", backend, patch_contrast_reasons(student))
+    if name == "cpu":
+        ds, dt = native.patch_contrast_backward_cpu(
+            grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
+        )
+    elif name == "triton":
+        mod, _ = _triton_module("patch_contrast")
+        ds, dt = mod.patch_contrast_backward(
+            grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
+        )
+    else:
+        ds, dt = _reference_backward(
+            grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher
+        )
+    return ds, (dt if dt is not None else student.new_empty(0))
+
+
+@patch_contrast_backward_op.register_fake
+def _(grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher, backend):
+    B, N, D = student.shape
+    ds = student.new_empty(B, N, D)
+    dt = student.new_empty(B, N, D) if need_teacher else student.new_empty(0)
+    return ds, dt
+
+
+def _pc_setup_context(ctx, inputs, output):
+    student, teacher, mask, positive_index, temperature, normalize, backend = inputs
+    _, lse = output
+    ctx.save_for_backward(student, teacher, mask, positive_index, lse)
+    ctx.temperature, ctx.normalize, ctx.backend = temperature, normalize, backend
+
+
+def _pc_backward(ctx, grad_loss, grad_lse):
+    student, teacher, mask, positive_index, lse = ctx.saved_tensors
+    need_teacher = ctx.needs_input_grad[1]
+    ds, dt = patch_contrast_backward_op(
+        grad_loss,
+        student,
+        teacher,
+        mask,
+        positive_index,
+        lse,
+        ctx.temperature,
+        ctx.normalize,
+        need_teacher,
+        ctx.backend,
+    )
+    return (
+        (ds if ctx.needs_input_grad[0] else None),
+        (dt if need_teacher else None),
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+patch_contrast_op.register_autograd(_pc_backward, setup_context=_pc_setup_context)
+
+
+# -------------------------------------------------------------------------------------------------------- EMA
+def ema_reasons(
+    teacher: list[torch.Tensor], student: list[torch.Tensor]
+) -> dict[str, Callable[[], str | None]]:
+    """backend -> thunk saying why it cannot run this EMA update; in auto priority order."""
+    dev = teacher[0].device if teacher else torch.device("cpu")
+    devices = {t.device for t in teacher} | {s.device for s in student}
+    dtypes = {t.dtype for t in teacher} | {s.dtype for s in student}
+
+    def common():
+        if len(devices) > 1:
+            return f"tensors are on several devices {sorted(str(d) for d in devices)}"
+        bad = [i for i, t in enumerate(teacher) if not t.is_contiguous()]
+        if bad:
+            return f"teacher tensors {bad[:5]} are not contiguous (fused kernels update contiguous memory)"
+        return None
+
+    def triton_reason():
+        why = common() or _triton_device_reason(dev)
+        if why is None and not dtypes <= set(_TRITON_DTYPES):
+            why = f"dtypes {sorted(str(d) for d in dtypes)} include one the Triton kernel does not support"
+        return why or _triton_module("ema")[1]
+
+    def cuda_reason():
+        if dev.type != "cuda":
+            return f"wrong device: the CUDA kernels need CUDA tensors, got {dev.type}"
+        if not _ext.cuda_compiled():
+            return _ext.why_unavailable() or "conmim._C was built without CUDA kernels (nvcc was not found)"
+        why = common()
+        if why is None and not dtypes <= set(_TRITON_DTYPES):
+            why = f"dtypes {sorted(str(d) for d in dtypes)} include one the CUDA kernel does not support"
+        return why
+
+    def cpu_reason():
+        if dev.type != "cpu":
+            return f"wrong device: the C++ kernels need CPU tensors, got {dev.type}"
+        return common() or _ext.why_unavailable()
+
+    gpu_first = {"triton": triton_reason, "cuda": cuda_reason, "cpu": cpu_reason}
+    cpu_first = {"cpu": cpu_reason, "triton": triton_reason, "cuda": cuda_reason}
+    order = gpu_first if dev.type == "cuda" else cpu_first
+    return {**order, "reference": lambda: None}
+
+
+def _groups(teacher, student):
+    """Split index lists by (teacher dtype, student dtype): one launch each."""
+    out: dict[tuple, list[int]] = {}
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        out.setdefault((t.dtype, s.dtype), []).append(i)
+    return out.values()
+
+
+@torch.library.custom_op("conmim::ema_update_", mutates_args=("teacher",))
+def ema_update_op(
+    teacher: list[torch.Tensor],
+    student: list[torch.Tensor],
+    momentum: float,
+    momentum_tensor: torch.Tensor | None,
+    backend: str,
+) -> None:
+    """teacher[i] <- lerp(teacher[i], student[i], 1 - m); m = momentum_tensor if given (0-d) else momentum."""
+    if not teacher:
+        return
+    name = backends.choose("conmim::ema_update_", backend, ema_reasons(teacher, student))
+    m = momentum_tensor if momentum_tensor is not None else momentum
+    if name == "reference":
+        ema_update_reference_(teacher, student, m)
+        return
+    student = [s.detach().contiguous() for s in student]
+    if name == "cpu":
+        native.ema_update_cpu_(teacher, student, float(m))
+        return
+    if name == "cuda":
+        if isinstance(m, torch.Tensor):
+            m = m.to(device=teacher[0].device, dtype=torch.float32)
+        for idx in _groups(teacher, student):
+            native.ema_update_cuda_([teacher[i] for i in idx], [student[i] for i in idx], m)
+        return
+    mod, _ = _triton_module("ema")
+    for idx in _groups(teacher, student):
+        mod.ema_update_([teacher[i] for i in idx], [student[i] for i in idx], m)
+
+
+@ema_update_op.register_fake
+def _(teacher, student, momentum, momentum_tensor, backend):
+    return None

@@ -1,0 +1,83 @@
+// A small register-blocked GEMM used by the fused CPU loss kernel.
+// C[MR x NR] (+)= sum_p a(i, p) * B[p, 0:NR], with a(i, p) = A[i * lda_i + p * lda_p] (any strides, so the same
+// kernel serves Q K^T, G K and G^T Q) and B row-major with leading dimension ldb. Callers pad every operand so
+// that rows are a multiple of MR and columns a multiple of NR (padding is zero), which keeps the kernel free of
+// edge cases.
+#pragma once
+
+#include <cstddef>
+
+namespace conmim {
+namespace cpu {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+template <typename A>
+struct VecOf {
+  typedef A type __attribute__((vector_size(kVecBytes)));
+  // Unaligned, alias-safe view of memory as a vector.
+  typedef A utype __attribute__((vector_size(kVecBytes), aligned(sizeof(A)), __may_alias__));
+  static constexpr int width = kVecBytes / static_cast<int>(sizeof(A));
+};
+
+template <typename A>
+struct Tile {
+  static constexpr int MR = 6;
+  static constexpr int NV = 2;  // vectors per row of the tile
+  static constexpr int W = VecOf<A>::width;
+  static constexpr int NR = NV * W;
+};
+
+template <typename A>
+static inline void micro_tile(ptrdiff_t K, const A* a, ptrdiff_t lda_i, ptrdiff_t lda_p, const A* b, ptrdiff_t ldb,
+                              A* c, ptrdiff_t ldc, bool accumulate) {
+  using V = typename VecOf<A>::type;
+  using U = typename VecOf<A>::utype;
+  constexpr int MR = Tile<A>::MR, NV = Tile<A>::NV, W = Tile<A>::W;
+  V acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{} + A(0);
+  for (ptrdiff_t p = 0; p < K; ++p) {
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const U*>(b + p * ldb + v * W);
+    const A* ap = a + p * lda_p;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const A av = ap[r * lda_i];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      U* dst = reinterpret_cast<U*>(c + r * ldc + v * W);
+      *dst = accumulate ? *dst + acc[r][v] : acc[r][v];
+    }
+}
+
+// C[M x Ncols] (+)= A-op[M x K] * B[K x Ncols]; M % MR == 0 and Ncols % NR == 0 (callers pad).
+template <typename A>
+static inline void gemm_padded(ptrdiff_t M, ptrdiff_t Ncols, ptrdiff_t K, const A* a, ptrdiff_t lda_i,
+                               ptrdiff_t lda_p, const A* b, ptrdiff_t ldb, A* c, ptrdiff_t ldc, bool accumulate) {
+  constexpr int MR = Tile<A>::MR, NR = Tile<A>::NR;
+  // Column strips outermost: one strip of B (K x NR) stays in L1/L2 while every row tile streams past it.
+  for (ptrdiff_t j = 0; j < Ncols; j += NR)
+    for (ptrdiff_t i = 0; i < M; i += MR)
+      micro_tile<A>(K, a + i * lda_i, lda_i, lda_p, b + j, ldb, c + i * ldc + j, ldc, accumulate);
+}
+
+static inline ptrdiff_t round_up(ptrdiff_t x, ptrdiff_t m) { return (x + m - 1) / m * m; }
+
+}  // namespace cpu
+}  // namespace conmim

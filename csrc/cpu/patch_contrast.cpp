@@ -1,0 +1,334 @@
+// Fused CPU kernel for the ConMIM patch-contrast loss (forward and backward).
+//
+// Per image b: normalise the teacher keys once, then for blocks of masked query rows compute the block of logits
+// S = Q K^T / tau with a register-blocked GEMM, the row logsumexp and the loss. The backward recomputes the same
+// block, forms G = g * (softmax - onehot) / tau and applies dQ = G K (and dK += G^T Q when the teacher needs a
+// gradient), then the L2-normalisation Jacobian. Scratch is O(N * d) per thread plus one block of
+// kRowBlock x N logits: never B x N x N.
+#include "cpu/patch_contrast.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "cpu/gemm_tile.h"
+
+namespace conmim {
+namespace cpu {
+namespace {
+
+constexpr int kRowBlock = 48;  // query rows per block (multiple of Tile::MR)
+constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
+
+// exp for float: range reduction to 2^n * e^y, |y| <= ln2/2, degree-7 Taylor (rel. error < 1e-7); written
+// with plain arithmetic and bit casts so the callers' loops vectorise.
+static inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  const float t = x * 1.44269504088896341f;
+  const int n = static_cast<int>(t + (t >= 0.f ? 0.5f : -0.5f));
+  const float y = x - static_cast<float>(n) * 0.693147180559945309f;
+  float p = 1.f / 5040.f;
+  p = p * y + 1.f / 720.f;
+  p = p * y + 1.f / 120.f;
+  p = p * y + 1.f / 24.f;
+  p = p * y + 1.f / 6.f;
+  p = p * y + 0.5f;
+  p = p * y + 1.f;
+  p = p * y + 1.f;
+  const int bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+static inline double fast_exp(double x) { return std::exp(x); }
+
+// Npad: columns of the logits (multiple of Tile::NR) and rows of the key buffers, which the G^T Q product walks
+// in tiles of Tile::MR, hence Npad >= round_up(N, MR) as well.
+template <typename A>
+struct Dims {
+  ptrdiff_t N, D, Npad, Dpad;
+};
+
+// Strided view of a [B, N, D] input.
+template <typename T>
+struct View3 {
+  const T* p;
+  ptrdiff_t sb, sn, sd;
+  inline const T& at(ptrdiff_t b, ptrdiff_t n, ptrdiff_t d) const { return p[b * sb + n * sn + d * sd]; }
+};
+
+// Loads row `n` of image b as Acc, optionally L2-normalised; returns the norm (before clamping).
+template <typename T, typename A>
+static inline A load_row(const View3<T>& v, ptrdiff_t b, ptrdiff_t n, ptrdiff_t D, bool normalize, A* out) {
+  const T* src = &v.at(b, n, 0);
+  A ss = 0;
+  if (v.sd == 1) {
+#pragma omp simd reduction(+ : ss)
+    for (ptrdiff_t c = 0; c < D; ++c) {
+      const A x = static_cast<A>(to_float(src[c]));
+      out[c] = x;
+      ss += x * x;
+    }
+  } else {
+    for (ptrdiff_t c = 0; c < D; ++c) {
+      const A x = static_cast<A>(to_float(src[c * v.sd]));
+      out[c] = x;
+      ss += x * x;
+    }
+  }
+  const A nrm = std::sqrt(ss);
+  if (normalize) {
+    const A inv = A(1) / std::max(nrm, static_cast<A>(kNormEps));
+#pragma omp simd
+    for (ptrdiff_t c = 0; c < D; ++c) out[c] *= inv;
+  }
+  return nrm;
+}
+
+// Per-thread scratch for one image; all Acc, zero-padded.
+template <typename A>
+struct Scratch {
+  std::vector<A> kT;    // [D][Npad]   normalised keys, transposed (operand of Q K^T)
+  std::vector<A> k;     // [Npad][Dpad] normalised keys (operand of G K; backward only)
+  std::vector<A> knrm;  // [N] key norms (teacher gradient only)
+  std::vector<A> q;     // [kRowBlock][Dpad] normalised queries of one block
+  std::vector<A> qnrm;  // [kRowBlock]
+  std::vector<A> s;     // [kRowBlock][Npad] logits, then G
+  std::vector<A> dq;    // [kRowBlock][Dpad]
+  std::vector<A> dk;    // [Npad][Dpad] teacher-gradient accumulator
+  std::vector<ptrdiff_t> rows;
+  std::vector<A> row;   // [Dpad]
+
+  void init(const Dims<A>& dm, bool backward, bool want_dk) {
+    kT.assign(dm.D * dm.Npad, A(0));
+    q.assign(kRowBlock * dm.Dpad, A(0));
+    qnrm.assign(kRowBlock, A(0));
+    s.assign(kRowBlock * dm.Npad, A(0));
+    row.assign(dm.Dpad, A(0));
+    rows.reserve(dm.N);
+    if (backward) {
+      k.assign(dm.Npad * dm.Dpad, A(0));
+      dq.assign(kRowBlock * dm.Dpad, A(0));
+    }
+    if (want_dk) {
+      knrm.assign(dm.N, A(0));
+      dk.assign(dm.Npad * dm.Dpad, A(0));
+    }
+  }
+};
+
+template <typename T, typename A>
+static void load_keys(const View3<T>& t, ptrdiff_t b, const Dims<A>& dm, bool normalize, bool row_major,
+                      Scratch<A>& sc) {
+  for (ptrdiff_t j = 0; j < dm.N; ++j) {
+    A* r = sc.row.data();
+    const A nrm = load_row<T, A>(t, b, j, dm.D, normalize, r);
+    if (!sc.knrm.empty()) sc.knrm[j] = nrm;
+    for (ptrdiff_t c = 0; c < dm.D; ++c) sc.kT[c * dm.Npad + j] = r[c];
+    if (row_major) std::copy(r, r + dm.D, sc.k.begin() + j * dm.Dpad);
+  }
+}
+
+static inline void masked_rows(const uint8_t* mask, ptrdiff_t msb, ptrdiff_t msn, ptrdiff_t b, ptrdiff_t N,
+                               std::vector<ptrdiff_t>& rows) {
+  rows.clear();
+  for (ptrdiff_t i = 0; i < N; ++i)
+    if (mask[b * msb + i * msn]) rows.push_back(i);
+}
+
+static inline ptrdiff_t positive_of(const int64_t* pos, ptrdiff_t psb, ptrdiff_t psn, ptrdiff_t b, ptrdiff_t i) {
+  return pos ? static_cast<ptrdiff_t>(pos[b * psb + i * psn]) : i;
+}
+
+// Loads the block's queries and computes S = Q K^T (unscaled). Returns the padded row count.
+template <typename T, typename A>
+static ptrdiff_t block_logits(const View3<T>& s, ptrdiff_t b, const ptrdiff_t* rows, ptrdiff_t R,
+                              const Dims<A>& dm, bool normalize, Scratch<A>& sc) {
+  const ptrdiff_t Rpad = round_up(R, Tile<A>::MR);
+  std::fill(sc.q.begin(), sc.q.begin() + Rpad * dm.Dpad, A(0));
+  for (ptrdiff_t r = 0; r < R; ++r)
+    sc.qnrm[r] = load_row<T, A>(s, b, rows[r], dm.D, normalize, sc.q.data() + r * dm.Dpad);
+  gemm_padded<A>(Rpad, dm.Npad, dm.D, sc.q.data(), dm.Dpad, 1, sc.kT.data(), dm.Npad, sc.s.data(), dm.Npad, false);
+  return Rpad;
+}
+
+// Row logsumexp of x[0:N] * inv_tau.
+template <typename A>
+static inline A row_lse(const A* x, ptrdiff_t N, A inv_tau) {
+  A mx = -std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (ptrdiff_t j = 0; j < N; ++j) mx = std::max(mx, x[j] * inv_tau);
+  A sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (ptrdiff_t j = 0; j < N; ++j) sum += fast_exp(x[j] * inv_tau - mx);
+  return mx + std::log(sum);
+}
+
+template <typename T, typename A>
+static void forward_image(const View3<T>& s, const View3<T>& t, const PatchContrastArgs& a, ptrdiff_t b,
+                          const Dims<A>& dm, Scratch<A>& sc, A* loss, A* lse) {
+  const uint8_t* mask = reinterpret_cast<const uint8_t*>(a.mask);
+  const int64_t* pos = reinterpret_cast<const int64_t*>(a.pos);
+  masked_rows(mask, a.mask_sb, a.mask_sn, b, dm.N, sc.rows);
+  std::fill(loss + b * dm.N, loss + (b + 1) * dm.N, A(0));
+  std::fill(lse + b * dm.N, lse + (b + 1) * dm.N, A(0));
+  if (sc.rows.empty()) return;
+  load_keys<T, A>(t, b, dm, a.normalize, false, sc);
+  const A inv_tau = static_cast<A>(a.inv_tau);
+  const ptrdiff_t M = static_cast<ptrdiff_t>(sc.rows.size());
+  for (ptrdiff_t r0 = 0; r0 < M; r0 += kRowBlock) {
+    const ptrdiff_t R = std::min<ptrdiff_t>(kRowBlock, M - r0);
+    block_logits<T, A>(s, b, sc.rows.data() + r0, R, dm, a.normalize, sc);
+    for (ptrdiff_t r = 0; r < R; ++r) {
+      const ptrdiff_t i = sc.rows[r0 + r];
+      const A* x = sc.s.data() + r * dm.Npad;
+      const A l = row_lse<A>(x, dm.N, inv_tau);
+      lse[b * dm.N + i] = l;
+      loss[b * dm.N + i] = l - x[positive_of(pos, a.pos_sb, a.pos_sn, b, i)] * inv_tau;
+    }
+  }
+}
+
+template <typename T, typename A>
+static inline void write_row(T* dst, const A* src, ptrdiff_t D) {
+  for (ptrdiff_t c = 0; c < D; ++c) dst[c] = from_float<T>(src[c]);
+}
+
+// dx = (dq - q (q . dq)) / ||x||  (the Jacobian of x / max(||x||, eps)); dq when not normalising.
+template <typename A>
+static inline void normalize_backward(const A* q, A nrm, bool normalize, ptrdiff_t D, A* dq) {
+  if (!normalize) return;
+  if (nrm < static_cast<A>(kNormEps)) {
+    const A inv = A(1) / static_cast<A>(kNormEps);
+    for (ptrdiff_t c = 0; c < D; ++c) dq[c] *= inv;
+    return;
+  }
+  A dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (ptrdiff_t c = 0; c < D; ++c) dot += q[c] * dq[c];
+  const A inv = A(1) / nrm;
+#pragma omp simd
+  for (ptrdiff_t c = 0; c < D; ++c) dq[c] = (dq[c] - q[c] * dot) * inv;
+}
+
+template <typename T, typename A>
+static void backward_image(const View3<T>& s, const View3<T>& t, const PatchContrastArgs& a, ptrdiff_t b,
+                           const Dims<A>& dm, Scratch<A>& sc, const A* lse, const A* grad, ptrdiff_t g_sb,
+                           ptrdiff_t g_sn, T* ds, T* dt) {
+  const uint8_t* mask = reinterpret_cast<const uint8_t*>(a.mask);
+  const int64_t* pos = reinterpret_cast<const int64_t*>(a.pos);
+  masked_rows(mask, a.mask_sb, a.mask_sn, b, dm.N, sc.rows);
+  const ptrdiff_t N = dm.N, D = dm.D;
+  const T zero = from_float<T>(0.0);
+  std::fill(ds + b * N * D, ds + (b + 1) * N * D, zero);
+  if (sc.rows.empty()) {
+    if (dt) std::fill(dt + b * N * D, dt + (b + 1) * N * D, zero);
+    return;
+  }
+  const bool want_dk = dt != nullptr;
+  load_keys<T, A>(t, b, dm, a.normalize, true, sc);
+  if (want_dk) std::fill(sc.dk.begin(), sc.dk.end(), A(0));
+  const A inv_tau = static_cast<A>(a.inv_tau);
+  const ptrdiff_t M = static_cast<ptrdiff_t>(sc.rows.size());
+  for (ptrdiff_t r0 = 0; r0 < M; r0 += kRowBlock) {
+    const ptrdiff_t R = std::min<ptrdiff_t>(kRowBlock, M - r0);
+    const ptrdiff_t Rpad = block_logits<T, A>(s, b, sc.rows.data() + r0, R, dm, a.normalize, sc);
+    for (ptrdiff_t r = 0; r < Rpad; ++r) {
+      A* x = sc.s.data() + r * dm.Npad;
+      if (r >= R) {
+        std::fill(x, x + dm.Npad, A(0));
+        continue;
+      }
+      const ptrdiff_t i = sc.rows[r0 + r];
+      const A l = lse[b * N + i];
+      const A g = grad[b * g_sb + i * g_sn] * inv_tau;
+#pragma omp simd
+      for (ptrdiff_t j = 0; j < N; ++j) x[j] = g * fast_exp(x[j] * inv_tau - l);
+      for (ptrdiff_t j = N; j < dm.Npad; ++j) x[j] = A(0);
+      x[positive_of(pos, a.pos_sb, a.pos_sn, b, i)] -= g;
+    }
+    // dQ = G K
+    gemm_padded<A>(Rpad, dm.Dpad, dm.Npad, sc.s.data(), dm.Npad, 1, sc.k.data(), dm.Dpad, sc.dq.data(), dm.Dpad,
+                   false);
+    // dK += G^T Q
+    if (want_dk)
+      gemm_padded<A>(round_up(N, Tile<A>::MR), dm.Dpad, Rpad, sc.s.data(), 1, dm.Npad, sc.q.data(), dm.Dpad,
+                     sc.dk.data(), dm.Dpad, true);
+    for (ptrdiff_t r = 0; r < R; ++r) {
+      A* dqr = sc.dq.data() + r * dm.Dpad;
+      normalize_backward<A>(sc.q.data() + r * dm.Dpad, sc.qnrm[r], a.normalize, D, dqr);
+      write_row<T, A>(ds + (b * N + sc.rows[r0 + r]) * D, dqr, D);
+    }
+  }
+  if (want_dk) {
+    for (ptrdiff_t j = 0; j < N; ++j) {
+      A* dkr = sc.dk.data() + j * dm.Dpad;
+      normalize_backward<A>(sc.k.data() + j * dm.Dpad, sc.knrm[j], a.normalize, D, dkr);
+      write_row<T, A>(dt + (b * N + j) * D, dkr, D);
+    }
+  }
+}
+
+template <typename A>
+static Dims<A> make_dims(const PatchContrastArgs& a) {
+  ptrdiff_t npad = round_up(a.N, Tile<A>::NR);
+  while (npad < round_up(a.N, Tile<A>::MR)) npad += Tile<A>::NR;
+  return Dims<A>{a.N, a.D, npad, round_up(a.D, Tile<A>::NR)};
+}
+
+template <typename T>
+static View3<T> view(int64_t ptr, const int64_t* st) {
+  return View3<T>{reinterpret_cast<const T*>(ptr), st[0], st[1], st[2]};
+}
+
+template <typename T>
+using AccOf = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+
+}  // namespace
+
+void patch_contrast_forward(const PatchContrastArgs& a, int64_t loss_ptr, int64_t lse_ptr, int nthreads) {
+  dispatch_storage(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = AccOf<T>;
+    const auto s = view<T>(a.student, a.s_stride), t = view<T>(a.teacher, a.t_stride);
+    const Dims<A> dm = make_dims<A>(a);
+    A* loss = reinterpret_cast<A*>(loss_ptr);
+    A* lse = reinterpret_cast<A*>(lse_ptr);
+#pragma omp parallel num_threads(nthreads)
+    {
+      Scratch<A> sc;
+      sc.init(dm, false, false);
+#pragma omp for schedule(dynamic, 1)
+      for (ptrdiff_t b = 0; b < a.B; ++b) forward_image<T, A>(s, t, a, b, dm, sc, loss, lse);
+    }
+  });
+}
+
+void patch_contrast_backward(const PatchContrastArgs& a, int64_t lse_ptr, int64_t grad_ptr, int64_t grad_sb,
+                             int64_t grad_sn, int64_t ds_ptr, int64_t dt_ptr, int nthreads) {
+  dispatch_storage(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = AccOf<T>;
+    const auto s = view<T>(a.student, a.s_stride), t = view<T>(a.teacher, a.t_stride);
+    const Dims<A> dm = make_dims<A>(a);
+    const A* lse = reinterpret_cast<const A*>(lse_ptr);
+    const A* grad = reinterpret_cast<const A*>(grad_ptr);
+    T* ds = reinterpret_cast<T*>(ds_ptr);
+    T* dt = reinterpret_cast<T*>(dt_ptr);
+#pragma omp parallel num_threads(nthreads)
+    {
+      Scratch<A> sc;
+      sc.init(dm, true, dt != nullptr);
+#pragma omp for schedule(dynamic, 1)
+      for (ptrdiff_t b = 0; b < a.B; ++b)
+        backward_image<T, A>(s, t, a, b, dm, sc, lse, grad, grad_sb, grad_sn, ds, dt);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace conmim

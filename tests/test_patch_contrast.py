@@ -1,0 +1,286 @@
+"""Fused patch-contrast loss: every backend that runs here against the reference, forward and gradients."""
+
+import pytest
+import torch
+
+import conmim
+from conmim import backends
+from conmim.ops import patch_contrast_op
+from conmim.reference import patch_contrast_loss_reference
+from tests.conftest import TOL, triton_runs_here
+
+MASKS = ("empty", "one", "ragged", "full")
+
+
+def make_mask(kind, B, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "empty":
+        return torch.zeros(B, N, dtype=torch.bool)
+    if kind == "full":
+        return torch.ones(B, N, dtype=torch.bool)
+    if kind == "one":
+        m = torch.zeros(B, N, dtype=torch.bool)
+        m[0, N // 2] = True
+        return m
+    m = torch.rand(B, N, generator=g) < torch.rand(B, 1, generator=g)  # a different ratio per image
+    m[0] = False  # one image with nothing masked
+    if B > 2:
+        m[-1] = True  # one image fully masked
+    return m
+
+
+def make_inputs(B, N, d, dtype, seed=0, layout="contiguous"):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, N, d, generator=g)
+    t = torch.randn(B, N, d, generator=g)
+    if layout == "transposed":  # feature stride != 1
+        s = s.transpose(1, 2).contiguous().transpose(1, 2)
+        t = t.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "sliced":  # a view into wider storage
+        s = torch.randn(B, N, 2 * d + 3, generator=g)[..., 3 : d + 3]
+        t = torch.randn(B, N + 4, d, generator=g)[:, 2 : N + 2]
+    elif layout == "expanded":  # stride-0 batch dimension
+        s = s[:1].expand(B, N, d)
+        t = t[:1].expand(B, N, d)
+    return s.to(dtype), t.to(dtype)
+
+
+def loss_and_grads(backend, s, t, mask, reduction="mean", pos=None, teacher_grad=True, temperature=0.1):
+    s = s.detach().requires_grad_(True)
+    t = t.detach().requires_grad_(teacher_grad)
+    if backend == "oracle":
+        loss = patch_contrast_loss_reference(
+            s.float(), t.float(), mask, temperature, reduction, positive_index=pos
+        )
+    else:
+        loss = conmim.patch_contrast_loss(
+            s, t, mask, temperature, reduction, positive_index=pos, backend=backend
+        )
+    g = (
+        torch.randn(loss.shape, generator=torch.Generator().manual_seed(9))
+        if loss.dim()
+        else torch.tensor(1.0)
+    )
+    inputs = [s, t] if teacher_grad else [s]
+    grads = torch.autograd.grad(loss, inputs, g.to(loss.dtype), allow_unused=True)
+    grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads)]
+    return loss.detach(), grads
+
+
+def assert_matches(backend, s, t, mask, dtype, **kw):
+    loss, grads = loss_and_grads(backend, s, t, mask, **kw)
+    ref_loss, ref_grads = loss_and_grads("oracle", s, t, mask, **kw)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(loss).all()
+    atol, rtol = TOL[dtype]["loss"]
+    torch.testing.assert_close(loss, ref_loss.to(loss.dtype), atol=atol, rtol=rtol)
+    gatol, grtol = TOL[dtype]["grad"]
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype and got.shape == want.shape
+        err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+        scale = want.double().abs().max().item() if want.numel() else 0.0
+        assert err <= gatol + grtol * scale, f"{backend}: gradient error {err:.3g} at scale {scale:.3g}"
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+# ------------------------------------------------------------------------------------------------- CPU backend
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [16, 256, 768])
+@pytest.mark.parametrize("N", [7, 196, 197, 1000])
+def test_cpu_backend_grid(N, d, dtype):
+    B = 3 if N < 1000 else 2
+    s, t = make_inputs(B, N, d, dtype, seed=N + d)
+    for kind in MASKS:
+        assert_matches("cpu", s, t, make_mask(kind, B, N, seed=N), dtype)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_backend_strided_inputs(layout, dtype):
+    s, t = make_inputs(3, 37, 24, dtype, seed=1, layout=layout)
+    mask = make_mask("ragged", 3, 37).t().contiguous().t()  # a non-contiguous mask too
+    assert not mask.is_contiguous()
+    assert_matches("cpu", s, t, mask, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cpu_backend_reductions_positive_index_and_no_teacher_grad(reduction):
+    s, t = make_inputs(3, 50, 32, torch.float32, seed=2)
+    mask = make_mask("ragged", 3, 50)
+    pos = torch.randint(0, 50, (3, 50), generator=torch.Generator().manual_seed(3))
+    assert_matches("cpu", s, t, mask, torch.float32, reduction=reduction, pos=pos)
+    assert_matches(
+        "cpu", s, t, mask, torch.float32, reduction=reduction, teacher_grad=False, temperature=0.07
+    )
+
+
+def test_cpu_backend_gradcheck_float64():
+    s, t = make_inputs(3, 9, 5, torch.float64, seed=4)
+    mask = make_mask("ragged", 3, 9, seed=3)
+    pos = torch.randint(0, 9, (3, 9), generator=torch.Generator().manual_seed(5))
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    for kw in (dict(), dict(positive_index=pos), dict(normalize=False, reduction="sum")):
+        assert torch.autograd.gradcheck(
+            lambda a, b, kw=kw: conmim.patch_contrast_loss(a, b, mask, 0.1, backend="cpu", **kw), (s, t)
+        )
+
+
+def test_empty_batch_mask_gives_zero_loss_and_gradients():
+    s, t = make_inputs(2, 7, 16, torch.float32)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    for backend in ("cpu", "reference"):
+        loss, (gs, gt) = loss_and_grads(backend, s, t, mask)
+        assert loss.item() == 0.0
+        assert torch.equal(gs, torch.zeros_like(gs)) and torch.equal(gt, torch.zeros_like(gt))
+
+
+def test_outputs_fully_written(monkeypatch):
+    """Poison every fresh allocation with NaN: any element a kernel forgets to write shows up."""
+    s, t = make_inputs(3, 41, 24, torch.float32, seed=6)
+    mask = make_mask("ragged", 3, 41)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned_empty(*a, **k):
+        return real_empty(*a, **k).fill_(float("nan"))
+
+    def poisoned_empty_like(*a, **k):
+        return real_empty_like(*a, **k).fill_(float("nan"))
+
+    want_loss, want_grads = loss_and_grads("reference", s, t, mask, reduction="none")
+    backends_here = ["cpu"] + (["triton"] if triton_runs_here() else [])
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
+    for backend in backends_here:
+        rows, lse = patch_contrast_op(s, t, mask, None, 0.1, True, backend)
+        assert torch.isfinite(rows).all() and torch.isfinite(lse).all()
+        assert (rows[~mask] == 0).all() and (lse[~mask] == 0).all()
+        loss, grads = loss_and_grads(backend, s, t, mask, reduction="none")
+        torch.testing.assert_close(loss, want_loss, atol=2e-5, rtol=2e-5)
+        for g, w in zip(grads, want_grads):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, w, atol=2e-6, rtol=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------- Triton backend
+triton_only = pytest.mark.skipif(
+    not triton_runs_here(), reason="Triton cannot run here (no GPU, no interpreter)"
+)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,d", [(7, 16), (37, 24), (70, 40)])
+def test_triton_backend(N, d, dtype):
+    s, t = make_inputs(3, N, d, dtype, seed=N)
+    for kind in MASKS:
+        assert_matches("triton", s, t, make_mask(kind, 3, N, seed=d), dtype)
+
+
+@triton_only
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+def test_triton_backend_strided_inputs(layout):
+    s, t = make_inputs(3, 21, 16, torch.float32, seed=7, layout=layout)
+    mask = make_mask("ragged", 3, 21).t().contiguous().t()
+    assert_matches("triton", s, t, mask, torch.float32)
+
+
+@triton_only
+def test_triton_backend_positive_index_normalize_off_and_student_only():
+    s, t = make_inputs(2, 19, 16, torch.float32, seed=8)
+    mask = make_mask("ragged", 2, 19)
+    pos = torch.randint(0, 19, (2, 19), generator=torch.Generator().manual_seed(1))
+    assert_matches("triton", s, t, mask, torch.float32, pos=pos, reduction="sum")
+    assert_matches("triton", s, t, mask, torch.float32, teacher_grad=False)
+    sn = torch.nn.functional.normalize(s, dim=-1)
+    tn = torch.nn.functional.normalize(t, dim=-1)
+    a = conmim.patch_contrast_loss(sn, tn, mask, normalize=False, backend="triton")
+    b = patch_contrast_loss_reference(sn, tn, mask)
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+# ------------------------------------------------------------------------------- op registration and dispatch
+def test_opcheck_patch_contrast():
+    s, t = make_inputs(2, 11, 16, torch.float32, seed=3)
+    mask = make_mask("ragged", 2, 11, seed=1)
+    mask[1, 2] = True
+    for backend in ("cpu", "reference"):
+        args = (s.requires_grad_(True), t.requires_grad_(True), mask, None, 0.1, True, backend)
+        torch.library.opcheck(torch.ops.conmim.patch_contrast.default, args)
+        s2, t2 = s.detach(), t.detach()
+        _, lse = patch_contrast_op(s2, t2, mask, None, 0.1, True, backend)
+        bargs = (torch.randn(2, 11), s2, t2, mask, None, lse, 0.1, True, True, backend)
+        torch.library.opcheck(torch.ops.conmim.patch_contrast_backward.default, bargs)
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    s, t = make_inputs(2, 23, 16, torch.float32, seed=2)
+    mask = make_mask("ragged", 2, 23)
+    loss_fn = conmim.FusedPatchContrastLoss(backend="cpu")
+
+    def step(a, b, m):
+        return loss_fn(a * 2.0, b, m)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    a = s.clone().requires_grad_(True)
+    out = compiled(a, t, mask)
+    out.backward()
+    a_ref = s.clone().requires_grad_(True)
+    ref = step(a_ref, t, mask)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(a.grad, a_ref.grad)
+
+
+def test_auto_picks_cpu_kernel_and_env_override(monkeypatch):
+    s, t = make_inputs(2, 9, 16, torch.float32)
+    mask = make_mask("full", 2, 9)
+    from conmim.ops import patch_contrast_reasons
+
+    assert backends.choose("x", "auto", patch_contrast_reasons(s)) == "cpu"
+    monkeypatch.setenv("CONMIM_BACKEND", "reference")
+    assert backends.requested_backend("auto") == "reference"
+    monkeypatch.setenv("CONMIM_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="CONMIM_BACKEND must be one of"):
+        conmim.patch_contrast_loss(s, t, mask)
+
+
+def test_forced_backend_that_cannot_run_says_why():
+    s, t = make_inputs(2, 9, 16, torch.float64)
+    mask = make_mask("full", 2, 9)
+    with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run these inputs: .*float64"):
+        conmim.patch_contrast_loss(s, t, mask, backend="triton")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run these inputs: wrong device"):
+        conmim.patch_contrast_loss(s, t, mask, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        conmim.patch_contrast_loss(s, t, mask, backend="gpu")
+
+
+def test_auto_warns_once_when_falling_back_from_a_fused_path():
+    reasons = {
+        "cpu": lambda: "conmim._C did not load",
+        "triton": lambda: "wrong device: cpu",
+        "reference": lambda: None,
+    }
+    with pytest.warns(
+        RuntimeWarning, match="falling back to the PyTorch reference .*cpu: conmim._C did not load"
+    ):
+        assert backends.choose("op_fallback_test", "auto", reasons) == "reference"
+
+
+def test_module_api_and_errors():
+    loss_fn = conmim.FusedPatchContrastLoss(temperature=0.2, reduction="sum")
+    assert "temperature=0.2" in repr(loss_fn)
+    s, t = make_inputs(2, 9, 16, torch.float32)
+    mask = make_mask("ragged", 2, 9)
+    torch.testing.assert_close(loss_fn(s, t, mask), patch_contrast_loss_reference(s, t, mask, 0.2, "sum"))
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        conmim.FusedPatchContrastLoss(temperature=-1.0)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        conmim.FusedPatchContrastLoss(reduction="max")
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        loss_fn(s, t, mask.long())
+    with pytest.raises(ValueError, match="positive_index must lie in"):
+        loss_fn(s, t, mask, torch.full((2, 9), -1))
