@@ -1,0 +1,126 @@
+"""Triton EMA update over a list of tensors in one launch.
+
+The launcher builds (and caches, keyed by the tensors' addresses) a small device table: the teacher and student
+base addresses and sizes of every tensor, and for every BLOCK-element chunk the tensor it belongs to and its
+offset. Each program reads its row of the table, turns the addresses into typed pointers and lerps its chunk:
+one launch whatever the number of parameters, nothing copied per call once the table is cached, and the
+momentum can be a device scalar (no host sync; CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from conmim.kernels import interpreting
+
+BLOCK = 4096
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_tables: OrderedDict = OrderedDict()
+_MAX_TABLES = 16
+
+
+@triton.jit
+def _momentum(momentum, momentum_ptr, HAS_MPTR: tl.constexpr):
+    if HAS_MPTR:
+        return tl.load(momentum_ptr).to(tl.float32)
+    else:
+        return momentum
+
+
+@triton.jit
+def _ema_update_kernel(
+    t_addr_ptr,
+    s_addr_ptr,
+    numel_ptr,
+    chunk_tensor_ptr,
+    chunk_offset_ptr,
+    momentum,
+    momentum_ptr,
+    T_DTYPE: tl.constexpr,
+    S_DTYPE: tl.constexpr,
+    HAS_MPTR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    ti = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_offset_ptr + pid)
+    n = tl.load(numel_ptr + ti)
+    t_base = tl.load(t_addr_ptr + ti).to(tl.pointer_type(T_DTYPE))
+    s_base = tl.load(s_addr_ptr + ti).to(tl.pointer_type(S_DTYPE))
+    w = 1.0 - _momentum(momentum, momentum_ptr, HAS_MPTR)
+    offs = start + tl.arange(0, BLOCK)
+    ok = offs < n
+    t = tl.load(t_base + offs, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(s_base + offs, mask=ok, other=0.0).to(tl.float32)
+    # torch.lerp's formula, so results match torch._foreach_lerp_.
+    new = tl.where(w < 0.5, t + w * (s - t), s - (s - t) * (1.0 - w))
+    tl.store(t_base + offs, new.to(T_DTYPE), mask=ok)
+
+
+def _table(teacher, student, device):
+    key = (
+        device,
+        tuple(t.data_ptr() for t in teacher),
+        tuple(s.data_ptr() for s in student),
+        tuple(t.numel() for t in teacher),
+    )
+    hit = _tables.get(key)
+    if hit is not None:
+        _tables.move_to_end(key)
+        return hit
+    numel = [t.numel() for t in teacher]
+    chunk_tensor, chunk_offset = [], []
+    for i, n in enumerate(numel):
+        for off in range(0, n, BLOCK):
+            chunk_tensor.append(i)
+            chunk_offset.append(off)
+
+    def dev(values):
+        return torch.tensor(values, dtype=torch.int64).to(device)
+
+    table = (
+        dev([t.data_ptr() for t in teacher]),
+        dev([s.data_ptr() for s in student]),
+        dev(numel),
+        dev(chunk_tensor),
+        dev(chunk_offset),
+    )
+    _tables[key] = table
+    if len(_tables) > _MAX_TABLES:
+        _tables.popitem(last=False)
+    return table
+
+
+def ema_update_(teacher, student, momentum) -> None:
+    """teacher: list of contiguous tensors (one dtype) updated in place; student: same shapes, contiguous, one
+    dtype; both on one GPU (or CPU under TRITON_INTERPRET). momentum: float or 0-d tensor on that device.
+
+    The student tensors must stay alive and unmoved while the cached table refers to them; the cache key is
+    their addresses, so reallocated tensors get a new table.
+    """
+    if not teacher:
+        return
+    device = teacher[0].device
+    t_addr, s_addr, numel, chunk_tensor, chunk_offset = _table(teacher, student, device)
+    if chunk_tensor.numel() == 0:
+        return
+    has_mptr = isinstance(momentum, torch.Tensor)
+    mptr = momentum.to(device=device, dtype=torch.float32) if has_mptr else t_addr
+    _ema_update_kernel[(chunk_tensor.numel(),)](
+        t_addr,
+        s_addr,
+        numel,
+        chunk_tensor,
+        chunk_offset,
+        0.0 if has_mptr else float(momentum),
+        mptr,
+        T_DTYPE=_TL[teacher[0].dtype],
+        S_DTYPE=_TL[student[0].dtype],
+        HAS_MPTR=has_mptr,
+        BLOCK=BLOCK,
+        num_warps=4 if not interpreting() else 1,
+    )

@@ -1,0 +1,177 @@
+"""Fused EMA update and MomentumTeacher against the reference, over several consecutive updates."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import conmim
+from conmim.reference import ema_update_reference_, momentum_schedule
+from tests.conftest import triton_runs_here
+
+SIZES = [(1,), (7,), (4097,), (3, 5), (384, 1536), (2, 3, 5, 7), (0,)]
+BACKENDS_HERE = ["cpu", "reference"] + (["triton"] if triton_runs_here() else [])
+DT = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _lists(t_dtype, s_dtype, seed=0, sizes=SIZES):
+    g = torch.Generator().manual_seed(seed)
+    teacher = [torch.randn(s, generator=g).to(t_dtype) for s in sizes]
+    student = [torch.randn(s, generator=g).to(s_dtype) for s in sizes]
+    return teacher, student
+
+
+def _tol(dtype):
+    return {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("t_dtype,s_dtype", list(itertools.product(DT, DT)), ids=str)
+def test_ema_matches_reference_over_several_updates(backend, t_dtype, s_dtype):
+    sizes = SIZES if backend != "triton" else [(1,), (7,), (4097,), (3, 5)]
+    teacher, student = _lists(t_dtype, s_dtype, sizes=sizes)
+    want = [t.clone() for t in teacher]
+    for step, m in enumerate([0.996, 0.5, 0.9, 0.2, 1.0]):
+        student = [s + 0.1 * step for s in student]
+        conmim.ema_update_(teacher, student, m, backend=backend)
+        ema_update_reference_(want, student, m)
+    for got, ref in zip(teacher, want):
+        assert got.dtype == t_dtype
+        torch.testing.assert_close(got.float(), ref.float(), atol=_tol(t_dtype), rtol=_tol(t_dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_ema_non_contiguous_student_and_tensor_momentum(backend):
+    teacher, student = _lists(torch.float32, torch.float32, seed=1, sizes=[(6, 10), (33,)])
+    student = [student[0].t().contiguous().t(), torch.randn(66)[::2]]
+    assert not student[0].is_contiguous() and not student[1].is_contiguous()
+    want = [t.clone() for t in teacher]
+    conmim.ema_update_(teacher, student, torch.tensor(0.75), backend=backend)
+    ema_update_reference_(want, student, 0.75)
+    for got, ref in zip(teacher, want):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_ema_float64_and_momentum_edges():
+    teacher, student = _lists(torch.float64, torch.float64, seed=2, sizes=[(5,), (9,)])
+    before = [t.clone() for t in teacher]
+    conmim.ema_update_(teacher, student, 1.0, backend="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(teacher, before))  # m = 1 leaves the teacher unchanged
+    conmim.ema_update_(teacher, student, 0.0, backend="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(teacher, student))  # m = 0 copies the student
+
+
+def test_ema_non_contiguous_teacher_falls_back_with_a_reason():
+    t = torch.randn(4, 6).t()
+    s = torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        conmim.ema_update_([t], [s], 0.5, backend="cpu")
+    want = t.clone()
+    ema_update_reference_([want], [s], 0.5)
+    with pytest.warns(RuntimeWarning, match="falling back to the PyTorch reference"):
+        conmim.ema_update_([t], [s], 0.5)
+    torch.testing.assert_close(t, want)
+
+
+@pytest.mark.parametrize(
+    "args,exc,words",
+    [
+        (([torch.zeros(3)], [torch.zeros(4)], 0.5), ValueError, "student[0] must have teacher[0]'s shape"),
+        (([torch.zeros(3)], [], 0.5), ValueError, "as many tensors"),
+        (([torch.zeros(3)], [torch.zeros(3)], 1.5), ValueError, "momentum must lie in [0, 1]"),
+        (([torch.zeros(3)], [torch.zeros(3)], "0.9"), TypeError, "momentum must be a float"),
+        ((torch.zeros(3), [torch.zeros(3)], 0.5), TypeError, "teacher must be a list or tuple"),
+        (
+            ([torch.zeros(3, dtype=torch.long)], [torch.zeros(3, dtype=torch.long)], 0.5),
+            TypeError,
+            "floating",
+        ),
+    ],
+)
+def test_ema_bad_input(args, exc, words):
+    with pytest.raises(exc) as info:
+        conmim.ema_update_(*args)
+    assert words in str(info.value)
+
+
+def test_opcheck_ema():
+    teacher, student = _lists(torch.float32, torch.float32, seed=3, sizes=[(5,), (3, 4)])
+    for backend in ("cpu", "reference"):
+        torch.library.opcheck(
+            torch.ops.conmim.ema_update_.default, ([t.clone() for t in teacher], student, 0.9, None, backend)
+        )
+
+
+# ------------------------------------------------------------------------------------------- MomentumTeacher
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(7, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.head = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        return self.head(self.bn(self.lin(x)))
+
+
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
+def test_momentum_teacher_tracks_reference(student_dtype):
+    torch.manual_seed(0)
+    student = Net().to(student_dtype)
+    teacher = conmim.MomentumTeacher(student, total_steps=10)
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in teacher.module.parameters())
+    assert teacher.module.training
+    ref = [p.detach().float().clone() for p in student.parameters()]
+    for step in range(4):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        teacher.update(student, step)
+        ema_update_reference_(ref, list(student.parameters()), momentum_schedule(step, 10))
+    for got, want in zip(teacher.module.parameters(), ref):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # parameters are views into one flat fp32 buffer
+    flat = teacher.flat
+    for p in teacher.module.parameters():
+        assert flat.data_ptr() <= p.data_ptr() < flat.data_ptr() + flat.numel() * 4
+        assert (p.data_ptr() - flat.data_ptr()) % 16 == 0
+
+
+def test_momentum_teacher_buffers_and_state_dict_round_trip():
+    torch.manual_seed(1)
+    student = Net()
+    student.train()
+    student(torch.randn(8, 7))  # moves BN running stats
+    teacher = conmim.MomentumTeacher(student, total_steps=5)
+    student(torch.randn(8, 7))
+    teacher.update(student, 0)
+    assert not torch.equal(teacher.module.bn.running_mean, student.bn.running_mean)  # buffers left alone
+    copier = conmim.MomentumTeacher(student, total_steps=5, copy_buffers=True)
+    copier.update(student, 0)
+    assert torch.equal(copier.module.bn.running_mean, student.bn.running_mean)
+
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    other = conmim.MomentumTeacher(Net(), total_steps=5)
+    other.load_state_dict(state)
+    for (k, v), p in zip(state.items(), other.state_dict().values()):
+        assert torch.equal(v, p), k
+    flat = other.flat
+    for p in other.module.parameters():  # still views into the flat buffer after loading
+        assert flat.data_ptr() <= p.data_ptr() < flat.data_ptr() + flat.numel() * 4
+    other.update(student, 1)
+    teacher.update(student, 1)
+    for a, b in zip(other.module.parameters(), teacher.module.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_momentum_teacher_errors():
+    with pytest.raises(TypeError, match=r"student must be a torch\.nn\.Module"):
+        conmim.MomentumTeacher("net")
+    with pytest.raises(ValueError, match="total_steps must be a positive int"):
+        conmim.MomentumTeacher(Net(), total_steps=0)
+    teacher = conmim.MomentumTeacher(Net(), total_steps=3)
+    with pytest.raises(ValueError, match="student has 2 parameters but the teacher has"):
+        teacher.update(nn.Linear(7, 5), 0)
+    with pytest.raises(ValueError, match="exactly one of step"):
+        teacher.update(Net())
