@@ -1,0 +1,68 @@
+"""``python -m benchmarks [--suite quick|full] [--ops loss,ema] [--device cpu|cuda]`` runs the suite, prints tables
+and writes benchmarks/results/<device>-<date>.json; ``python -m benchmarks report`` regenerates the README's
+performance table from every committed results file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from benchmarks import bench_ema, bench_patch_contrast, harness, report
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return report.main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--suite", choices=("quick", "full"), default="quick")
+    p.add_argument("--ops", default="loss,ema", help="comma-separated subset of: loss, ema")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=None, help="timed rounds per case (default: 7 quick, 15 full)"
+    )
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--no-save", action="store_true", help="print only; write no results file")
+    args = p.parse_args(argv)
+    ops = {o.strip() for o in args.ops.split(",") if o.strip()}
+    unknown = ops - {"loss", "ema"}
+    if unknown:
+        p.error(f"--ops: unknown op(s) {sorted(unknown)}; expected loss and/or ema")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU is visible to torch")
+    device = torch.device(args.device)
+    rounds = args.rounds or (7 if args.suite == "quick" else 15)
+    t0 = time.perf_counter()
+    print(f"device: {harness.device_name(device)}; suite {args.suite}; {rounds} rounds", flush=True)
+    ceil = harness.ceilings(device)
+    print(
+        f"measured ceilings: copy {ceil['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write), in-place add "
+        f"{ceil['add_bytes_per_s'] / 1e9:.1f} GB/s, "
+        f"matmul {ceil['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s ({ceil['matmul_dtype']})",
+        flush=True,
+    )
+    results: dict = {"ceilings": ceil, "patch_contrast": [], "ema": []}
+    if "loss" in ops:
+        print("\npatch-contrast loss", flush=True)
+        results["patch_contrast"] = bench_patch_contrast.run(
+            args.suite, device, ceil, rounds, with_compile=not args.no_compile
+        )
+        print(bench_patch_contrast.render(results["patch_contrast"]), flush=True)
+    if "ema" in ops:
+        print("\nEMA update", flush=True)
+        results["ema"] = bench_ema.run(args.suite, device, ceil, rounds)
+        print(bench_ema.render(results["ema"]), flush=True)
+    if not args.no_save:
+        path = harness.save(results, device, args.suite)
+        print(f"\nwrote {path}")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
