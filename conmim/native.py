@@ -24,17 +24,11 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def patch_contrast_forward_cpu(student, teacher, mask, positive_index, temperature, normalize):
-    """student/teacher: [B, N, D] fp32/bf16/fp16/fp64 CPU tensors (any strides); mask: bool [B, N];
-    positive_index: int64 [B, N] (values in [0, N)) or None.
-    Returns (loss, lse): [B, N] fp32 (fp64 for fp64 inputs), zero on unmasked rows."""
-    C = _ext.get()
+def _loss_args(student, teacher, mask, positive_index, temperature, normalize) -> list:
+    """The leading arguments shared by the forward and backward CPU kernels."""
     B, N, D = student.shape
-    acc = _acc(student.dtype)
-    loss = torch.empty(B, N, dtype=acc)
-    lse = torch.empty(B, N, dtype=acc)
     pos_ptr, pos_stride = _pos_args(positive_index)
-    C.patch_contrast_fwd_cpu(
+    return [
         student.data_ptr(),
         list(student.stride()),
         teacher.data_ptr(),
@@ -49,10 +43,20 @@ def patch_contrast_forward_cpu(student, teacher, mask, positive_index, temperatu
         _ext.DTYPE_TAGS[student.dtype],
         1.0 / float(temperature),
         bool(normalize),
-        loss.data_ptr(),
-        lse.data_ptr(),
-        _threads(),
-    )
+    ]
+
+
+def patch_contrast_forward_cpu(student, teacher, mask, positive_index, temperature, normalize):
+    """student/teacher: [B, N, D] fp32/bf16/fp16/fp64 CPU tensors (any strides); mask: bool [B, N];
+    positive_index: int64 [B, N] (values in [0, N)) or None.
+    Returns (loss, lse): [B, N] fp32 (fp64 for fp64 inputs), zero on unmasked rows."""
+    C = _ext.get()
+    B, N, _ = student.shape
+    acc = _acc(student.dtype)
+    loss = torch.empty(B, N, dtype=acc)
+    lse = torch.empty(B, N, dtype=acc)
+    args = _loss_args(student, teacher, mask, positive_index, temperature, normalize)
+    C.patch_contrast_fwd_cpu(*args, loss.data_ptr(), lse.data_ptr(), _threads())
     return loss, lse
 
 
@@ -68,22 +72,9 @@ def patch_contrast_backward_cpu(
     lse = lse.to(acc).contiguous()
     ds = torch.empty(B, N, D, dtype=student.dtype)
     dt = torch.empty_like(ds) if need_teacher else None
-    pos_ptr, pos_stride = _pos_args(positive_index)
+    args = _loss_args(student, teacher, mask, positive_index, temperature, normalize)
     C.patch_contrast_bwd_cpu(
-        student.data_ptr(),
-        list(student.stride()),
-        teacher.data_ptr(),
-        list(teacher.stride()),
-        mask.data_ptr(),
-        list(mask.stride()),
-        pos_ptr,
-        pos_stride,
-        B,
-        N,
-        D,
-        _ext.DTYPE_TAGS[student.dtype],
-        1.0 / float(temperature),
-        bool(normalize),
+        *args,
         lse.data_ptr(),
         grad.data_ptr(),
         list(grad.stride()),

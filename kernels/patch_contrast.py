@@ -48,6 +48,40 @@ def _row_norm(x, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
+def _query_block(order_ptr, counts_ptr, N, BLOCK_M: tl.constexpr):
+    """This program's slice of its image's work order: (image, whether no row of it is masked, rows inside N,
+    patch index of each row, rows that are masked)."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cnt = tl.load(counts_ptr + b)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_n = offs_m < N
+    row_idx = tl.load(order_ptr + b * N + offs_m, mask=in_n, other=0)
+    return b, pid_m * BLOCK_M >= cnt, in_n, row_idx, offs_m < cnt
+
+
+@triton.jit
+def _rows_with_norms(
+    s_ptr,
+    s_sb,
+    s_sn,
+    s_sd,
+    b,
+    row_idx,
+    valid,
+    offs_d,
+    D,
+    eps,
+    NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """A tile of rows [rows, BLOCK_D] with its row norms and clamped inverse norms."""
+    q = _load_rows(s_ptr, row_idx, s_sb, s_sn, s_sd, b, offs_d, valid, D, DOT_FP32)
+    qn = _row_norm(q, NORMALIZE)
+    return q, qn, 1.0 / tl.maximum(qn, eps)
+
+
+@triton.jit
 def _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS: tl.constexpr):
     """Key index of each query's positive: positive_index[b, row] or the row itself."""
     if HAS_POS:
@@ -103,22 +137,17 @@ def _patch_contrast_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cnt = tl.load(counts_ptr + b)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_n = offs_m < N
-    row_idx = tl.load(order_ptr + b * N + offs_m, mask=in_n, other=0)
-    valid = offs_m < cnt
+    b, idle, in_n, row_idx, valid = _query_block(order_ptr, counts_ptr, N, BLOCK_M)
     out_off = b * N + row_idx
-    if pid_m * BLOCK_M >= cnt:
+    if idle:
         zero = tl.zeros([BLOCK_M], dtype=tl.float32)
         tl.store(loss_ptr + out_off, zero, mask=in_n)
         tl.store(lse_ptr + out_off, zero, mask=in_n)
     else:
         offs_d = tl.arange(0, BLOCK_D)
-        q = _load_rows(s_ptr, row_idx, s_sb, s_sn, s_sd, b, offs_d, valid, D, DOT_FP32)
-        inv_qn = 1.0 / tl.maximum(_row_norm(q, NORMALIZE), eps)
+        q, _qn, inv_qn = _rows_with_norms(
+            s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, offs_d, D, eps, NORMALIZE, DOT_FP32
+        )
         row_scale = inv_qn * inv_tau
         pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -127,8 +156,9 @@ def _patch_contrast_fwd_kernel(
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             col_ok = offs_n < N
-            k = _load_rows(t_ptr, offs_n, t_sb, t_sn, t_sd, b, offs_d, col_ok, D, DOT_FP32)
-            inv_kn = 1.0 / tl.maximum(_row_norm(k, NORMALIZE), eps)
+            k, _kn, inv_kn = _rows_with_norms(
+                t_ptr, t_sb, t_sn, t_sd, b, offs_n, col_ok, offs_d, D, eps, NORMALIZE, DOT_FP32
+            )
             raw = _dot(q, tl.trans(k), IEEE)
             logits = raw * row_scale[:, None] * inv_kn[None, :]
             logits = tl.where(col_ok[None, :], logits, float("-inf"))
@@ -173,26 +203,20 @@ def _patch_contrast_bwd_q_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cnt = tl.load(counts_ptr + b)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_n = offs_m < N
-    row_idx = tl.load(order_ptr + b * N + offs_m, mask=in_n, other=0)
-    valid = offs_m < cnt
+    b, idle, in_n, row_idx, valid = _query_block(order_ptr, counts_ptr, N, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     out_ptrs = ds_ptr + (b * N + row_idx[:, None]) * D + offs_d[None, :]
     out_mask = in_n[:, None] & (offs_d[None, :] < D)
-    if pid_m * BLOCK_M >= cnt:
+    if idle:
         tl.store(
             out_ptrs,
             tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32).to(ds_ptr.dtype.element_ty),
             mask=out_mask,
         )
     else:
-        q = _load_rows(s_ptr, row_idx, s_sb, s_sn, s_sd, b, offs_d, valid, D, DOT_FP32)
-        qn = _row_norm(q, NORMALIZE)
-        inv_qn = 1.0 / tl.maximum(qn, eps)
+        q, qn, inv_qn = _rows_with_norms(
+            s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, offs_d, D, eps, NORMALIZE, DOT_FP32
+        )
         row_scale = inv_qn * inv_tau
         pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
         lse = tl.load(lse_ptr + b * N + row_idx, mask=valid, other=0.0)
@@ -202,8 +226,9 @@ def _patch_contrast_bwd_q_kernel(
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             col_ok = offs_n < N
-            k = _load_rows(t_ptr, offs_n, t_sb, t_sn, t_sd, b, offs_d, col_ok, D, DOT_FP32)
-            inv_kn = 1.0 / tl.maximum(_row_norm(k, NORMALIZE), eps)
+            k, _kn, inv_kn = _rows_with_norms(
+                t_ptr, t_sb, t_sn, t_sd, b, offs_n, col_ok, offs_d, D, eps, NORMALIZE, DOT_FP32
+            )
             logits = _dot(q, tl.trans(k), IEEE) * row_scale[:, None] * inv_kn[None, :]
             p = tl.exp(logits - lse[:, None])
             onehot = offs_n[None, :] == pos[:, None]
@@ -258,16 +283,17 @@ def _patch_contrast_bwd_k_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < N
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(t_ptr, offs_n, t_sb, t_sn, t_sd, b, offs_d, col_ok, D, DOT_FP32)
-    kn = _row_norm(k, NORMALIZE)
-    inv_kn = 1.0 / tl.maximum(kn, eps)
+    k, kn, inv_kn = _rows_with_norms(
+        t_ptr, t_sb, t_sn, t_sd, b, offs_n, col_ok, offs_d, D, eps, NORMALIZE, DOT_FP32
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for m0 in range(0, cnt, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         valid = offs_m < cnt
         row_idx = tl.load(order_ptr + b * N + offs_m, mask=valid, other=0)
-        q = _load_rows(s_ptr, row_idx, s_sb, s_sn, s_sd, b, offs_d, valid, D, DOT_FP32)
-        inv_qn = 1.0 / tl.maximum(_row_norm(q, NORMALIZE), eps)
+        q, _qn, inv_qn = _rows_with_norms(
+            s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, offs_d, D, eps, NORMALIZE, DOT_FP32
+        )
         pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
         lse = tl.load(lse_ptr + b * N + row_idx, mask=valid, other=0.0)
         g = tl.load(g_ptr + b * g_sb + row_idx * g_sn, mask=valid, other=0.0).to(tl.float32)
