@@ -8,6 +8,7 @@ import math
 import torch
 
 import conmim
+from benchmarks import memprobe
 from benchmarks.harness import Variant, fmt_bytes, fmt_time, peak_extra_memory, table, time_interleaved
 from conmim.reference import patch_contrast_loss_official, patch_contrast_loss_reference
 
@@ -49,6 +50,19 @@ def fused_backends(device: torch.device) -> list[str]:
     ]
 
 
+def loss_functions(device: torch.device, with_compile: bool = True) -> dict:
+    """Variant name -> loss function (student, teacher, mask) -> scalar; the official-style reference first."""
+    fns = {
+        "official (eager)": patch_contrast_loss_official,
+        "masked rows (eager)": patch_contrast_loss_reference,
+    }
+    if with_compile:
+        fns["masked rows (torch.compile)"] = torch.compile(patch_contrast_loss_reference, dynamic=False)
+    for name in fused_backends(device):
+        fns[f"fused {name}"] = lambda a, b, m, name=name: conmim.patch_contrast_loss(a, b, m, backend=name)
+    return fns
+
+
 def _variants(fns: dict, s, t, mask, mode: str) -> list[Variant]:
     out = []
     for name, f in fns.items():
@@ -73,20 +87,11 @@ def floor_seconds(B, N, d, M, elem, mode, ceil):
 def run(suite: str, device: torch.device, ceil: dict, rounds: int, with_compile: bool = True) -> list[dict]:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     records = []
-    compiled_ref = torch.compile(patch_contrast_loss_reference, dynamic=False) if with_compile else None
+    all_fns = loss_functions(device, with_compile)
     for ci, (B, N, d) in enumerate(CASES[(suite, device.type)]):
         s, t, mask = make_case(B, N, d, dtype, device, seed=ci)
         M = int(mask.sum())
-        fns = {
-            "official (eager)": patch_contrast_loss_official,
-            "masked rows (eager)": patch_contrast_loss_reference,
-        }
-        if compiled_ref is not None and (suite == "full" or ci == 0):
-            fns["masked rows (torch.compile)"] = compiled_ref
-        for name in fused_backends(device):
-            fns[f"fused {name}"] = lambda a, b, m, name=name: conmim.patch_contrast_loss(
-                a, b, m, backend=name
-            )
+        fns = {k: f for k, f in all_fns.items() if "compile" not in k or suite == "full" or ci == 0}
         for mode in MODES:
             timings = time_interleaved(_variants(fns, s, t, mask, mode), device, rounds=rounds, warmup=1)
             floor, flops, nbytes = floor_seconds(B, N, d, M, s.element_size(), mode, ceil)
@@ -94,10 +99,13 @@ def run(suite: str, device: torch.device, ceil: dict, rounds: int, with_compile:
                 tm = timings[v.name]
                 mem = None
                 if mode == "fwd+bwd" and tm.error is None:
-                    try:
-                        mem = peak_extra_memory(v, device)
-                    except RuntimeError as exc:
-                        tm.error = "out of memory" if "memory" in str(exc) else str(exc)[:200]
+                    if device.type == "cpu":
+                        mem = memprobe.measure(B, N, d, v.name)
+                    else:
+                        try:
+                            mem = peak_extra_memory(v, device)
+                        except RuntimeError as exc:
+                            tm.error = "out of memory" if "memory" in str(exc) else str(exc)[:200]
                 records.append(
                     {
                         "op": "patch_contrast",

@@ -6,6 +6,8 @@
 #pragma once
 
 #include <cstddef>
+#include <cstring>
+#include <vector>
 
 namespace conmim {
 namespace cpu {
@@ -66,15 +68,43 @@ static inline void micro_tile(ptrdiff_t K, const A* a, ptrdiff_t lda_i, ptrdiff_
     }
 }
 
-// C[M x Ncols] (+)= A-op[M x K] * B[K x Ncols]; M % MR == 0 and Ncols % NR == 0 (callers pad).
+// Packed layout of a K x Ncols operand: Ncols / NR strips, each K x NR contiguous (strip s holds columns
+// s*NR .. s*NR+NR-1). Read in place, a strip strides by its leading dimension, and strides like 224 floats fold
+// onto a few L1 sets and evict each other; packed, a strip stays in L1 for every row tile.
+
+// Packs B^T given row-major (bt[j * ldbt + p], j < Ncols, p < K) into `pk` (Ncols * K elements).
+template <typename A>
+static inline void pack_transposed(ptrdiff_t Ncols, ptrdiff_t K, const A* bt, ptrdiff_t ldbt, A* pk) {
+  constexpr int NR = Tile<A>::NR;
+  for (ptrdiff_t j = 0; j < Ncols; ++j) {
+    A* dst = pk + (j / NR) * K * NR + (j % NR);
+    const A* src = bt + j * ldbt;
+    for (ptrdiff_t p = 0; p < K; ++p) dst[p * NR] = src[p];
+  }
+}
+
+// C[M x Ncols] (+)= A-op[M x K] * B, B packed by pack_transposed (or strip by strip below).
+template <typename A>
+static inline void gemm_packed(ptrdiff_t M, ptrdiff_t Ncols, ptrdiff_t K, const A* a, ptrdiff_t lda_i,
+                               ptrdiff_t lda_p, const A* pk, A* c, ptrdiff_t ldc, bool accumulate) {
+  constexpr int MR = Tile<A>::MR, NR = Tile<A>::NR;
+  for (ptrdiff_t j = 0; j < Ncols; j += NR)
+    for (ptrdiff_t i = 0; i < M; i += MR)
+      micro_tile<A>(K, a + i * lda_i, lda_i, lda_p, pk + (j / NR) * K * NR, NR, c + i * ldc + j, ldc, accumulate);
+}
+
+// C[M x Ncols] (+)= A-op[M x K] * B[K x Ncols] with B row-major (b[p * ldb + j]), packed one strip at a time.
+// M % MR == 0 and Ncols % NR == 0 (callers pad).
 template <typename A>
 static inline void gemm_padded(ptrdiff_t M, ptrdiff_t Ncols, ptrdiff_t K, const A* a, ptrdiff_t lda_i,
                                ptrdiff_t lda_p, const A* b, ptrdiff_t ldb, A* c, ptrdiff_t ldc, bool accumulate) {
-  constexpr int MR = Tile<A>::MR, NR = Tile<A>::NR;
-  // Column strips outermost: one strip of B (K x NR) stays in L1/L2 while every row tile streams past it.
-  for (ptrdiff_t j = 0; j < Ncols; j += NR)
-    for (ptrdiff_t i = 0; i < M; i += MR)
-      micro_tile<A>(K, a + i * lda_i, lda_i, lda_p, b + j, ldb, c + i * ldc + j, ldc, accumulate);
+  constexpr int NR = Tile<A>::NR;
+  thread_local std::vector<A> packed;
+  if (static_cast<ptrdiff_t>(packed.size()) < K * NR) packed.resize(K * NR);
+  for (ptrdiff_t j = 0; j < Ncols; j += NR) {
+    for (ptrdiff_t p = 0; p < K; ++p) std::memcpy(packed.data() + p * NR, b + p * ldb + j, NR * sizeof(A));
+    gemm_packed<A>(M, NR, K, a, lda_i, lda_p, packed.data(), c + j, ldc, accumulate);
+  }
 }
 
 static inline ptrdiff_t round_up(ptrdiff_t x, ptrdiff_t m) { return (x + m - 1) / m * m; }

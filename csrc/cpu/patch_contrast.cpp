@@ -46,6 +46,61 @@ static inline float fast_exp(float x) {
 }
 static inline double fast_exp(double x) { return std::exp(x); }
 
+// The same exp on a whole vector (GCC does not vectorise the scalar version's loops on its own).
+using VF = VecOf<float>::type;
+using UF = VecOf<float>::utype;
+typedef int32_t VI __attribute__((vector_size(kVecBytes)));
+constexpr int kW = VecOf<float>::width;
+
+static inline VF vexp(VF x) {
+  x = x < -87.3f ? VF{} - 87.3f : x;
+  x = x > 88.7f ? VF{} + 88.7f : x;
+  const VF t = x * 1.44269504088896341f;
+  const VI n = __builtin_convertvector(t + (t >= 0.f ? VF{} + 0.5f : VF{} - 0.5f), VI);
+  const VF y = x - __builtin_convertvector(n, VF) * 0.693147180559945309f;
+  VF p = VF{} + 1.f / 5040.f;
+  p = p * y + 1.f / 720.f;
+  p = p * y + 1.f / 120.f;
+  p = p * y + 1.f / 24.f;
+  p = p * y + 1.f / 6.f;
+  p = p * y + 0.5f;
+  p = p * y + 1.f;
+  p = p * y + 1.f;
+  const VI bits = (n + 127) << 23;
+  VF scale;
+  std::memcpy(&scale, &bits, sizeof(VF));
+  return p * scale;
+}
+
+// sum_j exp(x[j] * a - m), j < N.
+static inline float sum_exp(const float* x, ptrdiff_t N, float a, float m) {
+  VF acc = VF{};
+  ptrdiff_t j = 0;
+  for (; j + kW <= N; j += kW) acc += vexp(*reinterpret_cast<const UF*>(x + j) * a - m);
+  float sum = 0.f;
+  for (int v = 0; v < kW; ++v) sum += acc[v];
+  for (; j < N; ++j) sum += fast_exp(x[j] * a - m);
+  return sum;
+}
+static inline double sum_exp(const double* x, ptrdiff_t N, double a, double m) {
+  double sum = 0;
+  for (ptrdiff_t j = 0; j < N; ++j) sum += std::exp(x[j] * a - m);
+  return sum;
+}
+
+// x[j] <- g * exp(x[j] * a - l), j < N.
+static inline void scaled_exp(float* x, ptrdiff_t N, float a, float l, float g) {
+  ptrdiff_t j = 0;
+  for (; j + kW <= N; j += kW) {
+    UF* p = reinterpret_cast<UF*>(x + j);
+    *p = vexp(*p * a - l) * g;
+  }
+  for (; j < N; ++j) x[j] = g * fast_exp(x[j] * a - l);
+}
+static inline void scaled_exp(double* x, ptrdiff_t N, double a, double l, double g) {
+  for (ptrdiff_t j = 0; j < N; ++j) x[j] = g * std::exp(x[j] * a - l);
+}
+
 // Npad: columns of the logits (multiple of Tile::NR) and rows of the key buffers, which the G^T Q product walks
 // in tiles of Tile::MR, hence Npad >= round_up(N, MR) as well.
 template <typename A>
@@ -92,8 +147,8 @@ static inline A load_row(const View3<T>& v, ptrdiff_t b, ptrdiff_t n, ptrdiff_t 
 // Per-thread scratch for one image; all Acc, zero-padded.
 template <typename A>
 struct Scratch {
-  std::vector<A> kT;    // [D][Npad]   normalised keys, transposed (operand of Q K^T)
-  std::vector<A> k;     // [Npad][Dpad] normalised keys (operand of G K; backward only)
+  std::vector<A> k;     // [Npad][Dpad] normalised keys (operand of G K)
+  std::vector<A> kpack; // the same keys transposed and packed (operand of Q K^T), see pack_transposed
   std::vector<A> knrm;  // [N] key norms (teacher gradient only)
   std::vector<A> q;     // [kRowBlock][Dpad] normalised queries of one block
   std::vector<A> qnrm;  // [kRowBlock]
@@ -101,19 +156,15 @@ struct Scratch {
   std::vector<A> dq;    // [kRowBlock][Dpad]
   std::vector<A> dk;    // [Npad][Dpad] teacher-gradient accumulator
   std::vector<ptrdiff_t> rows;
-  std::vector<A> row;   // [Dpad]
 
   void init(const Dims<A>& dm, bool backward, bool want_dk) {
-    kT.assign(dm.D * dm.Npad, A(0));
+    k.assign(dm.Npad * dm.Dpad, A(0));
+    kpack.assign(dm.Npad * dm.D, A(0));
     q.assign(kRowBlock * dm.Dpad, A(0));
     qnrm.assign(kRowBlock, A(0));
     s.assign(kRowBlock * dm.Npad, A(0));
-    row.assign(dm.Dpad, A(0));
     rows.reserve(dm.N);
-    if (backward) {
-      k.assign(dm.Npad * dm.Dpad, A(0));
-      dq.assign(kRowBlock * dm.Dpad, A(0));
-    }
+    if (backward) dq.assign(kRowBlock * dm.Dpad, A(0));
     if (want_dk) {
       knrm.assign(dm.N, A(0));
       dk.assign(dm.Npad * dm.Dpad, A(0));
@@ -121,16 +172,14 @@ struct Scratch {
   }
 };
 
+// Normalised keys of image b into k (row-major, zero-padded) and kpack (transposed, packed once per image).
 template <typename T, typename A>
-static void load_keys(const View3<T>& t, ptrdiff_t b, const Dims<A>& dm, bool normalize, bool row_major,
-                      Scratch<A>& sc) {
+static void load_keys(const View3<T>& t, ptrdiff_t b, const Dims<A>& dm, bool normalize, Scratch<A>& sc) {
   for (ptrdiff_t j = 0; j < dm.N; ++j) {
-    A* r = sc.row.data();
-    const A nrm = load_row<T, A>(t, b, j, dm.D, normalize, r);
+    const A nrm = load_row<T, A>(t, b, j, dm.D, normalize, sc.k.data() + j * dm.Dpad);
     if (!sc.knrm.empty()) sc.knrm[j] = nrm;
-    for (ptrdiff_t c = 0; c < dm.D; ++c) sc.kT[c * dm.Npad + j] = r[c];
-    if (row_major) std::copy(r, r + dm.D, sc.k.begin() + j * dm.Dpad);
   }
+  pack_transposed<A>(dm.Npad, dm.D, sc.k.data(), dm.Dpad, sc.kpack.data());
 }
 
 static inline void masked_rows(const uint8_t* mask, ptrdiff_t msb, ptrdiff_t msn, ptrdiff_t b, ptrdiff_t N,
@@ -152,7 +201,7 @@ static ptrdiff_t block_logits(const View3<T>& s, ptrdiff_t b, const ptrdiff_t* r
   std::fill(sc.q.begin(), sc.q.begin() + Rpad * dm.Dpad, A(0));
   for (ptrdiff_t r = 0; r < R; ++r)
     sc.qnrm[r] = load_row<T, A>(s, b, rows[r], dm.D, normalize, sc.q.data() + r * dm.Dpad);
-  gemm_padded<A>(Rpad, dm.Npad, dm.D, sc.q.data(), dm.Dpad, 1, sc.kT.data(), dm.Npad, sc.s.data(), dm.Npad, false);
+  gemm_packed<A>(Rpad, dm.Npad, dm.D, sc.q.data(), dm.Dpad, 1, sc.kpack.data(), sc.s.data(), dm.Npad, false);
   return Rpad;
 }
 
@@ -162,10 +211,7 @@ static inline A row_lse(const A* x, ptrdiff_t N, A inv_tau) {
   A mx = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : mx)
   for (ptrdiff_t j = 0; j < N; ++j) mx = std::max(mx, x[j] * inv_tau);
-  A sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (ptrdiff_t j = 0; j < N; ++j) sum += fast_exp(x[j] * inv_tau - mx);
-  return mx + std::log(sum);
+  return mx + std::log(sum_exp(x, N, inv_tau, mx));
 }
 
 template <typename T, typename A>
@@ -177,7 +223,7 @@ static void forward_image(const View3<T>& s, const View3<T>& t, const PatchContr
   std::fill(loss + b * dm.N, loss + (b + 1) * dm.N, A(0));
   std::fill(lse + b * dm.N, lse + (b + 1) * dm.N, A(0));
   if (sc.rows.empty()) return;
-  load_keys<T, A>(t, b, dm, a.normalize, false, sc);
+  load_keys<T, A>(t, b, dm, a.normalize, sc);
   const A inv_tau = static_cast<A>(a.inv_tau);
   const ptrdiff_t M = static_cast<ptrdiff_t>(sc.rows.size());
   for (ptrdiff_t r0 = 0; r0 < M; r0 += kRowBlock) {
@@ -230,7 +276,7 @@ static void backward_image(const View3<T>& s, const View3<T>& t, const PatchCont
     return;
   }
   const bool want_dk = dt != nullptr;
-  load_keys<T, A>(t, b, dm, a.normalize, true, sc);
+  load_keys<T, A>(t, b, dm, a.normalize, sc);
   if (want_dk) std::fill(sc.dk.begin(), sc.dk.end(), A(0));
   const A inv_tau = static_cast<A>(a.inv_tau);
   const ptrdiff_t M = static_cast<ptrdiff_t>(sc.rows.size());
@@ -246,8 +292,7 @@ static void backward_image(const View3<T>& s, const View3<T>& t, const PatchCont
       const ptrdiff_t i = sc.rows[r0 + r];
       const A l = lse[b * N + i];
       const A g = grad[b * g_sb + i * g_sn] * inv_tau;
-#pragma omp simd
-      for (ptrdiff_t j = 0; j < N; ++j) x[j] = g * fast_exp(x[j] * inv_tau - l);
+      scaled_exp(x, N, inv_tau, l, g);
       for (ptrdiff_t j = N; j < dm.Npad; ++j) x[j] = A(0);
       x[positive_of(pos, a.pos_sb, a.pos_sn, b, i)] -= g;
     }
