@@ -72,6 +72,13 @@ def render(runs: list[dict]) -> str:
                 *loss,
                 "",
             ]
+        stem = Path(run["file"]).stem
+        if (RESULTS / f"{stem}-speedup.png").exists():
+            out += [
+                f"![speed-up](benchmarks/results/{stem}-speedup.png) "
+                f"![memory](benchmarks/results/{stem}-memory.png)",
+                "",
+            ]
         ema = _ema_rows(run)
         if ema:
             out += [
@@ -88,6 +95,62 @@ def render(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
+def plots(runs: list[dict]) -> list[Path]:
+    """PNG plots next to the results: fused speed-up over the official formulation by shape, and peak extra
+    memory against N. Needs matplotlib (``pip install -e ".[bench]"``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: plots skipped (pip install -e '.[bench]')")
+        return []
+    made = []
+    for run in runs:
+        recs = [r for r in run.get("patch_contrast", []) if r["mode"] == "fwd+bwd"]
+        if not recs:
+            continue
+        stem = RESULTS / Path(run["file"]).stem
+        shapes = sorted({(r["B"], r["N"], r["d"]) for r in recs}, key=lambda x: (x[1], x[0], x[2]))
+        variants = [v for v in dict.fromkeys(r["variant"] for r in recs) if v != "official (eager)"]
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        width = 0.8 / max(1, len(variants))
+        for k, v in enumerate(variants):
+            ys = []
+            for shp in shapes:
+                r = next((r for r in recs if (r["B"], r["N"], r["d"]) == shp and r["variant"] == v), None)
+                ys.append(r["speedup_vs_official"] if r and r["speedup_vs_official"] else 0.0)
+            ax.bar([i + k * width for i in range(len(shapes))], ys, width, label=v)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(shapes))])
+        ax.set_xticklabels([f"{b}x{n}x{d}" for b, n, d in shapes])
+        ax.set_ylabel("speed-up vs official (fwd+bwd)")
+        ax.set_title(f"{run['device']} ({run['date']})", fontsize=8)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(f"{stem}-speedup.png", dpi=110)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        for v in dict.fromkeys(r["variant"] for r in recs):
+            pts = sorted(
+                (r["N"], r["peak_extra_bytes"]) for r in recs if r["variant"] == v and r["peak_extra_bytes"]
+            )
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] / 1e6 for p in pts], marker="o", label=v)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("N (patches per image; B shrinks as N grows, see the table)")
+        ax.set_ylabel("peak extra memory (MB)")
+        ax.set_title(f"{run['device']} ({run['date']})", fontsize=8)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(f"{stem}-memory.png", dpi=110)
+        plt.close(fig)
+        made += [Path(f"{stem}-speedup.png"), Path(f"{stem}-memory.png")]
+    return made
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks report")
     p.add_argument("--check", action="store_true", help="exit 1 if the README is not up to date")
@@ -97,9 +160,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"README.md has no {START} ... {END} section")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    new = head + render(_load()) + tail
+    runs = _load()
+    new = head + render(runs) + tail
     if args.check:
         return 0 if new == text else 1
     README.write_text(new)
     print(f"updated {README}")
+    for path in plots(runs):
+        print(f"wrote {path}")
     return 0

@@ -1,0 +1,84 @@
+"""pytest-benchmark entry points: ``pytest benchmarks/ --benchmark-only`` (grouped by op and shape).
+
+The same variants as ``python -m benchmarks``, on the first case of each op's quick suite for this device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.bench_ema import _variants as ema_variants
+from benchmarks.bench_ema import vit_param_shapes
+from benchmarks.bench_patch_contrast import CASES, loss_functions, make_case
+from benchmarks.harness import sync
+
+pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+B, N, D = CASES[("quick", DEVICE.type)][0]
+LOSS_FNS = loss_functions(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def loss_case():
+    return make_case(B, N, D, DTYPE, DEVICE)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("variant", list(LOSS_FNS))
+def test_patch_contrast(benchmark, loss_case, variant, mode):
+    s, t, mask = loss_case
+    fn = LOSS_FNS[variant]
+    benchmark.group = f"patch_contrast {mode} {B}x{N}x{D} {str(DTYPE).replace('torch.', '')} {DEVICE.type}"
+
+    def fwd():
+        out = fn(s.detach(), t, mask)
+        sync(DEVICE)
+        return out
+
+    def fwd_bwd():
+        fn(s, t, mask).backward()
+        sync(DEVICE)
+
+    def setup_bwd():
+        return (fn(s, t, mask),), {}
+
+    def bwd(loss):
+        loss.backward()
+        sync(DEVICE)
+
+    if mode == "fwd":
+        benchmark.pedantic(fwd, rounds=7, warmup_rounds=1)
+    elif mode == "bwd":
+        benchmark.pedantic(bwd, setup=setup_bwd, rounds=7, warmup_rounds=1)
+    else:
+        benchmark.pedantic(fwd_bwd, rounds=7, warmup_rounds=1)
+    s.grad = None
+
+
+@pytest.fixture(scope="module")
+def ema_lists():
+    g = torch.Generator().manual_seed(0)
+    shapes = vit_param_shapes(384)
+    teacher = [torch.randn(sh, generator=g).to(DEVICE) for sh in shapes]
+    student = [torch.randn(sh, generator=g).to(DEVICE) for sh in shapes]
+    return teacher, student
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_ema(benchmark, ema_lists, index):
+    teacher, student = ema_lists
+    variants = ema_variants(teacher, student, 0.996, DEVICE)
+    if index >= len(variants):
+        pytest.skip(f"only {len(variants)} EMA variants can run on {DEVICE.type}")
+    v = variants[index]
+    benchmark.group = f"ema vit_small+head fp32 {DEVICE.type}"
+    benchmark.name = v.name
+
+    def run():
+        v.run(None)
+        sync(DEVICE)
+
+    benchmark.pedantic(run, rounds=7, warmup_rounds=1)
