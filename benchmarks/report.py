@@ -79,6 +79,21 @@ def render(runs: list[dict]) -> str:
                 f"![memory](benchmarks/results/{stem}-memory.png)",
                 "",
             ]
+        data = run.get("data", [])
+        if data:
+            out += [
+                "Two-view data pipeline (224 px views + block masks, bundled photos, same cores):",
+                "",
+                "| device | loader | decode | workers | images/s | vs torch |",
+                "|---|---|---|---|---|---|",
+                *[
+                    f"| {'GPU' if run['device_type'] == 'cuda' else 'CPU'} | {r['loader']} | {r['decode']} | "
+                    f"{r['workers']} | {r['images_per_s']:.0f} | "
+                    f"{f'{x:.2f}x' if (x := r['speedup_vs_torch']) else '-'} |"
+                    for r in data
+                ],
+                "",
+            ]
         ema = _ema_rows(run)
         if ema:
             out += [

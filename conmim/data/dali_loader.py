@@ -1,0 +1,127 @@
+"""The NVIDIA DALI loader: file reader, decode (``mixed`` on a GPU, ``cpu`` with ``device_id=None`` without
+one: the only difference between the two), one random-resized crop and one flip shared by both views, the
+teacher branch's photometric perturbation, ImageNet normalisation, NCHW float output.
+
+DALI is imported lazily (``pip install -e ".[dali]"``). Every file given to it must decode: conmim.data.scan
+excludes bad files first, since one undecodable JPEG aborts a DALI pipeline.
+"""
+
+from __future__ import annotations
+
+from conmim.data.views import ViewConfig
+
+
+def dali_status() -> str | None:
+    """None when DALI imports, else why not."""
+    try:
+        import nvidia.dali
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception as exc:
+        return f"NVIDIA DALI is not available ({type(exc).__name__}: {exc}); pip install -e '.[dali]'"
+    return None
+
+
+def decode_device(device_id: int | None) -> str:
+    """ "mixed" (decode on the GPU) when a GPU is used, "cpu" otherwise."""
+    return "cpu" if device_id is None else "mixed"
+
+
+def _pipeline(
+    files,
+    cfg: ViewConfig,
+    shard_id: int,
+    num_shards: int,
+    seed: int,
+    device_id: int | None,
+    batch_size: int,
+    num_threads: int,
+    shuffle: bool,
+):
+    from nvidia.dali import fn, pipeline_def, types
+
+    mean = [m * 255.0 for m in cfg.mean]
+    std = [s * 255.0 for s in cfg.std]
+    b, c, s, h = cfg.jitter
+
+    @pipeline_def(enable_conditionals=True)
+    def two_views():
+        encoded, index = fn.readers.file(
+            files=list(files), labels=list(range(len(files))), shard_id=shard_id, num_shards=num_shards,
+            random_shuffle=shuffle, pad_last_batch=True, name="Reader", seed=seed,
+        )  # fmt: skip
+        image = fn.decoders.image(encoded, device=decode_device(device_id), output_type=types.RGB)
+        image = fn.random_resized_crop(
+            image, size=[cfg.image_size, cfg.image_size], random_area=list(cfg.scale),
+            random_aspect_ratio=list(cfg.ratio), interp_type=types.INTERP_CUBIC, antialias=True,
+        )  # fmt: skip
+        mirror = fn.random.coin_flip(probability=cfg.flip_p)
+        student = fn.crop_mirror_normalize(
+            image, mirror=mirror, mean=mean, std=std, output_layout="CHW", dtype=types.FLOAT
+        )
+        teacher = image
+        if cfg.perturb:
+            if fn.random.coin_flip(probability=cfg.jitter_p, dtype=types.BOOL):
+                teacher = fn.color_twist(
+                    teacher, brightness=fn.random.uniform(range=[1 - b, 1 + b]),
+                    contrast=fn.random.uniform(range=[1 - c, 1 + c]),
+                    saturation=fn.random.uniform(range=[1 - s, 1 + s]),
+                    hue=fn.random.uniform(range=[-h * 360.0, h * 360.0]),
+                )  # fmt: skip
+            if fn.random.coin_flip(probability=cfg.gray_p, dtype=types.BOOL):
+                gray = fn.color_space_conversion(teacher, image_type=types.RGB, output_type=types.GRAY)
+                teacher = fn.cat(gray, gray, gray, axis=2)
+            if fn.random.coin_flip(probability=cfg.blur_p, dtype=types.BOOL):
+                teacher = fn.gaussian_blur(teacher, sigma=fn.random.uniform(range=list(cfg.blur_sigma)))
+            if fn.random.coin_flip(probability=cfg.solarize_p, dtype=types.BOOL):
+                high = teacher >= 128
+                teacher = fn.cast(teacher + high * (255 - 2 * teacher), dtype=types.UINT8)
+        teacher = fn.crop_mirror_normalize(
+            teacher, mirror=mirror, mean=mean, std=std, output_layout="CHW", dtype=types.FLOAT
+        )
+        return student, teacher, index
+
+    return two_views(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
+
+
+class DaliTwoViewLoader:
+    """Iterates (student, teacher, indices) batches from a DALI pipeline (``DALIGenericIterator`` with
+    ``reader_name``); ``drop_last`` drops each epoch's partial batch, else it is returned trimmed."""
+
+    def __init__(
+        self,
+        files,
+        cfg: ViewConfig,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device_id: int | None,
+        num_threads: int,
+        drop_last: bool = True,
+        shuffle: bool = True,
+    ):
+        why = dali_status()
+        if why is not None:
+            raise RuntimeError(why)
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.pipe = _pipeline(
+            files, cfg, rank, world_size, seed + 7_919 * rank, device_id, batch_size, num_threads, shuffle
+        )
+        self.pipe.build()
+        policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
+        self.it = DALIGenericIterator(
+            [self.pipe],
+            ["student", "teacher", "index"],
+            reader_name="Reader",
+            last_batch_policy=policy,
+            auto_reset=True,
+        )
+
+    def __len__(self) -> int:
+        return len(self.it)
+
+    def __iter__(self):
+        for out in self.it:
+            d = out[0]
+            yield d["student"], d["teacher"], d["index"].reshape(-1).long()

@@ -1,0 +1,84 @@
+"""The torch/torchvision loader: a Dataset of two views, a seeded rank-aware sampler, DataLoader workers with
+pinned memory, and per-batch masks generated from a seeded generator."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from conmim.data.views import ViewConfig, load_rgb, two_views
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A per-(epoch, image) seed, independent of ranks, workers and batch composition."""
+    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % (2**63 - 1)
+
+
+class TwoViewDataset(Dataset):
+    """Items are (index, seed) pairs from :class:`ShardSampler`; returns (student view, teacher view, index)."""
+
+    def __init__(self, files: list[str], cfg: ViewConfig):
+        self.files = files
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, seed = item
+        s, t = two_views(load_rgb(self.files[index]), self.cfg, seed)
+        return s, t, index
+
+
+class ShardSampler(Sampler):
+    """Per epoch: a seeded permutation of all images, padded to a multiple of ``world_size`` (repeating from the
+    start, as DistributedSampler does), of which this rank takes every ``world_size``-th element starting at
+    ``rank``. The ranks' shares are disjoint and together cover every image once (plus the padding)."""
+
+    def __init__(self, n: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size) = [0, {world_size}), got {rank}")
+        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 31 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = -(-self.n // self.world_size) * self.world_size
+        order += order[: total - self.n]
+        return order[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world_size)
+
+    def __iter__(self):
+        for i in self.indices():
+            yield i, sample_seed(self.seed, self.epoch, i)
+
+
+def make_torch_loader(
+    files,
+    cfg: ViewConfig,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool,
+    drop_last: bool = True,
+    shuffle: bool = True,
+):
+    """A DataLoader yielding (student [B, 3, S, S], teacher [B, 3, S, S], indices [B]) on the CPU."""
+    sampler = ShardSampler(len(files), rank, world_size, seed, shuffle)
+    loader = DataLoader(
+        TwoViewDataset(files, cfg), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        pin_memory=pin_memory, drop_last=drop_last, persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )  # fmt: skip
+    return loader, sampler

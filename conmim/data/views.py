@@ -1,0 +1,91 @@
+"""The two views of ConMIM (see README, "The method"): one random-resized crop and flip shared by both views;
+the student view only normalised; the teacher view photometrically perturbed, then normalised.
+
+``ViewConfig`` holds the parameters every loader (DALI, torch) applies the same way; ``two_views`` is the torch
+implementation for one image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """Augmentation parameters (defaults: CONMIM's recipe at 224 px)."""
+
+    image_size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    perturb: bool = True  # the teacher view's photometric perturbation
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.1
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.2
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
+        for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {v}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+
+
+def _normalize(img_u8: torch.Tensor, cfg: ViewConfig) -> torch.Tensor:
+    mean = torch.tensor(cfg.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.std).view(3, 1, 1)
+    return (img_u8.float() / 255.0 - mean) / std
+
+
+def load_rgb(path) -> torch.Tensor:
+    """uint8 [3, H, W] from any JPEG or PNG (grayscale, CMYK, palette, alpha, a PNG named .jpg: all made RGB)."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    with Image.open(path) as im:
+        return F.pil_to_tensor(im.convert("RGB"))
+
+
+def two_views(img: torch.Tensor, cfg: ViewConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student view, teacher view), each float32 [3, S, S] normalised, from a uint8 [3, H, W] image; all random
+    draws come from ``seed`` (same seed, same views, whatever the worker)."""
+    from torchvision.transforms import InterpolationMode, v2
+    from torchvision.transforms.v2 import functional as F
+
+    size = [cfg.image_size, cfg.image_size]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        top, left, h, w = v2.RandomResizedCrop.get_params(img, list(cfg.scale), list(cfg.ratio))
+        base = F.resized_crop(
+            img, top, left, h, w, size, interpolation=InterpolationMode.BICUBIC, antialias=True
+        )
+        if torch.rand(()) < cfg.flip_p:
+            base = F.horizontal_flip(base)
+        teacher = base
+        if cfg.perturb:
+            if torch.rand(()) < cfg.jitter_p:
+                b, c, s, hue = cfg.jitter
+                teacher = v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=hue)(teacher)
+            if torch.rand(()) < cfg.gray_p:
+                teacher = F.rgb_to_grayscale(teacher, num_output_channels=3)
+            if torch.rand(()) < cfg.blur_p:
+                sigma = float(torch.empty(()).uniform_(*cfg.blur_sigma))
+                k = 2 * math.ceil(3 * sigma) + 1
+                teacher = F.gaussian_blur(teacher, [k, k], [sigma, sigma])
+            if torch.rand(()) < cfg.solarize_p:
+                teacher = F.solarize(teacher, 128)
+    return _normalize(base, cfg), _normalize(teacher, cfg)
