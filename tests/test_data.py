@@ -248,3 +248,19 @@ def test_samples_build(sample_root, tmp_path):
     assert sorted(p.name for p in Path(sample_root["mnist_train"]).iterdir()) == [str(d) for d in range(10)]
     folder = scan_folder(sample_root["mnist_val"], index_dir=tmp_path)
     assert folder.classes == [str(d) for d in range(10)] and not folder.bad
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_resuming_mid_epoch_gives_the_same_batches(tmp_path, sample_root, loader):
+    root = _photo_folder(tmp_path, sample_root)
+    full = build_loader(root, 4, SMALL, loader=loader, seed=2, num_workers=0, verbose=False)
+    full.set_epoch(1)
+    batches = [(s, t, m, full.last_indices.clone()) for s, t, m in full]
+    resumed = build_loader(root, 4, SMALL, loader=loader, seed=2, num_workers=0, verbose=False)
+    resumed.set_epoch(1, start_batch=1)
+    s, t, m = next(iter(resumed))
+    torch.testing.assert_close(s, batches[1][0])
+    torch.testing.assert_close(t, batches[1][1])
+    assert torch.equal(m, batches[1][2]) and torch.equal(resumed.last_indices, batches[1][3])
+    full.set_epoch(0)
+    assert not torch.equal(next(iter(full))[2], batches[0][2])  # another epoch, other masks

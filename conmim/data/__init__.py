@@ -72,24 +72,41 @@ class TwoViewLoader:
         rank: int,
         kind: str,
         folder: ImageFolder | None,
+        batch_size: int,
     ):
         self.inner, self.sampler, self.device = inner, sampler, device
         self.masks, self.image_size, self.seed, self.rank = masks, image_size, seed, rank
-        self.kind, self.folder = kind, folder
+        self.kind, self.folder, self.batch_size = kind, folder, batch_size
         self.epoch = 0
+        self.start_batch = 0
         self.last_indices: torch.Tensor | None = None
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (its order, views and masks); ``start_batch`` resumes after that many batches with
+        exactly the batches an uninterrupted epoch would have produced next."""
         self.epoch = epoch
+        self.start_batch = start_batch
         if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+            self.sampler.set_epoch(epoch, start_batch * self.batch_size)
+        else:
+            self.inner.set_epoch(epoch)
+
+    def batches_per_epoch(self) -> int:
+        """Batches in a whole epoch (``len`` counts what is left after ``start_batch`` on the torch loader)."""
+        return len(self) + (self.start_batch if self.sampler is not None else 0)
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7_919 + self.epoch)
-        for student, teacher, idx in self.inner:
+        for _ in range(self.start_batch):  # the masks of the skipped batches
+            self.masks.make(self.batch_size, self.image_size, g)
+        inner = iter(self.inner)
+        if self.sampler is None:  # DALI: read and drop the skipped batches
+            for _ in range(self.start_batch):
+                next(inner, None)
+        for student, teacher, idx in inner:
             mask = self.masks.make(student.shape[0], self.image_size, g)
             self.last_indices = idx
             yield (
@@ -141,6 +158,12 @@ def build_loader(
     masks.grid(views.image_size)
     device = torch.device(device)
     folder = scan_folder(root, report_dir=run_dir, verbose=verbose)
+    per_rank = -(-len(folder) // world_size)
+    if drop_last and per_rank < batch_size:
+        raise ValueError(
+            f"{len(folder)} usable images give {per_rank} per rank, fewer than batch_size = {batch_size}: "
+            "lower batch_size or add images"
+        )
     if loader == "auto":
         loader = "dali" if dali_status() is None else "torch"
     if loader == "dali":
@@ -171,7 +194,9 @@ def build_loader(
             drop_last,
             shuffle,
         )
-    return TwoViewLoader(inner, sampler, device, masks, views.image_size, seed, rank, loader, folder)
+    return TwoViewLoader(
+        inner, sampler, device, masks, views.image_size, seed, rank, loader, folder, batch_size
+    )
 
 
 def synthetic_loader(

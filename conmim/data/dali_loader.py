@@ -85,7 +85,12 @@ def _pipeline(
 
 class DaliTwoViewLoader:
     """Iterates (student, teacher, indices) batches from a DALI pipeline (``DALIGenericIterator`` with
-    ``reader_name``); ``drop_last`` drops each epoch's partial batch, else it is returned trimmed."""
+    ``reader_name``); ``drop_last`` drops each epoch's partial batch, else it is returned trimmed.
+
+    The pipeline is rebuilt with a seed derived from (seed, rank, epoch) whenever the epoch changes, so an epoch's
+    order, crops and perturbations depend on its number alone: a run resumed at epoch e sees what an
+    uninterrupted run saw there.
+    """
 
     def __init__(
         self,
@@ -103,13 +108,37 @@ class DaliTwoViewLoader:
         why = dali_status()
         if why is not None:
             raise RuntimeError(why)
+        self.args = (files, cfg, rank, world_size)
+        self.seed, self.device_id, self.batch_size, self.num_threads = (
+            seed,
+            device_id,
+            batch_size,
+            num_threads,
+        )
+        self.drop_last, self.shuffle = drop_last, shuffle
+        self.epoch = None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch == self.epoch:
+            return
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        files, cfg, rank, world_size = self.args
+        seed = (self.seed * 1_000_003 + rank * 7_919 + epoch * 104_729) % (2**31 - 1)
         self.pipe = _pipeline(
-            files, cfg, rank, world_size, seed + 7_919 * rank, device_id, batch_size, num_threads, shuffle
+            files,
+            cfg,
+            rank,
+            world_size,
+            seed,
+            self.device_id,
+            self.batch_size,
+            self.num_threads,
+            self.shuffle,
         )
         self.pipe.build()
-        policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
+        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         self.it = DALIGenericIterator(
             [self.pipe],
             ["student", "teacher", "index"],
@@ -117,6 +146,7 @@ class DaliTwoViewLoader:
             last_batch_policy=policy,
             auto_reset=True,
         )
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.it)

@@ -40,9 +40,12 @@ class ShardSampler(Sampler):
             raise ValueError(f"rank must lie in [0, world_size) = [0, {world_size}), got {rank}")
         self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's permutation; ``start`` skips this rank's first samples (resuming mid-epoch)."""
         self.epoch = epoch
+        self.start = start
 
     def indices(self) -> list[int]:
         if self.shuffle:
@@ -55,10 +58,10 @@ class ShardSampler(Sampler):
         return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:
-        return -(-self.n // self.world_size)
+        return max(0, -(-self.n // self.world_size) - self.start)
 
     def __iter__(self):
-        for i in self.indices():
+        for i in self.indices()[self.start :]:
             yield i, sample_seed(self.seed, self.epoch, i)
 
 

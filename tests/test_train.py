@@ -1,0 +1,229 @@
+"""conmim-train: learning on a fixed batch, kill-and-resume, bad input, config round-trip, logs, checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conmim import config as cfgmod
+from conmim import train as T
+from conmim.data import samples
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """32 MNIST digits in class folders (from the bundled samples)."""
+    base = tmp_path_factory.mktemp("digits")
+    built = samples.build(base / "samples", photos=False)
+    root = base / "digits"
+    files = sorted(Path(built["mnist_train"]).rglob("*.png"))[::125][:32]
+    for f in files:
+        (root / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (root / f.parent.name / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+def tiny(digits, out, **kw):
+    over = dict(
+        data=str(digits),
+        out=str(out),
+        batch_size=8,
+        epochs=2,
+        num_workers=0,
+        loader="torch",
+        progress=False,
+        log_every=1,
+        head_hidden=64,
+        head_out=32,
+        warmup_epochs=0.0,
+        lr=1e-3,
+        checkpoint_every=0,
+    )
+    over.update(kw)
+    return cfgmod.resolve("tiny_demo", over)
+
+
+def cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "conmim.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(digits, tmp_path):
+    cfg = tiny(digits, tmp_path / "run", batch_size=32, epochs=12, perturb=False, lr=2e-3)
+    T.train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 12
+    assert losses[-1] < losses[0] - 0.3, losses
+    for key in ("loss", "lr", "momentum", "images_per_s", "data_wait_fraction", "step", "epoch"):
+        assert key in rows[-1]
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved == cfg  # the resolved configuration, round-tripped
+
+
+def test_config_file_round_trip_and_overrides(tmp_path):
+    cfg = cfgmod.resolve("vit_b", {"data": "/x", "lr": 1e-4})
+    path = tmp_path / "c.yaml"
+    cfgmod.dump(cfg, path)
+    assert cfgmod.resolve(str(path)) == cfg
+    assert cfg["model"] == "vit_base_patch16_224" and cfg["lr"] == 1e-4 and cfg["epochs"] == 800
+    assert cfgmod.parse_overrides(["--lr", "3e-4", "--compile=true", "--out", "runs/a"]) == {
+        "lr": 3e-4,
+        "compile": True,
+        "out": "runs/a",
+    }
+
+
+def _final_weights(out: Path) -> dict:
+    state = torch.load(T.checkpoints(out)[0], map_location="cpu", weights_only=True)
+    return {
+        **{f"s.{k}": v for k, v in state["student"].items()},
+        **{f"t.{k}": v for k, v in state["teacher"].items()},
+        "step": torch.tensor(state["step"]),
+    }
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted(digits, tmp_path):
+    args = [
+        "--config",
+        "tiny_demo",
+        "--data",
+        str(digits),
+        "--batch_size",
+        "8",
+        "--epochs",
+        "3",
+        "--num_workers",
+        "0",
+        "--loader",
+        "torch",
+        "--progress",
+        "false",
+        "--head_hidden",
+        "64",
+        "--head_out",
+        "32",
+        "--checkpoint_every",
+        "2",
+        "--keep_last",
+        "20",
+        "--warmup_epochs",
+        "0.5",
+    ]
+    env = {"OMP_NUM_THREADS": "1"}
+    ref = cli(*args, "--out", str(tmp_path / "a"), env=env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out = tmp_path / "b"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conmim.train", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **env},
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(int(p.stem.split("-s")[1]) >= 5 for p in out.glob("ckpt-*.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.stem.split("-s")[1]) for p in out.glob("ckpt-*.pt"))
+    assert 5 <= killed_at < 12, "the run must be killed in the middle"
+    done = cli(*args, "--out", str(out), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stderr
+    a, b = _final_weights(tmp_path / "a"), _final_weights(out)
+    assert a.keys() == b.keys() and int(a["step"]) == 12
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(digits, tmp_path):
+    out = tmp_path / "run"
+    T.train(tiny(digits, out, epochs=2, checkpoint_every=1, keep_last=10))
+    newest = T.checkpoints(out)[0]
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    messages = []
+    state = T.load_latest(out, messages.append)
+    assert state is not None and state["step"] < int(newest.stem.split("-s")[1])
+    assert "cannot be loaded" in messages[0] and newest.name in messages[0]
+
+
+def test_nonfinite_losses_skip_then_stop(digits, tmp_path, monkeypatch):
+    from conmim import loss as loss_mod
+
+    monkeypatch.setattr(
+        loss_mod.FusedPatchContrastLoss, "forward", lambda self, s, t, m, p=None: s.sum() * float("nan")
+    )
+    with pytest.raises(T.TrainingError, match="3 non-finite losses in a row"):
+        T.train(tiny(digits, tmp_path / "run", max_bad_steps=3))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_streak"] for r in rows] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--data", "/nonexistent/folder"], "does not exist"),
+        (["--model", "vit_gigantic"], "unknown model 'vit_gigantic'"),
+        (["--learning_rate", "1"], "unknown config key 'learning_rate'"),
+        (["--precision", "fp8"], "'precision' must be one of"),
+        (["--batch_size", "many"], "'batch_size' must be a number"),
+        (["--config", "nope.yaml"], "no such file and not a preset"),
+    ],
+)
+def test_bad_input_is_one_line_error(digits, tmp_path, args, words):
+    base = [
+        "--config",
+        "tiny_demo",
+        "--data",
+        str(digits),
+        "--out",
+        str(tmp_path / "r"),
+        "--progress",
+        "false",
+    ]
+    if args[0] == "--config":
+        base = base[2:]
+    r = cli(*base, *args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = [ln for ln in r.stderr.splitlines() if ln.startswith("conmim-train: error:")]
+    assert len(last) == 1 and words in last[0], r.stderr[-2000:]
+    assert not list((tmp_path / "r").glob("ckpt-*"))
+
+
+def test_empty_folder_and_incompatible_run_folder(digits, tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = cli("--config", "tiny_demo", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and "holds no usable" in r.stderr
+    T.train(tiny(digits, tmp_path / "run", epochs=1))
+    with pytest.raises(T.TrainingError, match=r"holds checkpoints of another run .*head_out"):
+        T.train(tiny(digits, tmp_path / "run", epochs=1, head_out=16))
+
+
+def test_lr_schedule_and_no_decay_groups():
+    assert T.lr_at(0, 100, 10, 1e-3, 1e-5) == 0.0
+    assert T.lr_at(5, 100, 10, 1e-3, 1e-5) == pytest.approx(5e-4)
+    assert T.lr_at(10, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-3)
+    assert T.lr_at(100, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
+    from conmim.models import build_encoder
+
+    model = build_encoder("vit_tiny_demo", 32, 16)
+    decay, no_decay = T.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert {"mask_token", "backbone.cls_token", "backbone.pos_embed"} <= nd
+    assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
