@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from benchmarks import bench_data, bench_ema, bench_patch_contrast, harness, report
+from benchmarks import bench_data, bench_ema, bench_patch_contrast, bench_train_step, harness, report
 
 
 def main(argv=None) -> int:
@@ -19,7 +19,11 @@ def main(argv=None) -> int:
         return report.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--suite", choices=("quick", "full"), default="quick")
-    p.add_argument("--ops", default="loss,ema,data", help="comma-separated subset of: loss, ema, data")
+    p.add_argument(
+        "--ops",
+        default="loss,ema,data,step",
+        help="comma-separated subset of: loss, ema, data, step (a training step)",
+    )
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
@@ -30,9 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true", help="print only; write no results file")
     args = p.parse_args(argv)
     ops = {o.strip() for o in args.ops.split(",") if o.strip()}
-    unknown = ops - {"loss", "ema", "data"}
+    unknown = ops - {"loss", "ema", "data", "step"}
     if unknown:
-        p.error(f"--ops: unknown op(s) {sorted(unknown)}; expected some of loss, ema, data")
+        p.error(f"--ops: unknown op(s) {sorted(unknown)}; expected some of loss, ema, data, step")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no GPU is visible to torch")
     device = torch.device(args.device)
@@ -46,7 +50,7 @@ def main(argv=None) -> int:
         f"matmul {ceil['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s ({ceil['matmul_dtype']})",
         flush=True,
     )
-    results: dict = {"ceilings": ceil, "patch_contrast": [], "ema": [], "data": []}
+    results: dict = {"ceilings": ceil, "patch_contrast": [], "ema": [], "data": [], "train_step": []}
     if "loss" in ops:
         print("\npatch-contrast loss", flush=True)
         results["patch_contrast"] = bench_patch_contrast.run(
@@ -61,6 +65,10 @@ def main(argv=None) -> int:
         print("\ntwo-view data pipeline (224 px, block masks)", flush=True)
         results["data"] = bench_data.run(args.suite, device, ceil, rounds)
         print(bench_data.render(results["data"]), flush=True)
+    if "step" in ops:
+        print("\nConMIM training step", flush=True)
+        results["train_step"] = bench_train_step.run(args.suite, device, ceil, rounds)
+        print(bench_train_step.render(results["train_step"]), flush=True)
     if not args.no_save:
         path = harness.save(results, device, args.suite)
         print(f"\nwrote {path}")

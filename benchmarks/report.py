@@ -94,6 +94,22 @@ def render(runs: list[dict]) -> str:
                 ],
                 "",
             ]
+        steps = run.get("train_step", [])
+        if steps:
+            out += [
+                "One ConMIM training step (student fwd + bwd, teacher fwd, loss, AdamW, EMA):",
+                "",
+                "| device | model | batch | variant | images/s | vs reference | of matmul rate |",
+                "|---|---|---|---|---|---|---|",
+                *[
+                    f"| {'GPU' if run['device_type'] == 'cuda' else 'CPU'} | {r['model']} | {r['batch']} | "
+                    f"{r['variant']} | {r['images_per_s']:.1f} | "
+                    f"{f'{x:.2f}x' if (x := r['speedup_vs_reference']) else '-'} | "
+                    f"{f'{100 * f:.1f}%' if (f := r['matmul_fraction']) else '-'} |"
+                    for r in steps
+                ],
+                "",
+            ]
         ema = _ema_rows(run)
         if ema:
             out += [

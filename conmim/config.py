@@ -101,6 +101,8 @@ def resolve(config: str | None = None, overrides: dict | None = None) -> dict:
         )
     if cfg["lr"] <= 0 or cfg["min_lr"] < 0 or cfg["temperature"] <= 0:
         raise ConfigError("lr and temperature must be > 0 and min_lr >= 0")
+    if not 0 < cfg["crop_scale_min"] <= 1:
+        raise ConfigError(f"config key 'crop_scale_min' must lie in (0, 1], got {cfg['crop_scale_min']}")
     if not 0 < cfg["mask_ratio"] < 1:
         raise ConfigError(f"config key 'mask_ratio' must lie in (0, 1), got {cfg['mask_ratio']}")
     from conmim.models import MODELS

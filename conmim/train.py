@@ -253,7 +253,9 @@ def _train(cfg, rank, world, device, out, log) -> dict:
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
     data_root = resolve_data(cfg["data"])
-    views = ViewConfig(image_size=cfg["image_size"], perturb=cfg["perturb"])
+    views = ViewConfig(
+        image_size=cfg["image_size"], perturb=cfg["perturb"], scale=(cfg["crop_scale_min"], 1.0)
+    )
     masks = MaskConfig(
         kind=cfg["mask"], patch_size=cfg["patch_size"], ratio=cfg["mask_ratio"], cell=cfg["mask_cell"]
     )
@@ -356,6 +358,9 @@ def _train(cfg, rank, world, device, out, log) -> dict:
         t_wait = time.perf_counter()
         for xs, xt, mask in loader:
             wait += time.perf_counter() - t_wait
+            if cfg["record_samples"]:
+                with open(out / f"samples-e{epoch:04d}-r{rank}.txt", "a") as fh:
+                    fh.write(" ".join(map(str, loader.last_indices.tolist())) + "\n")
             with autocast:
                 feats = model(xs, mask)
                 with torch.no_grad():
@@ -430,9 +435,31 @@ def _train(cfg, rank, world, device, out, log) -> dict:
         checkpoint(not done)
     if progress is not None:
         progress.close()
+    if world > 1:
+        check_ranks_in_sync(student, teacher, out, rank, world, log)
     plot = loss_plot(out) if rank == 0 else None
     log.msg(f"done: {step} steps; checkpoints in {out}" + (f"; loss curve {plot}" if plot else ""))
     return {"steps": step, "epoch": epoch, "out": str(out)}
+
+
+@torch.no_grad()
+def check_ranks_in_sync(
+    student: nn.Module, teacher: MomentumTeacher, out: Path, rank: int, world: int, log
+) -> None:
+    """Gather a float64 checksum of every rank's student and teacher; rank 0 writes them to rank_checksums.json
+    and stops the run with an error if they differ (DDP keeps replicas identical; a difference is a bug)."""
+    sums = []
+    for p in [*student.parameters(), *teacher.params]:
+        q = p.detach().double()
+        sums += [q.sum(), (q * q).sum()]
+    local = torch.stack(sums)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    torch.distributed.all_gather(gathered, local)
+    if rank == 0:
+        (out / "rank_checksums.json").write_text(json.dumps([g.tolist() for g in gathered]))
+        if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
+            raise TrainingError("ranks ended with different weights (see rank_checksums.json)")
+        log.msg(f"all {world} ranks hold identical student and teacher weights")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ first imported, hence here, before anything imports conmim.kernels.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,3 +33,41 @@ def triton_runs_here() -> bool:
     from conmim.kernels import interpreting, triton_status
 
     return triton_status() is None and (HAS_GPU or interpreting())
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """32 MNIST digits in class folders (from the bundled samples)."""
+    from conmim.data import samples
+
+    base = tmp_path_factory.mktemp("digits")
+    built = samples.build(base / "samples", photos=False)
+    root = base / "digits"
+    files = sorted(Path(built["mnist_train"]).rglob("*.png"))[::125][:32]
+    for f in files:
+        (root / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (root / f.parent.name / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+def tiny(digits, out, **kw):
+    """A resolved tiny_demo config on the 32-digit folder, small and quiet."""
+    over = dict(
+        data=str(digits),
+        out=str(out),
+        batch_size=8,
+        epochs=2,
+        num_workers=0,
+        loader="torch",
+        progress=False,
+        log_every=1,
+        head_hidden=64,
+        head_out=32,
+        warmup_epochs=0.0,
+        lr=1e-3,
+        checkpoint_every=0,
+    )
+    over.update(kw)
+    from conmim import config as cfgmod
+
+    return cfgmod.resolve("tiny_demo", over)

@@ -14,40 +14,7 @@ import yaml
 
 from conmim import config as cfgmod
 from conmim import train as T
-from conmim.data import samples
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory):
-    """32 MNIST digits in class folders (from the bundled samples)."""
-    base = tmp_path_factory.mktemp("digits")
-    built = samples.build(base / "samples", photos=False)
-    root = base / "digits"
-    files = sorted(Path(built["mnist_train"]).rglob("*.png"))[::125][:32]
-    for f in files:
-        (root / f.parent.name).mkdir(parents=True, exist_ok=True)
-        (root / f.parent.name / f.name).write_bytes(f.read_bytes())
-    return root
-
-
-def tiny(digits, out, **kw):
-    over = dict(
-        data=str(digits),
-        out=str(out),
-        batch_size=8,
-        epochs=2,
-        num_workers=0,
-        loader="torch",
-        progress=False,
-        log_every=1,
-        head_hidden=64,
-        head_out=32,
-        warmup_epochs=0.0,
-        lr=1e-3,
-        checkpoint_every=0,
-    )
-    over.update(kw)
-    return cfgmod.resolve("tiny_demo", over)
+from tests.conftest import tiny
 
 
 def cli(*args, env=None):

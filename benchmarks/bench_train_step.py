@@ -1,0 +1,91 @@
+"""One ConMIM training step (student fwd + bwd, teacher fwd, loss, optimizer, EMA) with the fused ops vs the same
+step built from the official-style reference loss and the per-parameter EMA loop; images/s and, on a GPU, the
+fraction of the measured matmul rate counted as model FLOPs.
+
+ViT-S/16 on the CPU (fp32, small batch), ViT-B/16 bf16 on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.harness import Variant, table, time_interleaved
+from conmim.loss import FusedPatchContrastLoss
+from conmim.masking import block_masks
+from conmim.models import build_encoder
+from conmim.reference import ema_update_loop_, patch_contrast_loss_official
+from conmim.teacher import MomentumTeacher
+
+CASES = {
+    "cpu": ("vit_small_patch16_224", 8, torch.float32),
+    "cuda": ("vit_base_patch16_224", 128, torch.bfloat16),
+}
+
+
+def _forward_flops(model: torch.nn.Module, tokens: int) -> float:
+    """2 x parameters x tokens for the linear layers + attention's two matmuls (per image)."""
+    linear = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2)
+    bb = model.backbone
+    attn = 2 * 2 * tokens * tokens * bb.embed_dim * len(bb.blocks)
+    return 2 * linear * tokens + attn
+
+
+def run(suite: str, device: torch.device, ceil: dict, rounds: int) -> list[dict]:
+    name, batch, dtype = CASES[device.type]
+    torch.manual_seed(0)
+    student = build_encoder(name).to(device)
+    teacher = MomentumTeacher(student, total_steps=1000)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98))
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    mask = block_masks(batch, (14, 14), generator=torch.Generator().manual_seed(0)).to(device)
+    fused_loss = FusedPatchContrastLoss()
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    student_params = list(student.parameters())
+
+    def step(loss_fn, ema):
+        def run_step(_):
+            with autocast:
+                feats = student(x, mask)
+                with torch.no_grad():
+                    target = teacher(x)
+            loss = loss_fn(feats.float(), target.float(), mask)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema()
+
+        return run_step
+
+    variants = [
+        Variant("reference step (official loss, EMA loop)",
+                step(patch_contrast_loss_official, lambda: ema_update_loop_(teacher.params, student_params, 0.996))),
+        Variant("fused step (fused loss, fused EMA)", step(fused_loss, lambda: teacher.update(student, momentum=0.996))),
+    ]  # fmt: skip
+    timings = time_interleaved(variants, device, rounds=max(3, rounds // 2), warmup=1, budget_s=60)
+    flops = 3 * _forward_flops(student, 197) + _forward_flops(student, 197)  # student fwd + bwd, teacher fwd
+    records = []
+    for v in variants:
+        tm = timings[v.name]
+        ips = batch / tm.median if tm.median else None
+        records.append({
+            "op": "train_step", "model": name, "batch": batch, "dtype": str(dtype), "variant": v.name,
+            "median_s": tm.median, "images_per_s": ips, "speedup_vs_reference":
+                sorted(tm.ratios)[len(tm.ratios) // 2] if tm.ratios else None,
+            "matmul_fraction": (ips * flops / ceil["matmul_flops_per_s"]) if ips else None, "error": tm.error,
+        })  # fmt: skip
+    return records
+
+
+def render(records: list[dict]) -> str:
+    rows = [
+        [
+            r["model"],
+            str(r["batch"]),
+            r["variant"],
+            f"{r['images_per_s']:.1f}" if r["images_per_s"] else "-",
+            f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-",
+            f"{100 * r['matmul_fraction']:.1f}%" if r["matmul_fraction"] else "-",
+        ]
+        for r in records
+    ]
+    return table(rows, ["model", "batch", "variant", "images/s", "vs reference", "of matmul rate"])

@@ -1,0 +1,144 @@
+"""torchrun/DDP on CPU (gloo), timm export round trip, k-NN and linear-probe evaluation."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conmim import evaluate as E
+from conmim import export as X
+from conmim import train as T
+from tests.conftest import tiny
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_keeps_ranks_identical_and_covers_the_dataset(digits, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "conmim.train",
+        "--config",
+        "tiny_demo",
+        "--data",
+        str(digits),
+        "--out",
+        str(out),
+        "--batch_size",
+        "8",
+        "--epochs",
+        "2",
+        "--num_workers",
+        "0",
+        "--loader",
+        "torch",
+        "--progress",
+        "false",
+        "--head_hidden",
+        "64",
+        "--head_out",
+        "32",
+        "--record_samples",
+        "true",
+    ]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    sums = json.loads((out / "rank_checksums.json").read_text())
+    assert len(sums) == 2 and sums[0] == sums[1]
+    for epoch in (0, 1):
+        seen = [
+            [int(i) for i in (out / f"samples-e{epoch:04d}-r{rank}.txt").read_text().split()]
+            for rank in (0, 1)
+        ]
+        assert len(seen[0]) == len(seen[1]) == 16
+        assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(32))
+    assert len(list(out.glob("metrics.jsonl"))) == 1  # rank 0 alone logs and checkpoints
+
+
+def test_export_loads_in_timm(digits, tmp_path):
+    import timm
+
+    run = tmp_path / "run"
+    T.train(tiny(digits, run, epochs=1))
+    path, meta = X.export(run, tmp_path / "teacher.safetensors")
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    assert not any(
+        k.startswith(("backbone.", "module.", "_orig_mod.", "head.", "mask_token")) for k in weights
+    )
+    model = timm.create_model(
+        meta["timm_model"],
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
+        num_classes=10,
+        **meta["kwargs"],
+    )
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    state = torch.load(T.checkpoints(run)[0], weights_only=True)
+    assert torch.equal(
+        weights["blocks.0.attn.qkv.weight"], state["teacher"]["backbone.blocks.0.attn.qkv.weight"]
+    )
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert X.main([str(run), "--out", str(tmp_path / "s.safetensors"), "--which", "student"]) == 0
+    assert X.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_export_strips_wrapper_prefixes():
+    sd = {
+        "module._orig_mod.backbone.cls_token": torch.zeros(1),
+        "module.head.net.0.weight": torch.zeros(1),
+        "mask_token": torch.zeros(1),
+    }
+    assert list(X.backbone_state(sd)) == ["cls_token"]
+    with pytest.raises(ValueError, match="no backbone"):
+        X.backbone_state({"head.w": torch.zeros(1)})
+
+
+def test_knn_and_linear_eval_on_digits(digits, tmp_path):
+    run = tmp_path / "run"
+    T.train(tiny(digits, run, epochs=1))
+    data = tmp_path / "split"
+    for split, files in (
+        ("train", sorted(Path(digits).rglob("*.png"))[::2]),
+        ("val", sorted(Path(digits).rglob("*.png"))[1::2]),
+    ):
+        for f in files:
+            (data / split / f.parent.name).mkdir(parents=True, exist_ok=True)
+            (data / split / f.parent.name / f.name).write_bytes(f.read_bytes())
+    knn = E.evaluate("knn", str(run), str(data))
+    lin = E.evaluate("linear", str(run), str(data))
+    assert 0.0 <= knn <= 1.0 and 0.0 <= lin <= 1.0
+    assert E.main(["knn", str(run), "--data", str(data), "--compare-random"]) == 0
+    result = json.loads((run / "eval_knn_teacher.json").read_text())
+    assert result["top1"] == pytest.approx(knn) and "top1_random_init" in result
+    assert E.main(["knn", str(run), "--data", str(tmp_path / "nope")]) == 2
+
+
+def test_knn_vote_is_temperature_weighted():
+    train = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=-1)
+    labels = torch.tensor([0, 0, 1])
+    val = torch.nn.functional.normalize(torch.tensor([[0.2, 1.0], [1.0, 0.05]]), dim=-1)
+    assert E.knn_top1(train, labels, val, torch.tensor([1, 0]), k=3) == 1.0
