@@ -117,3 +117,50 @@ def ema_update_cuda_(teacher, student, momentum) -> None:
         m_ptr,
         stream,
     )
+
+
+def _cuda_loss_args(student, teacher, mask, positive_index, temperature, normalize) -> list:
+    from conmim.kernels.patch_contrast import work_order
+
+    B, N, D = student.shape
+    order, counts = work_order(mask)
+    pos_ptr, pos_stride = _pos_args(positive_index)
+    return [
+        student.data_ptr(), list(student.stride()), teacher.data_ptr(), list(teacher.stride()),
+        order.data_ptr(), counts.data_ptr(), pos_ptr, pos_stride, B, N, D,
+        _ext.DTYPE_TAGS[student.dtype], 1.0 / float(temperature), bool(normalize),
+    ], (order, counts)  # fmt: skip
+
+
+def patch_contrast_forward_cuda(student, teacher, mask, positive_index, temperature, normalize):
+    """CUDA kernels; inputs as for the CPU launcher but on one GPU (fp32/bf16/fp16, d <= 1024).
+    Returns (loss, lse): float32 [B, N], zero on unmasked rows."""
+    C = _ext.get()
+    B, N, _ = student.shape
+    loss = torch.empty(B, N, device=student.device, dtype=torch.float32)
+    lse = torch.empty_like(loss)
+    args, keep = _cuda_loss_args(student, teacher, mask, positive_index, temperature, normalize)
+    stream = torch.cuda.current_stream(student.device).cuda_stream
+    C.patch_contrast_fwd_cuda(*args, loss.data_ptr(), lse.data_ptr(), stream)
+    del keep  # the work order stays alive until the launch is queued; the stream orders its reuse
+    return loss, lse
+
+
+def patch_contrast_backward_cuda(
+    grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
+):
+    """Returns (d_student, d_teacher or None): contiguous [B, N, D] in the input dtype, every element written."""
+    C = _ext.get()
+    B, N, D = student.shape
+    grad = grad.to(torch.float32)
+    lse = lse.to(torch.float32).contiguous()
+    ds = torch.empty(B, N, D, device=student.device, dtype=student.dtype)
+    dt = torch.empty_like(ds) if need_teacher else None
+    args, keep = _cuda_loss_args(student, teacher, mask, positive_index, temperature, normalize)
+    stream = torch.cuda.current_stream(student.device).cuda_stream
+    C.patch_contrast_bwd_cuda(
+        *args, lse.data_ptr(), grad.data_ptr(), list(grad.stride()), ds.data_ptr(),
+        dt.data_ptr() if dt is not None else 0, stream,
+    )  # fmt: skip
+    del keep
+    return ds, dt

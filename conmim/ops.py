@@ -13,11 +13,12 @@ from collections.abc import Callable
 
 import torch
 
-from conmim import _ext, backends, native
+from conmim import _ext, backends, native, preference
 from conmim.reference import acc_dtype, ema_update_reference_, patch_contrast_loss_reference
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_TRITON_D = 2048
+MAX_CUDA_D = 1024
 
 
 def _triton_module(name: str):
@@ -56,17 +57,26 @@ def patch_contrast_reasons(student: torch.Tensor) -> dict[str, Callable[[], str 
     def cuda_reason():
         if dev.type != "cuda":
             return f"wrong device: the CUDA kernels need CUDA tensors, got {dev.type}"
-        return "this build has no CUDA kernel for the patch-contrast loss yet (the Triton kernel covers GPUs)"
+        if not _ext.cuda_compiled():
+            return _ext.why_unavailable() or "conmim._C was built without CUDA kernels (nvcc was not found)"
+        if dtype not in _TRITON_DTYPES:
+            return f"dtype {dtype} is not supported by the CUDA kernels (float32, bfloat16, float16)"
+        if D > MAX_CUDA_D:
+            return f"feature dim d = {D} is above the CUDA kernels' limit of {MAX_CUDA_D}"
+        return None
 
     def cpu_reason():
         if dev.type != "cpu":
             return f"wrong device: the C++ kernels need CPU tensors, got {dev.type}"
         return _ext.why_unavailable()
 
-    gpu_first = {"triton": triton_reason, "cuda": cuda_reason, "cpu": cpu_reason}
-    cpu_first = {"cpu": cpu_reason, "triton": triton_reason, "cuda": cuda_reason}
-    order = gpu_first if dev.type == "cuda" else cpu_first
-    return {**order, "reference": lambda: None}
+    thunks = {"triton": triton_reason, "cuda": cuda_reason, "cpu": cpu_reason}
+    if dev.type == "cuda":
+        first, second = preference.gpu_order(student.shape[1], D)[0]
+        names = (first, second, "cpu")
+    else:
+        names = ("cpu", "triton", "cuda")
+    return {**{n: thunks[n] for n in names}, "reference": lambda: None}
 
 
 def _reference_rows(student, teacher, mask, positive_index, temperature, normalize):
@@ -143,6 +153,10 @@ def patch_contrast_op(
     if name == "triton":
         mod, _ = _triton_module("patch_contrast")
         return mod.patch_contrast_forward(student, teacher, mask, positive_index, temperature, normalize)
+    if name == "cuda":
+        return native.patch_contrast_forward_cuda(
+            student, teacher, mask, positive_index, temperature, normalize
+        )
     return _reference_rows(student, teacher, mask, positive_index, temperature, normalize)
 
 
@@ -176,6 +190,10 @@ def patch_contrast_backward_op(
     elif name == "triton":
         mod, _ = _triton_module("patch_contrast")
         ds, dt = mod.patch_contrast_backward(
+            grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
+        )
+    elif name == "cuda":
+        ds, dt = native.patch_contrast_backward_cuda(
             grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
         )
     else:

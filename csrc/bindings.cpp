@@ -12,6 +12,7 @@
 #include "cpu/patch_contrast.h"
 #ifdef CONMIM_WITH_CUDA
 #include "cuda/ema.h"
+#include "cuda/patch_contrast.h"
 #endif
 
 namespace py = pybind11;
@@ -98,5 +99,32 @@ PYBIND11_MODULE(_C, m) {
         py::arg("student"), py::arg("student_dtype"), py::arg("numel"), py::arg("momentum"),
         py::arg("momentum_ptr"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("ema_max_tensors_per_launch", &conmim::cuda::max_tensors_per_launch);
+
+  m.def(
+      "patch_contrast_fwd_cuda",
+      [](int64_t student, std::array<int64_t, 3> s_stride, int64_t teacher, std::array<int64_t, 3> t_stride,
+         int64_t order, int64_t counts, int64_t pos, std::array<int64_t, 2> p_stride, int64_t B, int64_t N, int64_t D,
+         int dtype, double inv_tau, bool normalize, int64_t loss, int64_t lse, int64_t stream) {
+        const conmim::cuda::PatchContrastCudaArgs a{student,     teacher,     order,       counts,      pos,
+                                                    s_stride[0], s_stride[1], s_stride[2], t_stride[0], t_stride[1],
+                                                    t_stride[2], p_stride[0], p_stride[1], B,           N,
+                                                    D,           dtype,       inv_tau,     normalize};
+        conmim::cuda::patch_contrast_forward(a, loss, lse, stream);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "patch_contrast_bwd_cuda",
+      [](int64_t student, std::array<int64_t, 3> s_stride, int64_t teacher, std::array<int64_t, 3> t_stride,
+         int64_t order, int64_t counts, int64_t pos, std::array<int64_t, 2> p_stride, int64_t B, int64_t N, int64_t D,
+         int dtype, double inv_tau, bool normalize, int64_t lse, int64_t grad, std::array<int64_t, 2> g_stride,
+         int64_t ds, int64_t dt, int64_t stream) {
+        const conmim::cuda::PatchContrastCudaArgs a{student,     teacher,     order,       counts,      pos,
+                                                    s_stride[0], s_stride[1], s_stride[2], t_stride[0], t_stride[1],
+                                                    t_stride[2], p_stride[0], p_stride[1], B,           N,
+                                                    D,           dtype,       inv_tau,     normalize};
+        conmim::cuda::patch_contrast_backward(a, lse, grad, g_stride[0], g_stride[1], ds, dt, stream);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("patch_contrast_cuda_max_dim", &conmim::cuda::patch_contrast_max_dim);
 #endif
 }

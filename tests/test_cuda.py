@@ -18,20 +18,32 @@ def _cuda(*ts):
     return [t.cuda() for t in ts]
 
 
+def _loss_backend(backend):
+    if backend == "cuda" and not _ext.cuda_compiled():
+        pytest.skip("conmim._C was built without CUDA kernels")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N,d", [(7, 16), (196, 256), (197, 256), (1000, 768), (3136, 256), (196, 1024)])
-def test_triton_loss_grid(N, d, dtype):
+def test_loss_grid(backend, N, d, dtype):
+    _loss_backend(backend)
     B = 4 if N <= 1000 else 2
     s, t = _cuda(*make_inputs(B, N, d, dtype, seed=N))
     for kind in MASKS:
         mask = make_mask(kind, B, N, seed=d).cuda()
-        assert_matches("triton", s, t, mask, dtype)
+        assert_matches(backend, s, t, mask, dtype)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
-def test_triton_loss_strided(layout):
+def test_loss_strided_positive_index_and_student_only(backend, layout):
+    _loss_backend(backend)
     s, t = _cuda(*make_inputs(3, 197, 64, torch.bfloat16, seed=3, layout=layout))
-    assert_matches("triton", s, t, make_mask("ragged", 3, 197).cuda(), torch.bfloat16)
+    mask = make_mask("ragged", 3, 197).cuda()
+    assert_matches(backend, s, t, mask, torch.bfloat16)
+    pos = torch.randint(0, 197, (3, 197), generator=torch.Generator().manual_seed(0)).cuda()
+    assert_matches(backend, s, t, mask, torch.bfloat16, pos=pos, reduction="sum", teacher_grad=False)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

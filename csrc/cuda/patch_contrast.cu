@@ -1,0 +1,482 @@
+// CUDA kernels for the ConMIM patch-contrast loss: same contract as the Triton kernels (kernels/patch_contrast.py).
+//
+// Work is indexed by a device-side order (each image's masked patches first) and per-image counts, so no launch
+// depends on a host-side count. A block owns kTile (32) rows of one image and streams the image's keys in tiles
+// of kTile, the feature dim in chunks of kChunk (32):
+// - S = Q K^T per tile: tensor-core MMA (WMMA 16x16x16, fp32 accumulate) for bf16/fp16 inputs, fp32 FMA for
+//   fp32 inputs; logits = S / (|q| |k|) / tau with norms accumulated in fp32;
+// - forward: an online logsumexp per row (one warp per row, one lane per key), the positive's logit picked on
+//   the fly; writes loss and lse (0 on unmasked rows);
+// - backward (queries): the tile is recomputed, G = g (softmax - onehot) / tau stays fp32, dQ accumulates in
+//   shared memory (fp32 FMA), then the L2 Jacobian; every row of d(student) written (0 on unmasked rows);
+// - backward (keys, only when asked): one block per key tile loops over the masked query tiles, dK in shared
+//   memory, then the L2 Jacobian.
+// Scratch is O(tile x d) per block: never B x N x N.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+#include "cuda/patch_contrast.h"
+
+namespace conmim {
+namespace cuda {
+namespace {
+
+constexpr int kTile = 32;     // query rows and key columns per tile
+constexpr int kChunk = 32;    // feature-dim chunk staged in shared memory
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kPad = 8;       // shared-memory row padding (keeps WMMA's ldm a multiple of 8 elements)
+constexpr int kMaxDim = 1024;
+constexpr float kNormEps = 1e-12f;
+
+struct Args {
+  const void* s;
+  const void* t;
+  const int64_t* order;
+  const int* counts;
+  const int64_t* pos;
+  int64_t s_sb, s_sn, s_sd, t_sb, t_sn, t_sd, p_sb, p_sn;
+  int N, D;
+  float inv_tau;
+  bool normalize;
+};
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) {
+  return __float2half_rn(x);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// WMMA loads and stores need 256-bit aligned tile pointers: every tile starts on a 32-byte boundary and the
+// fragment offsets used (16 rows, 16 columns) keep that alignment.
+template <typename T>
+struct Tiles {
+  alignas(32) T q[kTile][kChunk + kPad];  // query rows, one feature chunk
+  alignas(32) T k[kTile][kChunk + kPad];  // key rows, one feature chunk
+  alignas(32) float s[kTile][kTile + 4];  // logits tile, then G
+  float inv_q[kTile], inv_k[kTile];
+  float qsq[kTile], ksq[kTile];
+  int64_t q_row[kTile];            // patch index of each query row
+  int64_t pos[kTile];              // key index of each query's positive
+  bool q_ok[kTile];
+};
+
+// Loads rows [rows] of one feature chunk of a [B, N, D] tensor into dst (zero outside).
+template <typename T>
+__device__ void load_chunk(T (*dst)[kChunk + kPad], const T* base, int64_t sb, int64_t sn, int64_t sd, int64_t b,
+                           const int64_t* rows, const bool* ok, int d0, int D) {
+  for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
+    const int r = e / kChunk, c = e % kChunk;
+    T v = from_f<T>(0.f);
+    if (ok[r] && d0 + c < D) v = base[b * sb + rows[r] * sn + static_cast<int64_t>(d0 + c) * sd];
+    dst[r][c] = v;
+  }
+}
+
+// S[32][32] = Q K^T over the full feature dim, plus the rows' squared norms (qsq when want_q).
+template <typename T>
+__device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_t* k_rows, const bool* k_ok,
+                            bool want_q) {
+  const T* s = static_cast<const T*>(a.s);
+  const T* t = static_cast<const T*>(a.t);
+  constexpr bool kMma = !std::is_same<T, float>::value;
+  const int warp = threadIdx.x / 32;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
+  float acc_f[8];
+  if constexpr (kMma) {
+    nvcuda::wmma::fill_fragment(acc, 0.f);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc_f[i] = 0.f;
+  }
+  if (threadIdx.x < kTile) {
+    sh.ksq[threadIdx.x] = 0.f;
+    if (want_q) sh.qsq[threadIdx.x] = 0.f;
+  }
+  for (int d0 = 0; d0 < a.D; d0 += kChunk) {
+    __syncthreads();
+    load_chunk<T>(sh.q, s, a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, d0, a.D);
+    load_chunk<T>(sh.k, t, a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, d0, a.D);
+    __syncthreads();
+    if (threadIdx.x < kTile) {
+      float kk = 0.f, qq = 0.f;
+      for (int c = 0; c < kChunk; ++c) {
+        const float kv = to_f(sh.k[threadIdx.x][c]);
+        kk += kv * kv;
+        if (want_q) {
+          const float qv = to_f(sh.q[threadIdx.x][c]);
+          qq += qv * qv;
+        }
+      }
+      sh.ksq[threadIdx.x] += kk;
+      if (want_q) sh.qsq[threadIdx.x] += qq;
+    }
+    if constexpr (kMma) {
+      // warp w owns the 16 x 16 output block (w / 2, w % 2); A = Q rows, B = K^T (K rows read column-major).
+      const int br = (warp / 2) * 16, bc = (warp % 2) * 16;
+#pragma unroll
+      for (int kk = 0; kk < kChunk; kk += 16) {
+        nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa;
+        nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major> fb;
+        nvcuda::wmma::load_matrix_sync(fa, &sh.q[br][kk], kChunk + kPad);
+        nvcuda::wmma::load_matrix_sync(fb, &sh.k[bc][kk], kChunk + kPad);
+        nvcuda::wmma::mma_sync(acc, fa, fb, acc);
+      }
+    } else {
+      const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * 8;
+      for (int c = 0; c < kChunk; ++c) {
+        const float qv = to_f(sh.q[r][c]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc_f[i] += qv * to_f(sh.k[c0 + i][c]);
+      }
+    }
+  }
+  __syncthreads();
+  if constexpr (kMma) {
+    const int br = (warp / 2) * 16, bc = (warp % 2) * 16;
+    nvcuda::wmma::store_matrix_sync(&sh.s[br][bc], acc, kTile + 4, nvcuda::wmma::mem_row_major);
+  } else {
+    const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * 8;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sh.s[r][c0 + i] = acc_f[i];
+  }
+  if (threadIdx.x < kTile) {
+    sh.inv_k[threadIdx.x] = a.normalize ? 1.f / fmaxf(sqrtf(sh.ksq[threadIdx.x]), kNormEps) : 1.f;
+    if (want_q) sh.inv_q[threadIdx.x] = a.normalize ? 1.f / fmaxf(sqrtf(sh.qsq[threadIdx.x]), kNormEps) : 1.f;
+  }
+  __syncthreads();
+}
+
+// Fills the block's query rows from the work order: q_row, q_ok (masked), pos. Returns the block's first row.
+template <typename T>
+__device__ void query_rows(Tiles<T>& sh, const Args& a, int64_t b, int m0, int cnt) {
+  if (threadIdx.x < kTile) {
+    const int m = m0 + threadIdx.x;
+    const bool in = m < a.N;
+    const int64_t row = in ? a.order[b * a.N + m] : 0;
+    sh.q_row[threadIdx.x] = row;
+    sh.q_ok[threadIdx.x] = m < cnt;
+    sh.pos[threadIdx.x] = (a.pos != nullptr && m < cnt) ? a.pos[b * a.p_sb + row * a.p_sn] : row;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss, float* lse) {
+  __shared__ Tiles<T> sh;
+  __shared__ float m_i[kTile], l_i[kTile], pos_logit[kTile];
+  __shared__ int64_t k_rows[kTile];
+  __shared__ bool k_ok[kTile];
+  const int64_t b = blockIdx.y;
+  const int m0 = blockIdx.x * kTile;
+  const int cnt = a.counts[b];
+  query_rows<T>(sh, a, b, m0, cnt);
+  if (threadIdx.x < kTile) {
+    m_i[threadIdx.x] = -INFINITY;
+    l_i[threadIdx.x] = 0.f;
+    pos_logit[threadIdx.x] = 0.f;
+  }
+  __syncthreads();
+  if (m0 < cnt) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int n0 = 0; n0 < a.N; n0 += kTile) {
+      if (threadIdx.x < kTile) {
+        k_rows[threadIdx.x] = n0 + threadIdx.x;
+        k_ok[threadIdx.x] = n0 + threadIdx.x < a.N;
+      }
+      __syncthreads();
+      logits_tile<T>(sh, a, b, k_rows, k_ok, n0 == 0);
+      for (int r = warp; r < kTile; r += kThreads / 32) {
+        if (!sh.q_ok[r]) continue;
+        const int col = n0 + lane;
+        const float x = col < a.N ? sh.s[r][lane] * sh.inv_q[r] * sh.inv_k[lane] * a.inv_tau : -INFINITY;
+        const float m_new = fmaxf(m_i[r], warp_max(x));
+        const float e = warp_sum(col < a.N ? __expf(x - m_new) : 0.f);
+        const float hit = warp_sum(col == sh.pos[r] ? x : 0.f);
+        if (lane == 0) {
+          l_i[r] = l_i[r] * __expf(m_i[r] - m_new) + e;
+          m_i[r] = m_new;
+          pos_logit[r] += hit;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  if (threadIdx.x < kTile && m0 + static_cast<int>(threadIdx.x) < a.N) {
+    const int r = threadIdx.x;
+    const int64_t o = b * a.N + sh.q_row[r];
+    const float l = sh.q_ok[r] ? m_i[r] + logf(l_i[r]) : 0.f;
+    loss[o] = sh.q_ok[r] ? l - pos_logit[r] : 0.f;
+    lse[o] = l;
+  }
+}
+
+// Shared helper of both backward kernels: turns the logits tile into G (fp32) in place.
+// G[r][j] = g_r / tau * (softmax_rj - [key j == pos_r]), zero outside the valid rows / keys.
+template <typename T>
+__device__ void grad_tile(Tiles<T>& sh, const Args& a, const float* g, const float* lse_r, const int64_t* k_rows,
+                          const bool* k_ok) {
+  for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+    const int r = e / kTile, j = e % kTile;
+    float v = 0.f;
+    if (sh.q_ok[r] && k_ok[j]) {
+      const float x = sh.s[r][j] * sh.inv_q[r] * sh.inv_k[j] * a.inv_tau;
+      const float p = __expf(x - lse_r[r]);
+      v = g[r] * a.inv_tau * (p - (k_rows[j] == sh.pos[r] ? 1.f : 0.f));
+    }
+    sh.s[r][j] = v;
+  }
+  __syncthreads();
+}
+
+// out[r][:] <- Jacobian of x / max(|x|, eps) applied to acc[r][:] (x = rows of `src`), written in T.
+template <typename T>
+__device__ void normalize_and_store(const float* acc, int ld, const T* src, int64_t sb, int64_t sn, int64_t sd,
+                                    int64_t b, const int64_t* rows, const bool* ok, const bool* in_range,
+                                    const float* inv_norm, bool normalize, int D, T* out, int64_t N) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < kTile; r += kThreads / 32) {
+    if (!in_range[r]) continue;
+    T* dst = out + (b * N + rows[r]) * static_cast<int64_t>(D);
+    if (!ok[r]) {
+      for (int d = lane; d < D; d += 32) dst[d] = from_f<T>(0.f);
+      continue;
+    }
+    float proj = 0.f, sq = 0.f;
+    if (normalize) {
+      for (int d = lane; d < D; d += 32) {
+        const float x = to_f(src[b * sb + rows[r] * sn + static_cast<int64_t>(d) * sd]);
+        proj += x * acc[r * ld + d];
+        sq += x * x;
+      }
+      proj = warp_sum(proj);
+      sq = warp_sum(sq);
+    }
+    const float inv = inv_norm[r];
+    const float keep = sqrtf(sq) >= kNormEps ? 1.f : 0.f;
+    for (int d = lane; d < D; d += 32) {
+      float v = acc[r * ld + d];
+      if (normalize) {
+        const float xh = to_f(src[b * sb + rows[r] * sn + static_cast<int64_t>(d) * sd]) * inv;
+        v = (v - xh * proj * inv * keep) * inv;
+      }
+      dst[d] = from_f<T>(v);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const float* lse, const float* grad,
+                                                         int64_t g_sb, int64_t g_sn, T* ds) {
+  extern __shared__ float dq[];  // [kTile][D]
+  __shared__ Tiles<T> sh;
+  __shared__ float g[kTile], lse_r[kTile];
+  __shared__ int64_t k_rows[kTile];
+  __shared__ bool k_ok[kTile], in_range[kTile];
+  const int64_t b = blockIdx.y;
+  const int m0 = blockIdx.x * kTile;
+  const int cnt = a.counts[b];
+  query_rows<T>(sh, a, b, m0, cnt);
+  if (threadIdx.x < kTile) in_range[threadIdx.x] = m0 + static_cast<int>(threadIdx.x) < a.N;
+  for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) dq[e] = 0.f;
+  __syncthreads();
+  if (threadIdx.x < kTile) {
+    const int64_t row = sh.q_row[threadIdx.x];
+    const bool ok = sh.q_ok[threadIdx.x];
+    g[threadIdx.x] = ok ? grad[b * g_sb + row * g_sn] : 0.f;
+    lse_r[threadIdx.x] = ok ? lse[b * a.N + row] : 0.f;
+  }
+  if (m0 < cnt) {
+    const T* t = static_cast<const T*>(a.t);
+    for (int n0 = 0; n0 < a.N; n0 += kTile) {
+      if (threadIdx.x < kTile) {
+        k_rows[threadIdx.x] = n0 + threadIdx.x;
+        k_ok[threadIdx.x] = n0 + threadIdx.x < a.N;
+      }
+      __syncthreads();
+      logits_tile<T>(sh, a, b, k_rows, k_ok, n0 == 0);
+      grad_tile<T>(sh, a, g, lse_r, k_rows, k_ok);
+      // dq[r][d] += sum_j G[r][j] * k_hat[j][d]
+      for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) {
+        const int r = e / a.D, d = e % a.D;
+        if (!sh.q_ok[r]) continue;
+        float acc = 0.f;
+        for (int j = 0; j < kTile; ++j) {
+          if (!k_ok[j]) break;
+          acc += sh.s[r][j] * sh.inv_k[j] * to_f(t[b * a.t_sb + k_rows[j] * a.t_sn + static_cast<int64_t>(d) * a.t_sd]);
+        }
+        dq[e] += acc;
+      }
+      __syncthreads();
+    }
+  }
+  normalize_and_store<T>(dq, a.D, static_cast<const T*>(a.s), a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, in_range,
+                         sh.inv_q, a.normalize, a.D, ds, a.N);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const float* lse, const float* grad,
+                                                         int64_t g_sb, int64_t g_sn, T* dt) {
+  extern __shared__ float dk[];  // [kTile][D]
+  __shared__ Tiles<T> sh;
+  __shared__ float g[kTile], lse_r[kTile], inv_k_keep[kTile];
+  __shared__ int64_t k_rows[kTile];
+  __shared__ bool k_ok[kTile];
+  const int64_t b = blockIdx.y;
+  const int n0 = blockIdx.x * kTile;
+  const int cnt = a.counts[b];
+  if (threadIdx.x < kTile) {
+    k_rows[threadIdx.x] = n0 + threadIdx.x;
+    k_ok[threadIdx.x] = n0 + threadIdx.x < a.N;
+    inv_k_keep[threadIdx.x] = 1.f;
+  }
+  for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) dk[e] = 0.f;
+  __syncthreads();
+  const T* s = static_cast<const T*>(a.s);
+  for (int m0 = 0; m0 < cnt; m0 += kTile) {
+    query_rows<T>(sh, a, b, m0, cnt);
+    __syncthreads();
+    if (threadIdx.x < kTile) {
+      const int64_t row = sh.q_row[threadIdx.x];
+      const bool ok = sh.q_ok[threadIdx.x];
+      g[threadIdx.x] = ok ? grad[b * g_sb + row * g_sn] : 0.f;
+      lse_r[threadIdx.x] = ok ? lse[b * a.N + row] : 0.f;
+    }
+    logits_tile<T>(sh, a, b, k_rows, k_ok, true);
+    if (threadIdx.x < kTile) inv_k_keep[threadIdx.x] = sh.inv_k[threadIdx.x];
+    grad_tile<T>(sh, a, g, lse_r, k_rows, k_ok);
+    // dk[j][d] += sum_r G[r][j] * q_hat[r][d]
+    for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) {
+      const int j = e / a.D, d = e % a.D;
+      if (!k_ok[j]) continue;
+      float acc = 0.f;
+      for (int r = 0; r < kTile; ++r) {
+        if (!sh.q_ok[r]) break;
+        acc += sh.s[r][j] * sh.inv_q[r] * to_f(s[b * a.s_sb + sh.q_row[r] * a.s_sn + static_cast<int64_t>(d) * a.s_sd]);
+      }
+      dk[e] += acc;
+    }
+    __syncthreads();
+  }
+  if (cnt == 0 && threadIdx.x < kTile) {  // norms of the keys for the Jacobian when no tile ran
+    float sq = 0.f;
+    if (k_ok[threadIdx.x])
+      for (int d = 0; d < a.D; ++d) {
+        const float x = to_f(static_cast<const T*>(a.t)[b * a.t_sb + k_rows[threadIdx.x] * a.t_sn +
+                                                        static_cast<int64_t>(d) * a.t_sd]);
+        sq += x * x;
+      }
+    inv_k_keep[threadIdx.x] = a.normalize ? 1.f / fmaxf(sqrtf(sq), kNormEps) : 1.f;
+  }
+  __syncthreads();
+  normalize_and_store<T>(dk, a.D, static_cast<const T*>(a.t), a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, k_ok,
+                         inv_k_keep, a.normalize, a.D, dt, a.N);
+}
+
+Args make(const PatchContrastCudaArgs& p) {
+  if (p.D < 1 || p.D > kMaxDim)
+    throw std::invalid_argument("conmim._C.patch_contrast_cuda: feature dim must lie in [1, " +
+                                std::to_string(kMaxDim) + "], got " + std::to_string(p.D));
+  Args a;
+  a.s = reinterpret_cast<const void*>(p.student);
+  a.t = reinterpret_cast<const void*>(p.teacher);
+  a.order = reinterpret_cast<const int64_t*>(p.order);
+  a.counts = reinterpret_cast<const int*>(p.counts);
+  a.pos = reinterpret_cast<const int64_t*>(p.pos);
+  a.s_sb = p.s_sb, a.s_sn = p.s_sn, a.s_sd = p.s_sd;
+  a.t_sb = p.t_sb, a.t_sn = p.t_sn, a.t_sd = p.t_sd;
+  a.p_sb = p.p_sb, a.p_sn = p.p_sn;
+  a.N = static_cast<int>(p.N);
+  a.D = static_cast<int>(p.D);
+  a.inv_tau = static_cast<float>(p.inv_tau);
+  a.normalize = p.normalize;
+  return a;
+}
+
+void check(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("conmim._C.") + what + ": launch failed: " + cudaGetErrorString(err));
+}
+
+template <typename F>
+void dispatch(int tag, F&& f) {
+  switch (tag) {
+    case kFloat32:
+      f(float{});
+      break;
+    case kBFloat16:
+      f(__nv_bfloat16{});
+      break;
+    case kFloat16:
+      f(__half{});
+      break;
+    default:
+      throw std::invalid_argument("conmim._C.patch_contrast_cuda: unsupported dtype " + dtype_name(tag));
+  }
+}
+
+}  // namespace
+
+int patch_contrast_max_dim() { return kMaxDim; }
+
+void patch_contrast_forward(const PatchContrastCudaArgs& p, int64_t loss, int64_t lse, int64_t stream) {
+  const Args a = make(p);
+  if (p.B == 0) return;
+  const dim3 grid((a.N + kTile - 1) / kTile, static_cast<unsigned>(p.B));
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  dispatch(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    fwd_kernel<T><<<grid, kThreads, 0, st>>>(a, reinterpret_cast<float*>(loss), reinterpret_cast<float*>(lse));
+  });
+  check("patch_contrast_forward_cuda");
+}
+
+void patch_contrast_backward(const PatchContrastCudaArgs& p, int64_t lse, int64_t grad, int64_t g_sb, int64_t g_sn,
+                             int64_t ds, int64_t dt, int64_t stream) {
+  const Args a = make(p);
+  if (p.B == 0) return;
+  const dim3 grid((a.N + kTile - 1) / kTile, static_cast<unsigned>(p.B));
+  const size_t smem = sizeof(float) * kTile * static_cast<size_t>(a.D);
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  const float* lse_p = reinterpret_cast<const float*>(lse);
+  const float* grad_p = reinterpret_cast<const float*>(grad);
+  dispatch(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cudaFuncSetAttribute(bwd_q_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    bwd_q_kernel<T><<<grid, kThreads, smem, st>>>(a, lse_p, grad_p, g_sb, g_sn, reinterpret_cast<T*>(ds));
+    if (dt != 0) {
+      cudaFuncSetAttribute(bwd_k_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      bwd_k_kernel<T><<<grid, kThreads, smem, st>>>(a, lse_p, grad_p, g_sb, g_sn, reinterpret_cast<T*>(dt));
+    }
+  });
+  check("patch_contrast_backward_cuda");
+}
+
+}  // namespace cuda
+}  // namespace conmim
