@@ -109,6 +109,24 @@ def _dot_grad(g, x, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _softmax_grad(q, k, row_scale, inv_kn, lse, g, pos, offs_n, IEEE: tl.constexpr):
+    """G = g / tau (softmax - onehot) for one tile, recomputed from the saved logsumexp (g carries 1 / tau)."""
+    logits = _dot(q, tl.trans(k), IEEE) * row_scale[:, None] * inv_kn[None, :]
+    p = tl.exp(logits - lse[:, None])
+    onehot = offs_n[None, :] == pos[:, None]
+    return g[:, None] * (p - tl.where(onehot, 1.0, 0.0))
+
+
+@triton.jit
+def _normalize_backward(x, dxh, nrm, inv, eps):
+    """Gradient w.r.t. x of x / max(|x|, eps), given the gradient dxh w.r.t. the normalised rows."""
+    xh = x.to(tl.float32) * inv[:, None]
+    proj = tl.sum(xh * dxh, axis=1)
+    keep = tl.where(nrm >= eps, 1.0, 0.0)
+    return (dxh - xh * (proj * keep)[:, None]) * inv[:, None]
+
+
+@triton.jit
 def _patch_contrast_fwd_kernel(
     s_ptr,
     s_sb,
@@ -229,18 +247,12 @@ def _patch_contrast_bwd_q_kernel(
             k, _kn, inv_kn = _rows_with_norms(
                 t_ptr, t_sb, t_sn, t_sd, b, offs_n, col_ok, offs_d, D, eps, NORMALIZE, DOT_FP32
             )
-            logits = _dot(q, tl.trans(k), IEEE) * row_scale[:, None] * inv_kn[None, :]
-            p = tl.exp(logits - lse[:, None])
-            onehot = offs_n[None, :] == pos[:, None]
-            gl = g[:, None] * (p - tl.where(onehot, 1.0, 0.0))
+            gl = _softmax_grad(q, k, row_scale, inv_kn, lse, g, pos, offs_n, IEEE)
             gl = tl.where(col_ok[None, :], gl, 0.0) * inv_kn[None, :]
             dq += _dot_grad(gl, k, IEEE)
         # dq is the gradient w.r.t. q_hat = q / |q|; apply the Jacobian of the normalisation.
         if NORMALIZE:
-            qh = q.to(tl.float32) * inv_qn[:, None]
-            proj = tl.sum(qh * dq, axis=1)
-            keep = tl.where(qn >= eps, 1.0, 0.0)
-            dq = (dq - qh * (proj * keep)[:, None]) * inv_qn[:, None]
+            dq = _normalize_backward(q, dq, qn, inv_qn, eps)
         dq = tl.where(valid[:, None], dq, 0.0)
         tl.store(out_ptrs, dq.to(ds_ptr.dtype.element_ty), mask=out_mask)
 
@@ -298,17 +310,11 @@ def _patch_contrast_bwd_k_kernel(
         lse = tl.load(lse_ptr + b * N + row_idx, mask=valid, other=0.0)
         g = tl.load(g_ptr + b * g_sb + row_idx * g_sn, mask=valid, other=0.0).to(tl.float32)
         g = tl.where(valid, g, 0.0) * inv_tau
-        logits = _dot(q, tl.trans(k), IEEE) * (inv_qn * inv_tau)[:, None] * inv_kn[None, :]
-        p = tl.exp(logits - lse[:, None])
-        onehot = offs_n[None, :] == pos[:, None]
-        gl = g[:, None] * (p - tl.where(onehot, 1.0, 0.0))
+        gl = _softmax_grad(q, k, inv_qn * inv_tau, inv_kn, lse, g, pos, offs_n, IEEE)
         gl = tl.where(valid[:, None] & col_ok[None, :], gl, 0.0) * inv_qn[:, None]
         dk += _dot_grad(tl.trans(gl), q, IEEE)
     if NORMALIZE:
-        kh = k.to(tl.float32) * inv_kn[:, None]
-        proj = tl.sum(kh * dk, axis=1)
-        keep = tl.where(kn >= eps, 1.0, 0.0)
-        dk = (dk - kh * (proj * keep)[:, None]) * inv_kn[:, None]
+        dk = _normalize_backward(k, dk, kn, inv_kn, eps)
     out_ptrs = dt_ptr + (b * N + offs_n[:, None]) * D + offs_d[None, :]
     tl.store(out_ptrs, dk.to(dt_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
 

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "common.h"
+#include "cuda/cuda_common.cuh"
 #include "cuda/ema.h"
 
 namespace conmim {
@@ -32,23 +33,6 @@ struct EmaTable {
 };
 static_assert(sizeof(EmaTable) < 32000, "kernel parameter table must fit the 32 KB limit");
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) {
-  return __float2half_rn(x);
-}
 
 template <typename T>
 struct alignas(4 * sizeof(T)) Vec4 {
@@ -99,22 +83,6 @@ void launch(EmaTable& table, int blocks, cudaStream_t stream) {
   ema_kernel<TT, TS><<<blocks, kThreads, 0, stream>>>(table);
 }
 
-template <typename F>
-void dispatch_cuda(int tag, F&& f) {
-  switch (tag) {
-    case kFloat32:
-      f(float{});
-      break;
-    case kBFloat16:
-      f(__nv_bfloat16{});
-      break;
-    case kFloat16:
-      f(__half{});
-      break;
-    default:
-      throw std::invalid_argument("conmim._C.ema_update_cuda: unsupported dtype " + dtype_name(tag));
-  }
-}
 
 }  // namespace
 
@@ -149,8 +117,8 @@ void ema_update(const std::vector<int64_t>& teacher, int teacher_dtype, const st
     table->momentum_ptr = reinterpret_cast<const float*>(momentum_ptr);
     table->momentum = static_cast<float>(momentum);
     auto st = reinterpret_cast<cudaStream_t>(stream);
-    dispatch_cuda(teacher_dtype, [&](auto tt) {
-      dispatch_cuda(student_dtype, [&](auto ts) { launch<decltype(tt), decltype(ts)>(*table, blocks, st); });
+    dispatch_cuda(teacher_dtype, "ema_update_cuda", [&](auto tt) {
+      dispatch_cuda(student_dtype, "ema_update_cuda", [&](auto ts) { launch<decltype(tt), decltype(ts)>(*table, blocks, st); });
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess)

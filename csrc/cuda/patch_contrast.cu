@@ -21,6 +21,7 @@
 #include <string>
 
 #include "common.h"
+#include "cuda/cuda_common.cuh"
 #include "cuda/patch_contrast.h"
 
 namespace conmim {
@@ -46,23 +47,6 @@ struct Args {
   bool normalize;
 };
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) {
-  return __float2half_rn(x);
-}
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -236,6 +220,18 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
   }
 }
 
+// The upstream gradient and saved logsumexp of the block's query rows (0 for rows that are not masked).
+template <typename T>
+__device__ void row_grads(const Tiles<T>& sh, const Args& a, int64_t b, const float* lse, const float* grad,
+                          int64_t g_sb, int64_t g_sn, float* g, float* lse_r) {
+  if (threadIdx.x < kTile) {
+    const int64_t row = sh.q_row[threadIdx.x];
+    const bool ok = sh.q_ok[threadIdx.x];
+    g[threadIdx.x] = ok ? grad[b * g_sb + row * g_sn] : 0.f;
+    lse_r[threadIdx.x] = ok ? lse[b * a.N + row] : 0.f;
+  }
+}
+
 // Shared helper of both backward kernels: turns the logits tile into G (fp32) in place.
 // G[r][j] = g_r / tau * (softmax_rj - [key j == pos_r]), zero outside the valid rows / keys.
 template <typename T>
@@ -305,12 +301,7 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const flo
   if (threadIdx.x < kTile) in_range[threadIdx.x] = m0 + static_cast<int>(threadIdx.x) < a.N;
   for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) dq[e] = 0.f;
   __syncthreads();
-  if (threadIdx.x < kTile) {
-    const int64_t row = sh.q_row[threadIdx.x];
-    const bool ok = sh.q_ok[threadIdx.x];
-    g[threadIdx.x] = ok ? grad[b * g_sb + row * g_sn] : 0.f;
-    lse_r[threadIdx.x] = ok ? lse[b * a.N + row] : 0.f;
-  }
+  row_grads<T>(sh, a, b, lse, grad, g_sb, g_sn, g, lse_r);
   if (m0 < cnt) {
     const T* t = static_cast<const T*>(a.t);
     for (int n0 = 0; n0 < a.N; n0 += kTile) {
@@ -361,12 +352,7 @@ __global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const flo
   for (int m0 = 0; m0 < cnt; m0 += kTile) {
     query_rows<T>(sh, a, b, m0, cnt);
     __syncthreads();
-    if (threadIdx.x < kTile) {
-      const int64_t row = sh.q_row[threadIdx.x];
-      const bool ok = sh.q_ok[threadIdx.x];
-      g[threadIdx.x] = ok ? grad[b * g_sb + row * g_sn] : 0.f;
-      lse_r[threadIdx.x] = ok ? lse[b * a.N + row] : 0.f;
-    }
+    row_grads<T>(sh, a, b, lse, grad, g_sb, g_sn, g, lse_r);
     logits_tile<T>(sh, a, b, k_rows, k_ok, true);
     if (threadIdx.x < kTile) inv_k_keep[threadIdx.x] = sh.inv_k[threadIdx.x];
     grad_tile<T>(sh, a, g, lse_r, k_rows, k_ok);
@@ -424,22 +410,6 @@ void check(const char* what) {
     throw std::runtime_error(std::string("conmim._C.") + what + ": launch failed: " + cudaGetErrorString(err));
 }
 
-template <typename F>
-void dispatch(int tag, F&& f) {
-  switch (tag) {
-    case kFloat32:
-      f(float{});
-      break;
-    case kBFloat16:
-      f(__nv_bfloat16{});
-      break;
-    case kFloat16:
-      f(__half{});
-      break;
-    default:
-      throw std::invalid_argument("conmim._C.patch_contrast_cuda: unsupported dtype " + dtype_name(tag));
-  }
-}
 
 }  // namespace
 
@@ -450,7 +420,7 @@ void patch_contrast_forward(const PatchContrastCudaArgs& p, int64_t loss, int64_
   if (p.B == 0) return;
   const dim3 grid((a.N + kTile - 1) / kTile, static_cast<unsigned>(p.B));
   auto st = reinterpret_cast<cudaStream_t>(stream);
-  dispatch(p.dtype, [&](auto tag) {
+  dispatch_cuda(p.dtype, "patch_contrast_cuda", [&](auto tag) {
     using T = decltype(tag);
     fwd_kernel<T><<<grid, kThreads, 0, st>>>(a, reinterpret_cast<float*>(loss), reinterpret_cast<float*>(lse));
   });
@@ -466,7 +436,7 @@ void patch_contrast_backward(const PatchContrastCudaArgs& p, int64_t lse, int64_
   auto st = reinterpret_cast<cudaStream_t>(stream);
   const float* lse_p = reinterpret_cast<const float*>(lse);
   const float* grad_p = reinterpret_cast<const float*>(grad);
-  dispatch(p.dtype, [&](auto tag) {
+  dispatch_cuda(p.dtype, "patch_contrast_cuda", [&](auto tag) {
     using T = decltype(tag);
     cudaFuncSetAttribute(bwd_q_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     bwd_q_kernel<T><<<grid, kThreads, smem, st>>>(a, lse_p, grad_p, g_sb, g_sn, reinterpret_cast<T*>(ds));
