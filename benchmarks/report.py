@@ -165,13 +165,15 @@ def plots(runs: list[dict]) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 3.6))
         for v in dict.fromkeys(r["variant"] for r in recs):
             pts = sorted(
-                (r["N"], r["peak_extra_bytes"]) for r in recs if r["variant"] == v and r["peak_extra_bytes"]
+                (r["N"], r["peak_extra_bytes"])
+                for r in recs
+                if r["variant"] == v and r["peak_extra_bytes"] and r["d"] == 256
             )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] / 1e6 for p in pts], marker="o", label=v)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("N (patches per image; B shrinks as N grows, see the table)")
+        ax.set_xlabel("N (patches per image), d = 256; B shrinks as N grows, see the table")
         ax.set_ylabel("peak extra memory (MB)")
         ax.set_title(f"{run['device']} ({run['date']})", fontsize=8)
         ax.legend(fontsize=7)
