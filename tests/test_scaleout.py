@@ -142,3 +142,74 @@ def test_knn_vote_is_temperature_weighted():
     labels = torch.tensor([0, 0, 1])
     val = torch.nn.functional.normalize(torch.tensor([[0.2, 1.0], [1.0, 0.05]]), dim=-1)
     assert E.knn_top1(train, labels, val, torch.tensor([1, 0]), k=3) == 1.0
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        kids += [int(x) for x in text]
+    return kids
+
+
+@pytest.mark.slow
+def test_a_dying_rank_stops_torchrun_and_the_same_command_resumes(digits, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "conmim.train",
+        "--config",
+        "tiny_demo",
+        "--data",
+        str(digits),
+        "--out",
+        str(out),
+        "--batch_size",
+        "8",
+        "--epochs",
+        "15",
+        "--num_workers",
+        "0",
+        "--loader",
+        "torch",
+        "--progress",
+        "false",
+        "--head_hidden",
+        "64",
+        "--head_out",
+        "32",
+        "--checkpoint_every",
+        "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("ckpt-*.pt")):
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    try:
+        proc.wait(timeout=120)  # torchrun notices the dead rank and stops the other: no hang
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("torchrun did not stop after a rank died")
+    assert proc.returncode != 0
+    again = [*cmd[:8], str(_free_port()), *cmd[9:]]  # the same command (a fresh rendezvous port)
+    done = subprocess.run(again, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stderr
+    state = torch.load(T.checkpoints(out)[0], weights_only=True)
+    assert state["step"] == 30
