@@ -194,3 +194,16 @@ def test_lr_schedule_and_no_decay_groups():
     nd = {names[id(p)] for p in no_decay["params"]}
     assert {"mask_token", "backbone.cls_token", "backbone.pos_embed"} <= nd
     assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(digits, tmp_path):
+    def losses(out, **kw):
+        T.train(tiny(digits, out, epochs=1, perturb=False, **kw))
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    eager = losses(tmp_path / "eager")
+    compiled = losses(tmp_path / "compiled", compile=True)
+    assert len(eager) == len(compiled) == 4
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=2e-3, atol=2e-3)
