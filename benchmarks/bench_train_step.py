@@ -30,7 +30,8 @@ def _forward_flops(model: torch.nn.Module, tokens: int) -> float:
     return 2 * linear * tokens + attn
 
 
-def run(suite: str, device: torch.device, ceil: dict, rounds: int) -> list[dict]:
+def step_variants(device: torch.device) -> tuple[list[Variant], dict]:
+    """The reference and fused step variants for this device, and the case (model, batch, dtype, model FLOPs)."""
     name, batch, dtype = CASES[device.type]
     torch.manual_seed(0)
     student = build_encoder(name).to(device)
@@ -61,8 +62,14 @@ def run(suite: str, device: torch.device, ceil: dict, rounds: int) -> list[dict]
                 step(patch_contrast_loss_official, lambda: ema_update_loop_(teacher.params, student_params, 0.996))),
         Variant("fused step (fused loss, fused EMA)", step(fused_loss, lambda: teacher.update(student, momentum=0.996))),
     ]  # fmt: skip
-    timings = time_interleaved(variants, device, rounds=max(3, rounds // 2), warmup=1, budget_s=60)
     flops = 3 * _forward_flops(student, 197) + _forward_flops(student, 197)  # student fwd + bwd, teacher fwd
+    return variants, {"model": name, "batch": batch, "dtype": dtype, "flops": flops}
+
+
+def run(suite: str, device: torch.device, ceil: dict, rounds: int) -> list[dict]:
+    variants, case = step_variants(device)
+    name, batch, dtype, flops = case["model"], case["batch"], case["dtype"], case["flops"]
+    timings = time_interleaved(variants, device, rounds=max(3, rounds // 2), warmup=1, budget_s=60)
     records = []
     for v in variants:
         tm = timings[v.name]

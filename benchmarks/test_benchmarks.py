@@ -82,3 +82,45 @@ def test_ema(benchmark, ema_lists, index):
         sync(DEVICE)
 
     benchmark.pedantic(run, rounds=7, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_data_pipeline(benchmark, loader):
+    from benchmarks.bench_data import _folder
+    from conmim.data import ViewConfig, build_loader, dali_status
+
+    if loader == "dali" and dali_status() is not None:
+        pytest.skip(dali_status())
+    data = build_loader(
+        _folder(64),
+        32,
+        ViewConfig(),
+        loader=loader,
+        device=DEVICE,
+        num_workers=max(1, torch.get_num_threads()),
+        verbose=False,
+    )
+    benchmark.group = f"data two-view 224px {DEVICE.type} (one epoch of 64 images)"
+
+    def epoch():
+        for _ in data:
+            pass
+        sync(DEVICE)
+
+    benchmark.pedantic(epoch, rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("variant", [0, 1])
+def test_train_step(benchmark, variant):
+    from benchmarks.bench_train_step import step_variants
+
+    variants, _ = step_variants(DEVICE)
+    v = variants[variant]
+    benchmark.group = f"train step {DEVICE.type}"
+    benchmark.name = v.name
+
+    def run():
+        v.run(None)
+        sync(DEVICE)
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
