@@ -22,44 +22,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_cmd(digits, out, *extra) -> list[str]:
+    """torchrun with 2 CPU processes (gloo) training the tiny model on the 32 digits."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "conmim.train", "--config", "tiny_demo", "--data", str(digits),
+            "--out", str(out), "--batch_size", "8", "--num_workers", "0", "--loader", "torch", "--progress", "false",
+            "--head_hidden", "64", "--head_out", "32", *extra]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_two_process_gloo_run_keeps_ranks_identical_and_covers_the_dataset(digits, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "conmim.train",
-        "--config",
-        "tiny_demo",
-        "--data",
-        str(digits),
-        "--out",
-        str(out),
-        "--batch_size",
-        "8",
-        "--epochs",
-        "2",
-        "--num_workers",
-        "0",
-        "--loader",
-        "torch",
-        "--progress",
-        "false",
-        "--head_hidden",
-        "64",
-        "--head_out",
-        "32",
-        "--record_samples",
-        "true",
-    ]
+    cmd = torchrun_cmd(digits, out, "--epochs", "2", "--record_samples", "true")
     r = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
@@ -158,41 +132,7 @@ def test_a_dying_rank_stops_torchrun_and_the_same_command_resumes(digits, tmp_pa
     import time
 
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "conmim.train",
-        "--config",
-        "tiny_demo",
-        "--data",
-        str(digits),
-        "--out",
-        str(out),
-        "--batch_size",
-        "8",
-        "--epochs",
-        "15",
-        "--num_workers",
-        "0",
-        "--loader",
-        "torch",
-        "--progress",
-        "false",
-        "--head_hidden",
-        "64",
-        "--head_out",
-        "32",
-        "--checkpoint_every",
-        "2",
-    ]
+    cmd = torchrun_cmd(digits, out, "--epochs", "15", "--checkpoint_every", "2")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
@@ -207,7 +147,9 @@ def test_a_dying_rank_stops_torchrun_and_the_same_command_resumes(digits, tmp_pa
         proc.kill()
         pytest.fail("torchrun did not stop after a rank died")
     assert proc.returncode != 0
-    again = [*cmd[:8], str(_free_port()), *cmd[9:]]  # the same command (a fresh rendezvous port)
+    again = torchrun_cmd(
+        digits, out, "--epochs", "15", "--checkpoint_every", "2"
+    )  # the same, on a fresh port
     done = subprocess.run(again, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr
