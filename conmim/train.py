@@ -100,10 +100,10 @@ def save_checkpoint(out: Path, state: dict, epoch: int, step: int, keep_last: in
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    ends = _epoch_ends(out)
     for old in checkpoints(out)[keep_last:]:
-        meta = old.stem.split("-")
-        ends_epoch = old.name in _epoch_ends(out)
-        if not (ends_epoch and keep_every > 0 and int(meta[1][1:]) % keep_every == 0):
+        epoch_of = int(old.stem.split("-")[1][1:])  # ckpt-e<epoch>-s<step>
+        if not (old.name in ends and keep_every > 0 and epoch_of % keep_every == 0):
             old.unlink(missing_ok=True)
     return path
 

@@ -24,29 +24,9 @@ namespace {
 constexpr int kRowBlock = 48;  // query rows per block (multiple of Tile::MR)
 constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
 
-// exp for float: range reduction to 2^n * e^y, |y| <= ln2/2, degree-7 Taylor (rel. error < 1e-7); written
-// with plain arithmetic and bit casts so the callers' loops vectorise.
-static inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.3f), 88.7f);
-  const float t = x * 1.44269504088896341f;
-  const int n = static_cast<int>(t + (t >= 0.f ? 0.5f : -0.5f));
-  const float y = x - static_cast<float>(n) * 0.693147180559945309f;
-  float p = 1.f / 5040.f;
-  p = p * y + 1.f / 720.f;
-  p = p * y + 1.f / 120.f;
-  p = p * y + 1.f / 24.f;
-  p = p * y + 1.f / 6.f;
-  p = p * y + 0.5f;
-  p = p * y + 1.f;
-  p = p * y + 1.f;
-  const int bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
-}
-static inline double fast_exp(double x) { return std::exp(x); }
 
-// The same exp on a whole vector (GCC does not vectorise the scalar version's loops on its own).
+// exp on a whole vector: range reduction to 2^n * e^y, |y| <= ln2/2, degree-7 Taylor (relative error < 1e-7),
+// written with vector arithmetic because GCC does not vectorise loops calling a scalar exp.
 using VF = VecOf<float>::type;
 using UF = VecOf<float>::utype;
 typedef int32_t VI __attribute__((vector_size(kVecBytes)));
@@ -72,14 +52,18 @@ static inline VF vexp(VF x) {
   return p * scale;
 }
 
-// sum_j exp(x[j] * a - m), j < N.
+// sum_j exp(x[j] * a - m), j < N. Rows are padded to a multiple of the vector width, so the last vector is
+// read whole and its lanes at j >= N are dropped.
 static inline float sum_exp(const float* x, ptrdiff_t N, float a, float m) {
+  VI lane;
+  for (int v = 0; v < kW; ++v) lane[v] = v;
   VF acc = VF{};
-  ptrdiff_t j = 0;
-  for (; j + kW <= N; j += kW) acc += vexp(*reinterpret_cast<const UF*>(x + j) * a - m);
+  for (ptrdiff_t j = 0; j < N; j += kW) {
+    const VF e = vexp(*reinterpret_cast<const UF*>(x + j) * a - m);
+    acc += (lane + static_cast<int32_t>(j)) < static_cast<int32_t>(N) ? e : VF{};
+  }
   float sum = 0.f;
   for (int v = 0; v < kW; ++v) sum += acc[v];
-  for (; j < N; ++j) sum += fast_exp(x[j] * a - m);
   return sum;
 }
 static inline double sum_exp(const double* x, ptrdiff_t N, double a, double m) {
@@ -88,14 +72,12 @@ static inline double sum_exp(const double* x, ptrdiff_t N, double a, double m) {
   return sum;
 }
 
-// x[j] <- g * exp(x[j] * a - l), j < N.
+// x[j] <- g * exp(x[j] * a - l) for j < N, whole vectors (padded lanes get values the caller then zeroes).
 static inline void scaled_exp(float* x, ptrdiff_t N, float a, float l, float g) {
-  ptrdiff_t j = 0;
-  for (; j + kW <= N; j += kW) {
+  for (ptrdiff_t j = 0; j < N; j += kW) {
     UF* p = reinterpret_cast<UF*>(x + j);
     *p = vexp(*p * a - l) * g;
   }
-  for (; j < N; ++j) x[j] = g * fast_exp(x[j] * a - l);
 }
 static inline void scaled_exp(double* x, ptrdiff_t N, double a, double l, double g) {
   for (ptrdiff_t j = 0; j < N; ++j) x[j] = g * std::exp(x[j] * a - l);
