@@ -13,7 +13,10 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def _load() -> list[dict]:
-    return [json.loads(p.read_text()) | {"file": p.name} for p in sorted(RESULTS.glob("*.json"))]
+    """Every recorded benchmark run (files written by ``python -m benchmarks``; other results, such as the
+    fidelity check, are skipped)."""
+    runs = [json.loads(p.read_text()) | {"file": p.name} for p in sorted(RESULTS.glob("*.json"))]
+    return [r for r in runs if "ceilings" in r]
 
 
 def _loss_rows(run: dict) -> list[str]:
