@@ -96,6 +96,14 @@ def test_cpu_backend_grid(N, d, dtype):
         assert_matches("cpu", s, t, make_mask(kind, B, N, seed=N), dtype)
 
 
+@pytest.mark.parametrize("d", [300, 1000, 1024])
+def test_cpu_backend_large_and_ragged_feature_dims(d):
+    # Feature dims that are not a multiple of the packing block (16) or of the vector width, and d = 1024.
+    s, t = make_inputs(2, 37, d, torch.float32, seed=d)
+    for kind in MASKS:
+        assert_matches("cpu", s, t, make_mask(kind, 2, 37, seed=d), torch.float32)
+
+
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_backend_strided_inputs(layout, dtype):
