@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from conmim import _ext
+from conmim.masking import work_order
 
 
 def _threads() -> int:
@@ -120,8 +121,6 @@ def ema_update_cuda_(teacher, student, momentum) -> None:
 
 
 def _cuda_loss_args(student, teacher, mask, positive_index, temperature, normalize) -> list:
-    from conmim.kernels.patch_contrast import work_order
-
     B, N, D = student.shape
     order, counts = work_order(mask)
     pos_ptr, pos_stride = _pos_args(positive_index)

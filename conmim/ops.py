@@ -8,6 +8,7 @@ Both validate inputs once and pick a backend by the rules in conmim.backends.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 
@@ -40,9 +41,19 @@ def _triton_device_reason(device: torch.device) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- patch contrast
+def _on_device(t: torch.Tensor):
+    """Makes ``t``'s GPU the current one while a kernel launches (the launchers use the current device's stream
+    and context, which need not be the tensors' GPU); nothing for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+MAX_GPU_BATCH = 65535  # the GPU kernels put images on grid.y
+
+
 def patch_contrast_reasons(student: torch.Tensor) -> dict[str, Callable[[], str | None]]:
     """backend -> thunk saying why it cannot run the loss on inputs like ``student``; in auto priority order."""
-    dev, dtype, D = student.device, student.dtype, student.shape[-1]
+    dev, dtype, B, D = student.device, student.dtype, student.shape[0], student.shape[-1]
+    too_many = f"batch B = {B} is above the GPU kernels' limit of {MAX_GPU_BATCH} images per call"
 
     def triton_reason():
         why = _triton_device_reason(dev)
@@ -50,6 +61,8 @@ def patch_contrast_reasons(student: torch.Tensor) -> dict[str, Callable[[], str 
             why = f"dtype {dtype} is not supported by the Triton kernels (float32, bfloat16, float16)"
         if why is None and D > MAX_TRITON_D:
             why = f"feature dim d = {D} is above the Triton kernels' limit of {MAX_TRITON_D}"
+        if why is None and B > MAX_GPU_BATCH:
+            why = too_many
         if why is None:
             why = _triton_module("patch_contrast")[1]
         return why
@@ -63,6 +76,8 @@ def patch_contrast_reasons(student: torch.Tensor) -> dict[str, Callable[[], str 
             return f"dtype {dtype} is not supported by the CUDA kernels (float32, bfloat16, float16)"
         if D > MAX_CUDA_D:
             return f"feature dim d = {D} is above the CUDA kernels' limit of {MAX_CUDA_D}"
+        if B > MAX_GPU_BATCH:
+            return too_many
         return None
 
     def cpu_reason():
@@ -146,6 +161,11 @@ def patch_contrast_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position loss and logsumexp, each [B, N] float32 (float64 for float64 inputs), 0 where not masked."""
     name = backends.choose("conmim::patch_contrast", backend, patch_contrast_reasons(student))
+    with _on_device(student):
+        return _patch_contrast_forward(name, student, teacher, mask, positive_index, temperature, normalize)
+
+
+def _patch_contrast_forward(name, student, teacher, mask, positive_index, temperature, normalize):
     if name == "cpu":
         return native.patch_contrast_forward_cpu(
             student, teacher, mask, positive_index, temperature, normalize
@@ -183,6 +203,16 @@ def patch_contrast_backward_op(
     """(d_student [B, N, d], d_teacher [B, N, d] or an empty tensor when ``need_teacher`` is False), in the input
     dtype."""
     name = backends.choose("conmim::patch_contrast_backward", backend, patch_contrast_reasons(student))
+    with _on_device(student):
+        ds, dt = _patch_contrast_backward(
+            name, grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
+        )
+    return ds, (dt if dt is not None else student.new_empty(0))
+
+
+def _patch_contrast_backward(
+    name, grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
+):
     if name == "cpu":
         ds, dt = native.patch_contrast_backward_cpu(
             grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
@@ -200,7 +230,7 @@ def patch_contrast_backward_op(
         ds, dt = _reference_backward(
             grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher
         )
-    return ds, (dt if dt is not None else student.new_empty(0))
+    return ds, dt
 
 
 @patch_contrast_backward_op.register_fake
@@ -319,15 +349,16 @@ def ema_update_op(
     if name == "cpu":
         native.ema_update_cpu_(teacher, student, float(m))
         return
-    if name == "cuda":
-        if isinstance(m, torch.Tensor):
-            m = m.to(device=teacher[0].device, dtype=torch.float32)
+    with _on_device(teacher[0]):
+        if name == "cuda":
+            if isinstance(m, torch.Tensor):
+                m = m.to(device=teacher[0].device, dtype=torch.float32)
+            for idx in _groups(teacher, student):
+                native.ema_update_cuda_([teacher[i] for i in idx], [student[i] for i in idx], m)
+            return
+        mod, _ = _triton_module("ema")
         for idx in _groups(teacher, student):
-            native.ema_update_cuda_([teacher[i] for i in idx], [student[i] for i in idx], m)
-        return
-    mod, _ = _triton_module("ema")
-    for idx in _groups(teacher, student):
-        mod.ema_update_([teacher[i] for i in idx], [student[i] for i in idx], m)
+            mod.ema_update_([teacher[i] for i in idx], [student[i] for i in idx], m)
 
 
 @ema_update_op.register_fake

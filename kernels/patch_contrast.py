@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from conmim.kernels import interpreting
+from conmim.masking import work_order
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 
@@ -333,13 +334,6 @@ def _blocks(D: int, N: int) -> tuple[int, int, int, int]:
     if interpreting():
         bm, bn = 16, 16  # the interpreter's cost grows with the tile, not with the grid
     return bm, bn, block_d, warps
-
-
-def work_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order int64 [B, N]: masked patches first in index order; counts int32 [B]), without host sync."""
-    counts = mask.sum(dim=1, dtype=torch.int32)
-    order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices
-    return order.contiguous(), counts
 
 
 def _common(student, teacher, positive_index, temperature, normalize):

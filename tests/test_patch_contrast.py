@@ -1,5 +1,9 @@
 """Fused patch-contrast loss: every backend that runs here against the reference, forward and gradients."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -253,6 +257,37 @@ def test_auto_picks_cpu_kernel_and_env_override(monkeypatch):
     monkeypatch.setenv("CONMIM_BACKEND", "fastest")
     with pytest.raises(ValueError, match="CONMIM_BACKEND must be one of"):
         conmim.patch_contrast_loss(s, t, mask)
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here (no GPU, no interpreter)")
+def test_gpu_batch_limit_is_a_reason_not_a_launch_failure():
+    from conmim.ops import MAX_GPU_BATCH, patch_contrast_reasons
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    big = torch.empty(MAX_GPU_BATCH + 1, 2, 4, device=dev)
+    assert str(MAX_GPU_BATCH) in patch_contrast_reasons(big)["triton"]()
+    assert patch_contrast_reasons(big[:MAX_GPU_BATCH])["triton"]() is None
+
+
+def test_cuda_launcher_needs_no_triton():
+    # The CUDA backend is auto's choice exactly when Triton is missing, so its launcher must not import Triton.
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # import triton now raises ImportError
+        import torch
+        from conmim import native, ops
+        mask = torch.tensor([[True, False, True, False, False], [False] * 5])
+        s = torch.randn(2, 5, 8)
+        args, (order, counts) = native._cuda_loss_args(s, s, mask, None, 0.1, True)
+        assert counts.tolist() == [2, 0] and order[0, :2].tolist() == [0, 2], (order, counts)
+        assert "cpu" in ops.patch_contrast_reasons(s)["cuda"]()
+        assert "not" in ops.patch_contrast_reasons(s)["triton"]()
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
 def test_forced_backend_that_cannot_run_says_why():

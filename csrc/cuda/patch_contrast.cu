@@ -33,6 +33,7 @@ constexpr int kChunk = 32;    // feature-dim chunk staged in shared memory
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kPad = 8;       // shared-memory row padding (keeps WMMA's ldm a multiple of 8 elements)
 constexpr int kMaxDim = 1024;
+constexpr int64_t kMaxGridY = 65535;  // images go on grid.y
 constexpr float kNormEps = 1e-12f;
 
 struct Args {
@@ -388,6 +389,10 @@ Args make(const PatchContrastCudaArgs& p) {
   if (p.D < 1 || p.D > kMaxDim)
     throw std::invalid_argument("conmim._C.patch_contrast_cuda: feature dim must lie in [1, " +
                                 std::to_string(kMaxDim) + "], got " + std::to_string(p.D));
+  if (p.B > kMaxGridY)
+    throw std::invalid_argument("conmim._C.patch_contrast_cuda: batch must be at most " +
+                                std::to_string(kMaxGridY) + " images per call (one grid row each), got " +
+                                std::to_string(p.B));
   Args a;
   a.s = reinterpret_cast<const void*>(p.student);
   a.t = reinterpret_cast<const void*>(p.teacher);
@@ -408,6 +413,19 @@ void check(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("conmim._C.") + what + ": launch failed: " + cudaGetErrorString(err));
+}
+
+// Opts a backward kernel into `smem` bytes of dynamic shared memory (128 * D; a kernel must opt in to use more
+// than 48 KiB); a GPU with less shared memory per block than that gets an error naming D.
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t smem, int D) {
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem));
+  if (err != cudaSuccess)
+    throw std::runtime_error("conmim._C.patch_contrast_backward_cuda: this GPU cannot give " +
+                             std::to_string(smem) + " bytes of shared memory per block, which feature dim " +
+                             std::to_string(D) + " needs (" + cudaGetErrorString(err) +
+                             "); use backend='triton'");
 }
 
 
@@ -438,14 +456,15 @@ void patch_contrast_backward(const PatchContrastCudaArgs& p, int64_t lse, int64_
   const float* grad_p = reinterpret_cast<const float*>(grad);
   dispatch_cuda(p.dtype, "patch_contrast_cuda", [&](auto tag) {
     using T = decltype(tag);
-    cudaFuncSetAttribute(bwd_q_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    allow_smem(bwd_q_kernel<T>, smem, a.D);
     bwd_q_kernel<T><<<grid, kThreads, smem, st>>>(a, lse_p, grad_p, g_sb, g_sn, reinterpret_cast<T*>(ds));
+    check("patch_contrast_backward_cuda (student gradient)");
     if (dt != 0) {
-      cudaFuncSetAttribute(bwd_k_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      allow_smem(bwd_k_kernel<T>, smem, a.D);
       bwd_k_kernel<T><<<grid, kThreads, smem, st>>>(a, lse_p, grad_p, g_sb, g_sn, reinterpret_cast<T*>(dt));
+      check("patch_contrast_backward_cuda (teacher gradient)");
     }
   });
-  check("patch_contrast_backward_cuda");
 }
 
 }  // namespace cuda
