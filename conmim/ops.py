@@ -18,7 +18,8 @@ from conmim import _ext, backends, native, preference
 from conmim.reference import acc_dtype, ema_update_reference_, patch_contrast_loss_reference
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_TRITON_D = 2048
+MAX_TRITON_D = 2048  # bf16/fp16; one [BLOCK, d] tile of each operand stays in shared memory
+MAX_TRITON_D_FP32 = 1024  # fp32 at d = 2048 needs ~394 KB of shared memory, above the H200's 227 KB
 MAX_CUDA_D = 1024
 
 
@@ -59,8 +60,9 @@ def patch_contrast_reasons(student: torch.Tensor) -> dict[str, Callable[[], str 
         why = _triton_device_reason(dev)
         if why is None and dtype not in _TRITON_DTYPES:
             why = f"dtype {dtype} is not supported by the Triton kernels (float32, bfloat16, float16)"
-        if why is None and D > MAX_TRITON_D:
-            why = f"feature dim d = {D} is above the Triton kernels' limit of {MAX_TRITON_D}"
+        max_d = MAX_TRITON_D_FP32 if dtype == torch.float32 else MAX_TRITON_D
+        if why is None and max_d < D:
+            why = f"feature dim d = {D} is above the Triton kernels' limit of {max_d} for {dtype}"
         if why is None and B > MAX_GPU_BATCH:
             why = too_many
         if why is None:

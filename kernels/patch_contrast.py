@@ -31,7 +31,8 @@ NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 
 @triton.jit
 def _load_rows(ptr, row_idx, sb, sn, sd, b, offs_d, row_ok, D, DOT_FP32: tl.constexpr):
-    p = ptr + b * sb + row_idx[:, None] * sn + offs_d[None, :] * sd
+    # int64 row offsets: key rows come from tl.arange (int32), and a strided view can put B*N*D past 2^31
+    p = ptr + b * sb + row_idx.to(tl.int64)[:, None] * sn + offs_d[None, :] * sd
     x = tl.load(p, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     if DOT_FP32:
         x = x.to(tl.float32)
