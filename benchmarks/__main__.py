@@ -21,8 +21,8 @@ def main(argv=None) -> int:
     p.add_argument("--suite", choices=("quick", "full"), default="quick")
     p.add_argument(
         "--ops",
-        default="loss,ema,data,step",
-        help="comma-separated subset of: loss, ema, data, step (a training step)",
+        default="loss,ema,step,data",
+        help="comma-separated subset of: loss, ema, step (a training step), data; run in that order",
     )
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
@@ -51,27 +51,36 @@ def main(argv=None) -> int:
         flush=True,
     )
     results: dict = {"ceilings": ceil, "patch_contrast": [], "ema": [], "data": [], "train_step": []}
+
+    def save_so_far() -> None:
+        # after every op, so a run cut short (a timeout, a crash in a later op) keeps what it measured
+        if not args.no_save:
+            harness.save(results, device, args.suite)
+
     if "loss" in ops:
         print("\npatch-contrast loss", flush=True)
         results["patch_contrast"] = bench_patch_contrast.run(
             args.suite, device, ceil, rounds, with_compile=not args.no_compile
         )
         print(bench_patch_contrast.render(results["patch_contrast"]), flush=True)
+        save_so_far()
     if "ema" in ops:
         print("\nEMA update", flush=True)
         results["ema"] = bench_ema.run(args.suite, device, ceil, rounds)
         print(bench_ema.render(results["ema"]), flush=True)
-    if "data" in ops:
-        print("\ntwo-view data pipeline (224 px, block masks)", flush=True)
-        results["data"] = bench_data.run(args.suite, device, ceil, rounds)
-        print(bench_data.render(results["data"]), flush=True)
+        save_so_far()
     if "step" in ops:
         print("\nConMIM training step", flush=True)
         results["train_step"] = bench_train_step.run(args.suite, device, ceil, rounds)
         print(bench_train_step.render(results["train_step"]), flush=True)
+        save_so_far()
+    if "data" in ops:
+        print("\ntwo-view data pipeline (224 px, block masks)", flush=True)
+        results["data"] = bench_data.run(args.suite, device, ceil, rounds)
+        print(bench_data.render(results["data"]), flush=True)
+        save_so_far()
     if not args.no_save:
-        path = harness.save(results, device, args.suite)
-        print(f"\nwrote {path}")
+        print(f"\nwrote {harness.save(results, device, args.suite)}")
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 
