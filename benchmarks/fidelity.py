@@ -42,9 +42,13 @@ def train_command(epochs: int, seed: int, out: Path) -> list[str]:
 def run_seed(epochs: int, seed: int, out: Path) -> dict:
     """Train (resuming if ``out`` already holds this run) and evaluate; returns the seed's record."""
     cmd = train_command(epochs, seed, out)
+    resumed = any(out.glob("ckpt-*.pt"))  # then train_s covers only what was left to train
+    if resumed:
+        print(f"{out} holds checkpoints: resuming that run (delete the folder for a fresh one)", flush=True)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "conmim.train", *cmd[1:]], check=True)
     record = {"seed": seed, "command": " ".join(cmd), "train_s": round(time.perf_counter() - t0, 1)}
+    record["resumed_existing_run"] = resumed
     for mode in ("knn", "linear"):
         for which in ("teacher", "student"):
             record[f"{mode}_{which}"] = evaluate(mode, str(out), DATA, which=which)
