@@ -1,4 +1,4 @@
-"""Does pretraining learn? ``python -m benchmarks.fidelity [--epochs 20] [--seeds 0 1] [--no-save]``
+"""Does pretraining learn? ``python -m benchmarks.fidelity [--epochs 20] [--seeds 0 1] [--out runs/fidelity] [--no-save]``
 
 For each seed: pretrain the tiny ViT on the bundled MNIST-5k digits with the README's command
 (``conmim-train --config tiny_demo --epochs E --seed S --out OUT/seed-S``), then k-NN and linear-probe top-1 of
