@@ -4,7 +4,9 @@ The launcher builds (and caches, keyed by the tensors' addresses) a small device
 base addresses and sizes of every tensor, and for every BLOCK-element chunk the tensor it belongs to and its
 offset. Each program reads its row of the table, turns the addresses into typed pointers and lerps its chunk:
 one launch whatever the number of parameters, nothing copied per call once the table is cached, and the
-momentum can be a device scalar (no host sync; CUDA-graph capturable).
+momentum can be a device scalar (no host sync; CUDA-graph capturable). A table used while a CUDA graph is
+captured is never evicted (the graph's replays read it); one that would have to be built during capture is an
+error asking for a warm-up update first.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ BLOCK = 4096
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _tables: OrderedDict = OrderedDict()
 _MAX_TABLES = 16
+# Tables that a CUDA graph captured: its replays read them, so they are never evicted.
+_pinned: set = set()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 @triton.jit
@@ -68,10 +76,19 @@ def _table(teacher, student, device):
         tuple(s.data_ptr() for s in student),
         tuple(t.numel() for t in teacher),
     )
+    capturing = _capturing(device)
     hit = _tables.get(key)
     if hit is not None:
         _tables.move_to_end(key)
+        if capturing:
+            _pinned.add(key)
         return hit
+    if capturing:
+        raise RuntimeError(
+            "conmim ema_update_ (triton): these tensor lists have no address table yet, and building one "
+            "copies it to the GPU, which CUDA-graph capture does not allow; run the same update once before "
+            "capturing (a warm-up step), with the same (contiguous) tensors"
+        )
     numel = [t.numel() for t in teacher]
     chunk_tensor, chunk_offset = [], []
     for i, n in enumerate(numel):
@@ -90,8 +107,9 @@ def _table(teacher, student, device):
         dev(chunk_offset),
     )
     _tables[key] = table
-    if len(_tables) > _MAX_TABLES:
-        _tables.popitem(last=False)
+    evictable = [k for k in _tables if k not in _pinned]
+    for k in evictable[: max(0, len(_tables) - _MAX_TABLES)]:
+        del _tables[k]
     return table
 
 
@@ -109,6 +127,11 @@ def ema_update_(teacher, student, momentum) -> None:
     if chunk_tensor.numel() == 0:
         return
     has_mptr = isinstance(momentum, torch.Tensor)
+    if has_mptr and momentum.device != device and _capturing(device):
+        raise ValueError(
+            f"momentum: a tensor on {momentum.device} would be copied to {device} during CUDA-graph capture; "
+            f"pass it on {device}"
+        )
     mptr = momentum.to(device=device, dtype=torch.float32) if has_mptr else t_addr
     _ema_update_kernel[(chunk_tensor.numel(),)](
         t_addr,

@@ -175,3 +175,35 @@ def test_momentum_teacher_errors():
         teacher.update(nn.Linear(7, 5), 0)
     with pytest.raises(ValueError, match="exactly one of step"):
         teacher.update(Net())
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here (no GPU, no interpreter)")
+def test_triton_ema_address_tables_under_graph_capture(monkeypatch):
+    from collections import OrderedDict
+
+    from conmim.kernels import ema as kema
+
+    monkeypatch.setattr(kema, "_tables", OrderedDict())
+    monkeypatch.setattr(kema, "_pinned", set())
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t = [torch.zeros(5, device=dev), torch.zeros(4097, device=dev)]
+    s = [torch.ones(5, device=dev), torch.ones(4097, device=dev)]
+    capture = {"on": True}
+    monkeypatch.setattr(kema, "_capturing", lambda device: capture["on"])
+    with pytest.raises(RuntimeError, match="warm-up"):  # no table yet: building one inside capture is refused
+        kema.ema_update_(t, s, 0.5)
+    capture["on"] = False
+    kema.ema_update_(t, s, 0.5)  # warm-up
+    capture["on"] = True
+    kema.ema_update_(t, s, 0.5)  # "captured": the table is pinned
+    (key,) = kema._pinned
+    capture["on"] = False
+    keep = [([torch.zeros(3, device=dev)], [torch.ones(3, device=dev)]) for _ in range(kema._MAX_TABLES + 4)]
+    for tt, ss in keep:
+        kema.ema_update_(tt, ss, 0.5)
+    assert key in kema._tables, "a table a captured graph reads was evicted"
+    assert len(kema._tables) == kema._MAX_TABLES
+    for x in t:
+        torch.testing.assert_close(x, torch.full_like(x, 0.75))
+    for tt, _ in keep:
+        torch.testing.assert_close(tt[0], torch.full_like(tt[0], 0.5))
