@@ -23,10 +23,18 @@ MAX_TRITON_D_FP32 = 1024  # fp32 at d = 2048 needs ~394 KB of shared memory, abo
 MAX_CUDA_D = 1024
 
 
+_NO_KERNELS = (
+    "conmim.kernels is not importable ({exc}); it is installed from kernels/ by `pip install -e .` or a wheel, "
+    "so a source tree on PYTHONPATH alone lacks it"
+)
+
+
 def _triton_module(name: str):
     """Import conmim.kernels.<name>; returns (module, None) or (None, why)."""
-    from conmim.kernels import triton_status
-
+    try:
+        from conmim.kernels import triton_status
+    except ImportError as exc:
+        return None, _NO_KERNELS.format(exc=exc)
     why = triton_status()
     if why is not None:
         return None, why
@@ -34,8 +42,10 @@ def _triton_module(name: str):
 
 
 def _triton_device_reason(device: torch.device) -> str | None:
-    from conmim.kernels import interpreting
-
+    try:
+        from conmim.kernels import interpreting
+    except ImportError as exc:
+        return _NO_KERNELS.format(exc=exc)
     if device.type == "cuda" or interpreting():
         return None
     return f"wrong device: Triton kernels need CUDA tensors, got {device.type} (or set TRITON_INTERPRET=1)"

@@ -295,6 +295,30 @@ def test_cuda_launcher_needs_no_triton():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
+def test_missing_kernels_package_is_a_reason():
+    # A source tree on PYTHONPATH has conmim/ but not conmim.kernels (installed from kernels/): Triton must then
+    # be a backend that cannot run, with the reason, not an ImportError from the dispatcher.
+    code = textwrap.dedent(
+        """
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.startswith("conmim.kernels"):
+                    raise ModuleNotFoundError("No module named 'conmim.kernels'")
+        sys.meta_path.insert(0, Block())
+        import torch, conmim
+        from conmim import ops
+        why = ops.patch_contrast_reasons(torch.empty(2, 3, 4))["triton"]()
+        assert "conmim.kernels is not importable" in why, why
+        loss = conmim.patch_contrast_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool))
+        assert torch.isfinite(loss)
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 def test_forced_backend_that_cannot_run_says_why():
     s, t = make_inputs(2, 9, 16, torch.float64)
     mask = make_mask("full", 2, 9)
