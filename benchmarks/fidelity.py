@@ -1,10 +1,13 @@
-"""Does pretraining learn? ``python -m benchmarks.fidelity [--epochs 20] [--seeds 0 1] [--out runs/fidelity] [--no-save]``
+"""Does pretraining learn? ``python -m benchmarks.fidelity [--epochs 20] [--seeds 0 1] [--out runs/fidelity]
+[--init-seeds 0 1 2 3] [--baseline-only] [--no-save]``
 
 For each seed: pretrain the tiny ViT on the bundled MNIST-5k digits with the README's command
 (``conmim-train --config tiny_demo --epochs E --seed S --out OUT/seed-S``), then k-NN and linear-probe top-1 of
 the teacher and the student against the same architecture at random initialisation (``conmim-eval``'s
-functions, mean-pooled patch features). Writes benchmarks/results/fidelity-<device>-<date>.json with the exact
-commands, the commit and the versions. CPU only; about 8 minutes per seed on 2 cores.
+functions, mean-pooled patch features), and the random-init baseline at each of ``--init-seeds``, to show its own
+spread. Writes benchmarks/results/fidelity-<device>-<date>.json with the exact commands, the commit and the
+versions. CPU only; about 8 minutes per seed on 2 cores. ``--baseline-only`` measures just the spread on an
+existing run's architecture and writes fidelity-baseline-<device>-<date>.json.
 """
 
 from __future__ import annotations
@@ -61,29 +64,64 @@ def run_seed(epochs: int, seed: int, out: Path) -> dict:
     return record
 
 
+def random_init_spread(source: Path, init_seeds: list[int]) -> list[dict]:
+    """k-NN and linear top-1 of the architecture in ``source`` at several random initialisations: how much the
+    random-init baseline itself moves."""
+    out = []
+    for s in init_seeds:
+        rec = {m: evaluate(m, str(source), DATA, random_init=True, init_seed=s) for m in ("knn", "linear")}
+        print(f"random init {s}: knn {100 * rec['knn']:.1f}%, linear {100 * rec['linear']:.1f}%", flush=True)
+        out.append({"init_seed": s, **rec})
+    return out
+
+
+def _save(name: str, payload: dict) -> None:
+    device = torch.device("cpu")
+    date = _dt.date.today().isoformat()
+    path = RESULTS / f"{name}-{device_slug(device)}-{date}.json"
+    head = {"device": device_name(device), "date": date, "commit": commit(), "versions": versions()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**payload, **head}, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+WHAT = (
+    "k-NN (k=20, cosine, exp(sim/0.07)) and linear-probe top-1 on the bundled MNIST-5k split (4,000 train / "
+    "1,000 val), mean-pooled patch features"
+)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__)
     p.add_argument("--epochs", type=int, default=20, help="pretraining epochs over the 4,000 training digits")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", default="runs/fidelity", help="run folders go here, one per seed")
+    p.add_argument(
+        "--init-seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="random inits for the baseline"
+    )
+    p.add_argument(
+        "--baseline-only",
+        action="store_true",
+        help="only the random-init spread, on the architecture of OUT/seed-<first seed> (no training)",
+    )
     p.add_argument("--no-save", action="store_true", help="print only; write no results file")
     args = p.parse_args(argv)
     if args.epochs < 1:
         p.error(f"--epochs must be >= 1, got {args.epochs}")
-    device = torch.device("cpu")
+    first = Path(args.out) / f"seed-{args.seeds[0]}"
+    if args.baseline_only:
+        if not (first / "config.yaml").is_file():
+            p.error(f"--baseline-only: {first} holds no run (config.yaml); train it first")
+        spread = random_init_spread(first, args.init_seeds)
+        if not args.no_save:
+            _save("fidelity-baseline", {"what": WHAT + ", at random initialisation", "random_inits": spread})
+        return 0
     records = [run_seed(args.epochs, s, Path(args.out) / f"seed-{s}") for s in args.seeds]
+    spread = random_init_spread(first, args.init_seeds)
     if args.no_save:
         return 0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    date = _dt.date.today().isoformat()
-    path = RESULTS / f"fidelity-{device_slug(device)}-{date}.json"
     payload = {
-        "what": "k-NN (k=20, cosine, exp(sim/0.07)) and linear-probe top-1 on the bundled MNIST-5k split "
-        "(4,000 train / 1,000 val), mean-pooled patch features, after pretraining the tiny ViT",
-        "device": device_name(device),
-        "date": date,
-        "commit": commit(),
-        "versions": versions(),
+        "what": WHAT + ", after pretraining the tiny ViT",
         "epochs": args.epochs,
         "eval_commands": [
             "conmim-eval knn RUN --data samples:mnist --which teacher --compare-random",
@@ -92,9 +130,9 @@ def main(argv=None) -> int:
             "conmim-eval linear RUN --data samples:mnist --which student",
         ],
         "runs": records,
+        "random_inits": spread,
     }
-    path.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {path}")
+    _save("fidelity", payload)
     return 0
 
 

@@ -28,9 +28,11 @@ def _resolve_folder(spec: str) -> Path:
     return Path(spec).expanduser()
 
 
-def load_backbone(source: str, random_init: bool = False, which: str = "teacher") -> tuple[nn.Module, int]:
+def load_backbone(
+    source: str, random_init: bool = False, which: str = "teacher", init_seed: int = 0
+) -> tuple[nn.Module, int]:
     """(timm backbone, image size) from a run folder (``which`` network of its newest checkpoint) or an
-    exported file; ``random_init`` keeps the architecture and skips the weights."""
+    exported file; ``random_init`` keeps the architecture and skips the weights (initialised from ``init_seed``)."""
     import timm
 
     from conmim.export import backbone_state
@@ -54,7 +56,7 @@ def load_backbone(source: str, random_init: bool = False, which: str = "teacher"
         weights = None if random_init else load_file(str(src))
     else:
         raise FileNotFoundError(f"{source!r} is neither a run folder nor an exported file")
-    torch.manual_seed(0)
+    torch.manual_seed(init_seed)
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     if weights is not None:
         model.load_state_dict(weights)
@@ -104,7 +106,9 @@ def linear_top1(train_f, train_y, val_f, val_y, epochs: int = 300, lr: float = 1
     return (clf(xv).argmax(1) == val_y).float().mean().item()
 
 
-def evaluate(mode: str, source: str, data: str, random_init: bool = False, which: str = "teacher") -> float:
+def evaluate(
+    mode: str, source: str, data: str, random_init: bool = False, which: str = "teacher", init_seed: int = 0
+) -> float:
     folder = _resolve_folder(data)
     train_dir, val_dir = folder / "train", folder / "val"
     if not (train_dir.is_dir() and val_dir.is_dir()):
@@ -117,7 +121,7 @@ def evaluate(mode: str, source: str, data: str, random_init: bool = False, which
         raise ValueError(
             f"train/ and val/ must hold the same class folders, got {tr.classes} and {va.classes}"
         )
-    model, size = load_backbone(source, random_init, which)
+    model, size = load_backbone(source, random_init, which, init_seed)
     ftr, fva = features(model, tr.files, size), features(model, va.files, size)
     ytr, yva = torch.tensor(tr.labels), torch.tensor(va.labels)
     return knn_top1(ftr, ytr, fva, yva) if mode == "knn" else linear_top1(ftr, ytr, fva, yva)
