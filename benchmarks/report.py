@@ -19,8 +19,12 @@ def _load() -> list[dict]:
     return [r for r in runs if "ceilings" in r]
 
 
+def _kind(run: dict) -> str:
+    return "GPU" if run["device_type"] == "cuda" else "CPU"
+
+
 def _loss_rows(run: dict) -> list[str]:
-    kind = "GPU" if run["device_type"] == "cuda" else "CPU"
+    kind = _kind(run)
     rows = []
     by_case: dict = {}
     for r in run.get("patch_contrast", []):
@@ -39,7 +43,7 @@ def _loss_rows(run: dict) -> list[str]:
 
 
 def _ema_rows(run: dict) -> list[str]:
-    kind = "GPU" if run["device_type"] == "cuda" else "CPU"
+    kind = _kind(run)
     return [
         f"| {kind} | {r['model']} ({r['params'] / 1e6:.0f} M) | {r['variant']} | "
         f"{r['error'] or fmt_time(r['median_s'])} | "
@@ -90,7 +94,7 @@ def render(runs: list[dict]) -> str:
                 "| device | loader | decode | workers | images/s | vs torch |",
                 "|---|---|---|---|---|---|",
                 *[
-                    f"| {'GPU' if run['device_type'] == 'cuda' else 'CPU'} | {r['loader']} | {r['decode']} | "
+                    f"| {_kind(run)} | {r['loader']} | {r['decode']} | "
                     f"{r['workers']} | {r['images_per_s']:.0f} | "
                     f"{f'{x:.2f}x' if (x := r['speedup_vs_torch']) else '-'} |"
                     for r in data
@@ -105,7 +109,7 @@ def render(runs: list[dict]) -> str:
                 "| device | model | batch | variant | images/s | vs reference | of matmul rate |",
                 "|---|---|---|---|---|---|---|",
                 *[
-                    f"| {'GPU' if run['device_type'] == 'cuda' else 'CPU'} | {r['model']} | {r['batch']} | "
+                    f"| {_kind(run)} | {r['model']} | {r['batch']} | "
                     f"{r['variant']} | {r['images_per_s']:.1f} | "
                     f"{f'{x:.2f}x' if (x := r['speedup_vs_reference']) else '-'} | "
                     f"{f'{100 * f:.1f}%' if (f := r['matmul_fraction']) else '-'} |"

@@ -67,21 +67,27 @@ def ema_lists():
     return teacher, student
 
 
-@pytest.mark.parametrize("index", range(3))
-def test_ema(benchmark, ema_lists, index):
-    teacher, student = ema_lists
-    variants = ema_variants(teacher, student, 0.996, DEVICE)
-    if index >= len(variants):
-        pytest.skip(f"only {len(variants)} EMA variants can run on {DEVICE.type}")
-    v = variants[index]
-    benchmark.group = f"ema vit_small+head fp32 {DEVICE.type}"
+def _time_variant(benchmark, group, v, rounds):
+    """pytest-benchmark timing of one harness Variant whose run takes no setup argument."""
+    benchmark.group = group
     benchmark.name = v.name
 
     def run():
         v.run(None)
         sync(DEVICE)
 
-    benchmark.pedantic(run, rounds=7, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
+
+
+@pytest.mark.parametrize(
+    "index", range(4)
+)  # loop, foreach, then fused cpu, or fused triton and cuda on a GPU
+def test_ema(benchmark, ema_lists, index):
+    teacher, student = ema_lists
+    variants = ema_variants(teacher, student, 0.996, DEVICE)
+    if index >= len(variants):
+        pytest.skip(f"only {len(variants)} EMA variants run on {DEVICE.type} (two fused ones need a GPU)")
+    _time_variant(benchmark, f"ema vit_small+head fp32 {DEVICE.type}", variants[index], rounds=7)
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])
@@ -115,12 +121,4 @@ def test_train_step(benchmark, variant):
     from benchmarks.bench_train_step import step_variants
 
     variants, _ = step_variants(DEVICE)
-    v = variants[variant]
-    benchmark.group = f"train step {DEVICE.type}"
-    benchmark.name = v.name
-
-    def run():
-        v.run(None)
-        sync(DEVICE)
-
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    _time_variant(benchmark, f"train step {DEVICE.type}", variants[variant], rounds=3)

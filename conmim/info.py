@@ -48,10 +48,8 @@ def report() -> str:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if gpu else [])
     from conmim.preference import gpu_order
 
-    lines.append(
-        f"auto on a GPU, loss at N=196 d=256: {' then '.join(gpu_order(196, 256)[0])} "
-        f"({gpu_order(196, 256)[1]})"
-    )
+    order, why = gpu_order(196, 256)
+    lines.append(f"auto on a GPU, loss at N=196 d=256: {' then '.join(order)} ({why})")
     lines.append("")
     lines.append("backends (auto takes the first that can run, in this order, per device):")
     for dev in devices:

@@ -205,9 +205,6 @@ def cell_masks(
     return out.to(device) if device is not None else out.contiguous()
 
 
-__all__ = ["Block", "block_masks", "cell_masks"]
-
-
 def work_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The GPU loss kernels' work list, computed on the mask's device without a host sync.
 
@@ -218,3 +215,6 @@ def work_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = mask.sum(dim=1, dtype=torch.int32)
     order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices
     return order.contiguous(), counts
+
+
+__all__ = ["Block", "block_masks", "cell_masks", "work_order"]

@@ -21,6 +21,7 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_TRITON_D = 2048  # bf16/fp16; one [BLOCK, d] tile of each operand stays in shared memory
 MAX_TRITON_D_FP32 = 1024  # fp32 at d = 2048 needs ~394 KB of shared memory, above the H200's 227 KB
 MAX_CUDA_D = 1024
+MAX_GPU_BATCH = 65535  # the GPU kernels put images on grid.y
 
 
 _NO_KERNELS = (
@@ -56,9 +57,6 @@ def _on_device(t: torch.Tensor):
     """Makes ``t``'s GPU the current one while a kernel launches (the launchers use the current device's stream
     and context, which need not be the tensors' GPU); nothing for CPU tensors."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-MAX_GPU_BATCH = 65535  # the GPU kernels put images on grid.y
 
 
 def patch_contrast_reasons(student: torch.Tensor) -> dict[str, Callable[[], str | None]]:

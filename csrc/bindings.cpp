@@ -57,6 +57,20 @@ std::string cuda_archs() {
 
 }  // namespace
 
+#ifdef CONMIM_WITH_CUDA
+// The arguments the CUDA loss entry points share, in the order Python passes them.
+static conmim::cuda::PatchContrastCudaArgs cuda_args(int64_t student, const std::array<int64_t, 3>& s_stride,
+                                                     int64_t teacher, const std::array<int64_t, 3>& t_stride,
+                                                     int64_t order, int64_t counts, int64_t pos,
+                                                     const std::array<int64_t, 2>& p_stride, int64_t B, int64_t N,
+                                                     int64_t D, int dtype, double inv_tau, bool normalize) {
+  return conmim::cuda::PatchContrastCudaArgs{student,     teacher,     order,       counts,      pos,
+                                             s_stride[0], s_stride[1], s_stride[2], t_stride[0], t_stride[1],
+                                             t_stride[2], p_stride[0], p_stride[1], B,           N,
+                                             D,           dtype,       inv_tau,     normalize};
+}
+#endif
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "conmim compiled kernels (CPU: C++/OpenMP; CUDA when built with nvcc)";
   m.attr("with_cuda") =
@@ -105,10 +119,8 @@ PYBIND11_MODULE(_C, m) {
       [](int64_t student, std::array<int64_t, 3> s_stride, int64_t teacher, std::array<int64_t, 3> t_stride,
          int64_t order, int64_t counts, int64_t pos, std::array<int64_t, 2> p_stride, int64_t B, int64_t N, int64_t D,
          int dtype, double inv_tau, bool normalize, int64_t loss, int64_t lse, int64_t stream) {
-        const conmim::cuda::PatchContrastCudaArgs a{student,     teacher,     order,       counts,      pos,
-                                                    s_stride[0], s_stride[1], s_stride[2], t_stride[0], t_stride[1],
-                                                    t_stride[2], p_stride[0], p_stride[1], B,           N,
-                                                    D,           dtype,       inv_tau,     normalize};
+        const auto a = cuda_args(student, s_stride, teacher, t_stride, order, counts, pos, p_stride, B, N, D, dtype,
+                                 inv_tau, normalize);
         conmim::cuda::patch_contrast_forward(a, loss, lse, stream);
       },
       py::call_guard<py::gil_scoped_release>());
@@ -118,10 +130,8 @@ PYBIND11_MODULE(_C, m) {
          int64_t order, int64_t counts, int64_t pos, std::array<int64_t, 2> p_stride, int64_t B, int64_t N, int64_t D,
          int dtype, double inv_tau, bool normalize, int64_t lse, int64_t grad, std::array<int64_t, 2> g_stride,
          int64_t ds, int64_t dt, int64_t stream) {
-        const conmim::cuda::PatchContrastCudaArgs a{student,     teacher,     order,       counts,      pos,
-                                                    s_stride[0], s_stride[1], s_stride[2], t_stride[0], t_stride[1],
-                                                    t_stride[2], p_stride[0], p_stride[1], B,           N,
-                                                    D,           dtype,       inv_tau,     normalize};
+        const auto a = cuda_args(student, s_stride, teacher, t_stride, order, counts, pos, p_stride, B, N, D, dtype,
+                                 inv_tau, normalize);
         conmim::cuda::patch_contrast_backward(a, lse, grad, g_stride[0], g_stride[1], ds, dt, stream);
       },
       py::call_guard<py::gil_scoped_release>());

@@ -24,7 +24,6 @@ namespace {
 constexpr int kRowBlock = 48;  // query rows per block (multiple of Tile::MR)
 constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
 
-
 // exp on a whole vector: range reduction to 2^n * e^y, |y| <= ln2/2, degree-7 Taylor (relative error < 1e-7),
 // written with vector arithmetic because GCC does not vectorise loops calling a scalar exp.
 using VF = VecOf<float>::type;

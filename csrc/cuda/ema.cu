@@ -33,7 +33,6 @@ struct EmaTable {
 };
 static_assert(sizeof(EmaTable) < 32000, "kernel parameter table must fit the 32 KB limit");
 
-
 template <typename T>
 struct alignas(4 * sizeof(T)) Vec4 {
   T v[4];
@@ -83,7 +82,6 @@ void launch(EmaTable& table, int blocks, cudaStream_t stream) {
   ema_kernel<TT, TS><<<blocks, kThreads, 0, stream>>>(table);
 }
 
-
 }  // namespace
 
 int max_tensors_per_launch() { return kMaxTensors; }
@@ -118,7 +116,8 @@ void ema_update(const std::vector<int64_t>& teacher, int teacher_dtype, const st
     table->momentum = static_cast<float>(momentum);
     auto st = reinterpret_cast<cudaStream_t>(stream);
     dispatch_cuda(teacher_dtype, "ema_update_cuda", [&](auto tt) {
-      dispatch_cuda(student_dtype, "ema_update_cuda", [&](auto ts) { launch<decltype(tt), decltype(ts)>(*table, blocks, st); });
+      dispatch_cuda(student_dtype, "ema_update_cuda",
+                    [&](auto ts) { launch<decltype(tt), decltype(ts)>(*table, blocks, st); });
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess)
