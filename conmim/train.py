@@ -244,9 +244,15 @@ def train(cfg: dict) -> dict:
         torch.distributed.barrier()
     log = Logger(out, rank)
     try:
-        return _train(cfg, rank, world, device, out, log)
+        summary = _train(cfg, rank, world, device, out, log)
     finally:
         log.close()
+    if world > 1:
+        # every rank finishes its last collective and rank 0 its plot before any rank tears the group down:
+        # a rank that destroyed its gloo group while its peer was still using the connection was seen to abort
+        # at exit ("terminate called without an active exception") in one CI run
+        torch.distributed.barrier()
+    return summary
 
 
 def _train(cfg, rank, world, device, out, log) -> dict:
