@@ -1,7 +1,14 @@
-"""conmim-train's configuration: YAML defaults, presets, command-line overrides, validation."""
+"""conmim-train's configuration: YAML defaults, presets, command-line overrides, validation.
 
-from __future__ import annotations
+``configs/default.yaml`` is the source of truth for every key's default and help text; :class:`Config` gives each
+key its type (a test keeps the two in step). :func:`resolve` layers defaults <- preset or file <- overrides and
+validates once; the driver then reads typed attributes only.
+"""
 
+import dataclasses
+import re
+import types
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -16,10 +23,67 @@ CHOICES = {
 }
 # Keys that define the network: a run folder's checkpoints only fit a configuration with the same values.
 ARCH_KEYS = ("model", "image_size", "patch_size", "head_hidden", "head_out")
+_AT_LEAST_ONE = ("batch_size", "accum_steps", "epochs", "log_every", "keep_last", "max_bad_steps", "image_size",
+                 "patch_size")  # fmt: skip
 
 
 class ConfigError(ValueError):
     """A bad configuration key or value (the message names it)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """A resolved, validated conmim-train configuration (defaults and meanings: configs/default.yaml)."""
+
+    model: str
+    image_size: int
+    patch_size: int
+    head_hidden: int
+    head_out: int
+    data: str | None
+    out: str
+    loader: str
+    num_workers: int
+    batch_size: int
+    accum_steps: int
+    epochs: int
+    max_steps: int | None
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    clip_grad: float
+    precision: str
+    compile: bool
+    temperature: float
+    base_momentum: float
+    final_momentum: float
+    mask: str
+    mask_ratio: float
+    mask_cell: int
+    perturb: bool
+    crop_scale_min: float
+    seed: int
+    device: str
+    log_every: int
+    checkpoint_every: int
+    keep_last: int
+    keep_every_epochs: int
+    max_bad_steps: int
+    progress: bool
+    record_samples: bool
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def arch(self) -> dict:
+        """The values of ARCH_KEYS (what a checkpoint's network depends on)."""
+        return {k: getattr(self, k) for k in ARCH_KEYS}
+
+
+_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
 def _read_yaml(text: str, where: str) -> dict:
@@ -32,8 +96,23 @@ def _read_yaml(text: str, where: str) -> dict:
     return data
 
 
+def read_file(path: Path) -> dict:
+    """A YAML mapping from ``path`` (e.g. a run folder's config.yaml), unvalidated; ConfigError if malformed."""
+    return _read_yaml(Path(path).read_text(), str(path))
+
+
+def _default_text() -> str:
+    return resources.files("conmim").joinpath("configs/default.yaml").read_text()
+
+
 def defaults() -> dict:
-    return _read_yaml(resources.files("conmim").joinpath("configs/default.yaml").read_text(), "default.yaml")
+    return _read_yaml(_default_text(), "default.yaml")
+
+
+def help_lines() -> dict[str, str]:
+    """Each key's one-line meaning: the comment after it in default.yaml."""
+    found = (re.match(r"^(\w+):[^#]*#\s*(.*)$", line) for line in _default_text().splitlines())
+    return {m.group(1): m.group(2).strip() for m in found if m}
 
 
 def _load_config_file(name_or_path: str) -> dict:
@@ -45,32 +124,55 @@ def _load_config_file(name_or_path: str) -> dict:
         raise ConfigError(
             f"--config {name_or_path!r}: no such file and not a preset (presets: {', '.join(PRESETS)})"
         )
-    return _read_yaml(p.read_text(), str(p))
+    return read_file(p)
 
 
-def _check_value(key: str, value, default):
+def _check_value(key: str, value):
+    """``value`` converted to ``key``'s type (an integral float to int, an int to float), or ConfigError."""
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"config key {key!r} must be one of {CHOICES[key]}, got {value!r}")
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
+    kind = _TYPES[key]
+    if isinstance(kind, types.UnionType):  # X | None
+        if value is None:
+            return None
+        kind = next(k for k in kind.__args__ if k is not type(None))
+    if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
-    elif isinstance(default, (int, float)):
+    elif kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
-        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-            if not value.is_integer():
-                raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
-            value = int(value)
-    elif isinstance(default, str) and not isinstance(value, str):
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+        return kind(value)
+    elif kind is str and not isinstance(value, str):
         raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
     return value
 
 
-def resolve(config: str | None = None, overrides: dict | None = None) -> dict:
-    """defaults <- preset or YAML file <- overrides; every key checked against the defaults."""
-    cfg = defaults()
+def _check_ranges(cfg: Config) -> None:
+    for key in _AT_LEAST_ONE:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)!r}")
+    if cfg.image_size % cfg.patch_size:
+        raise ConfigError(f"image_size {cfg.image_size} must be a multiple of patch_size {cfg.patch_size}")
+    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.temperature <= 0:
+        raise ConfigError("lr and temperature must be > 0 and min_lr >= 0")
+    if not 0 < cfg.crop_scale_min <= 1:
+        raise ConfigError(f"config key 'crop_scale_min' must lie in (0, 1], got {cfg.crop_scale_min}")
+    if not 0 < cfg.mask_ratio < 1:
+        raise ConfigError(f"config key 'mask_ratio' must lie in (0, 1), got {cfg.mask_ratio}")
+    from conmim.models import MODELS
+
+    if cfg.model not in MODELS:
+        raise ConfigError(f"unknown model {cfg.model!r}; expected one of {sorted(MODELS)}")
+    if cfg.data is None:
+        raise ConfigError("config key 'data' is required: an image folder, samples:photos or samples:mnist")
+
+
+def resolve(config: str | None = None, overrides: dict | None = None) -> Config:
+    """defaults <- preset or YAML file <- overrides; every key checked once against its type and range."""
+    values = {key: _check_value(key, value) for key, value in defaults().items()}
     layers = []
     if config:
         layers.append((f"--config {config}", _load_config_file(config)))
@@ -78,39 +180,13 @@ def resolve(config: str | None = None, overrides: dict | None = None) -> dict:
         layers.append(("command line", overrides))
     for where, layer in layers:
         for key, value in layer.items():
-            if key not in cfg:
+            if key not in values:
                 raise ConfigError(
-                    f"{where}: unknown config key {key!r} (known keys: {', '.join(sorted(cfg))})"
+                    f"{where}: unknown config key {key!r} (known keys: {', '.join(sorted(values))})"
                 )
-            cfg[key] = _check_value(key, value, defaults()[key])
-    for key in (
-        "batch_size",
-        "accum_steps",
-        "epochs",
-        "log_every",
-        "keep_last",
-        "max_bad_steps",
-        "image_size",
-        "patch_size",
-    ):
-        if cfg[key] is None or cfg[key] < 1:
-            raise ConfigError(f"config key {key!r} must be >= 1, got {cfg[key]!r}")
-    if cfg["image_size"] % cfg["patch_size"]:
-        raise ConfigError(
-            f"image_size {cfg['image_size']} must be a multiple of patch_size {cfg['patch_size']}"
-        )
-    if cfg["lr"] <= 0 or cfg["min_lr"] < 0 or cfg["temperature"] <= 0:
-        raise ConfigError("lr and temperature must be > 0 and min_lr >= 0")
-    if not 0 < cfg["crop_scale_min"] <= 1:
-        raise ConfigError(f"config key 'crop_scale_min' must lie in (0, 1], got {cfg['crop_scale_min']}")
-    if not 0 < cfg["mask_ratio"] < 1:
-        raise ConfigError(f"config key 'mask_ratio' must lie in (0, 1), got {cfg['mask_ratio']}")
-    from conmim.models import MODELS
-
-    if cfg["model"] not in MODELS:
-        raise ConfigError(f"unknown model {cfg['model']!r}; expected one of {sorted(MODELS)}")
-    if cfg["data"] is None:
-        raise ConfigError("config key 'data' is required: an image folder, samples:photos or samples:mnist")
+            values[key] = _check_value(key, value)
+    cfg = Config(**values)
+    _check_ranges(cfg)
     return cfg
 
 
@@ -148,7 +224,15 @@ def _parse_value(raw: str):
         return raw
 
 
-def dump(cfg: dict, path: Path) -> None:
+def options_help() -> str:
+    """conmim-train's option list: every key with its default and meaning (from default.yaml)."""
+    meaning, values = help_lines(), defaults()
+    width = max(map(len, values)) + 2
+    rows = [f"  --{key:<{width}} {meaning.get(key, '')} (default: {values[key]})" for key in values]
+    return "\n".join(rows)
+
+
+def dump(cfg: Config, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(cfg, sort_keys=True))
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
     tmp.replace(path)

@@ -47,13 +47,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-class MomentumTeacher:
-    """EMA copy of a student network, updated in one fused pass per step.
+class MomentumTeacher(nn.Module):
+    """EMA copy of a student network, updated in one fused pass per step; an ``nn.Module``.
+
+    ``teacher(images)`` runs the copied student (``self.module``) on unmasked images, so for a
+    :class:`conmim.models.ConMIMEncoder` it returns the patch features ``[B, N, d]`` the loss compares with.
+    ``state_dict``, ``load_state_dict``, ``to``/``cuda`` and ``train``/``eval`` work as for any module.
 
     The teacher's parameters are fp32 views into one flat buffer (``self.flat``), so an update is a single
-    kernel over all of them whatever the student's dtype. Its gradients are off; it stays in train mode (ConMIM's
-    teacher uses batch statistics in its BatchNorm layers). Buffers are not averaged (ConMIM); with
-    ``copy_buffers=True`` they are copied from the student at every update.
+    kernel over all of them whatever the student's dtype; a device move or dtype cast rebuilds the buffer on the
+    new device, still fp32. Its gradients are off; it starts in train mode (ConMIM's teacher uses batch
+    statistics in its BatchNorm layers). Buffers are not averaged (ConMIM); with ``copy_buffers=True`` they are
+    copied from the student at every update.
+
+    Step convention: ``update(student, step)`` uses the momentum scheduled at ``step``, counted from 0 (the
+    first update after the first optimizer step is ``step=0``; ``total_steps`` reaches ``final_momentum``).
 
     Args:
         student: the student module (DDP and torch.compile wrappers are unwrapped).
@@ -76,6 +84,7 @@ class MomentumTeacher:
             raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
         momentum_schedule(0, total_steps, base_momentum, final_momentum)  # validates the schedule's arguments
         backends.requested_backend(backend)
+        super().__init__()
         self.base_momentum = float(base_momentum)
         self.final_momentum = float(final_momentum)
         self.total_steps = int(total_steps)
@@ -84,7 +93,9 @@ class MomentumTeacher:
         self.module = copy.deepcopy(_unwrap(student))
         self.module.requires_grad_(False)
         self.module.train()
+        self._checked_student: int | None = None  # the student module whose shapes were checked (its id)
         self._flatten()
+        self.register_load_state_dict_post_hook(_keep_flat)
 
     def _flatten(self) -> None:
         params = list(self.module.parameters())
@@ -102,14 +113,16 @@ class MomentumTeacher:
                 p.data = view
         self.flat = flat
         self.params = params
+        self._checked_student = None
 
     @property
     def device(self) -> torch.device:
         return self.flat.device
 
-    def to(self, device) -> MomentumTeacher:
-        """Move the teacher (keeps the flat layout)."""
-        self.module.to(device)
+    def _apply(self, fn, recurse=True):
+        """Module moves and casts (``to``, ``cuda``, ``half``...) act per parameter; the flat fp32 buffer is then
+        rebuilt from the moved parameters."""
+        super()._apply(fn, recurse)
         self._flatten()
         return self
 
@@ -117,37 +130,47 @@ class MomentumTeacher:
         """The scheduled momentum at ``step``."""
         return momentum_schedule(step, self.total_steps, self.base_momentum, self.final_momentum)
 
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
     @torch.no_grad()
-    def update(self, student: nn.Module, step: int | None = None, momentum=None) -> None:
-        """One EMA step from ``student``: momentum from the schedule at ``step``, or ``momentum`` if given (a
-        float or a 0-d device tensor, e.g. to replay the update in a CUDA graph)."""
+    def update(self, student: nn.Module, step: int | None = None, momentum=None):
+        """One EMA step from ``student`` and the momentum it used: the schedule's at ``step``, or ``momentum`` if
+        given (a float, or a 0-d device tensor, e.g. to replay the update in a CUDA graph).
+
+        The teacher's own flat buffer needs no checks; the student's parameter shapes are checked against it
+        the first time a given student module is passed."""
         if (step is None) == (momentum is None):
             raise ValueError("update needs exactly one of step (scheduled momentum) or momentum")
         m = self.momentum(step) if momentum is None else momentum
         src = _unwrap(student)
         student_params = list(src.parameters())
-        if len(student_params) != len(self.params):
-            raise ValueError(
-                f"student has {len(student_params)} parameters but the teacher has {len(self.params)}: "
-                "pass the same architecture the teacher was built from"
-            )
-        ema_update_(self.params, student_params, m, backend=self.backend)
+        if momentum is not None:
+            check_momentum(momentum)  # the schedule's own values are valid by construction
+        if self._checked_student != id(src):
+            if len(student_params) != len(self.params):
+                raise ValueError(
+                    f"student has {len(student_params)} parameters but the teacher has {len(self.params)}: "
+                    "pass the same architecture the teacher was built from"
+                )
+            check_tensor_lists(self.params, student_params)
+            self._checked_student = id(src)
+        name = backends.requested_backend(self.backend)
+        if isinstance(m, torch.Tensor):
+            ema_update_op(self.params, student_params, 0.0, m.detach(), name)
+        else:
+            ema_update_op(self.params, student_params, float(m), None, name)
         if self.copy_buffers:
             for tb, sb in zip(self.module.buffers(), src.buffers()):
                 tb.copy_(sb)
+        return m
 
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
 
-    def state_dict(self) -> dict:
-        return self.module.state_dict()
-
-    def load_state_dict(self, state_dict: dict, strict: bool = True):
-        """Copies values into the existing parameters, so the flat layout is kept."""
-        result = self.module.load_state_dict(state_dict, strict=strict)
-        if not all(_is_view_of(p, self.flat) for p in self.module.parameters()):
-            self._flatten()
-        return result
+def _keep_flat(teacher: MomentumTeacher, _incompatible) -> None:
+    """After ``load_state_dict``: values are copied into the flat views, unless ``assign=True`` replaced the
+    parameters, in which case the flat layout is rebuilt."""
+    if not all(_is_view_of(p, teacher.flat) for p in teacher.module.parameters()):
+        teacher._flatten()
 
 
 def _is_view_of(p: torch.Tensor, flat: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ precision, checkpoints that survive a kill, logging, and torchrun/DDP.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -18,13 +19,16 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from conmim import config as cfgmod
+from conmim.config import Config
 from conmim.data import MaskConfig, ViewConfig, build_loader, samples
+from conmim.data.scan import BAD_FILES_NAME
 from conmim.loss import FusedPatchContrastLoss
 from conmim.models import build_encoder, no_weight_decay
 from conmim.teacher import MomentumTeacher
@@ -215,38 +219,295 @@ def loss_plot(out: Path) -> Path | None:
     return path
 
 
-def check_compatible(out: Path, cfg: dict) -> None:
-    """Refuse an output folder that holds another run's configuration (a different network)."""
+def check_compatible(out: Path, cfg: Config) -> None:
+    """Refuse an output folder that holds another run's configuration (a different network). Reads only."""
     saved = out / "config.yaml"
     if not saved.exists():
         return
-    old = cfgmod._read_yaml(saved.read_text(), str(saved))
-    diff = [k for k in cfgmod.ARCH_KEYS if old.get(k) != cfg.get(k)]
+    old = cfgmod.read_file(saved)
+    diff = [k for k, v in cfg.arch().items() if old.get(k) != v]
     if diff and checkpoints(out):
-        what = ", ".join(f"{k}: {old.get(k)!r} there vs {cfg.get(k)!r} here" for k in diff)
+        what = ", ".join(f"{k}: {old.get(k)!r} there vs {getattr(cfg, k)!r} here" for k in diff)
         raise TrainingError(
             f"output folder {str(out)!r} holds checkpoints of another run ({what}); choose another --out"
         )
 
 
-def train(cfg: dict) -> dict:
-    """Run (or resume) training as configured; returns a summary. Raises TrainingError on bad input."""
-    rank, world, local_rank = dist_env()
-    device = pick_device(cfg["device"], local_rank)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    out = Path(cfg["out"]).expanduser()
+@dataclass
+class RunState:
+    """Where a run stands: what a checkpoint saves and restores besides the weights (with the RNG states).
+
+    ``bad_streak`` (optimizer steps in a row with a non-finite loss) lives on the device, so the step never reads
+    it; it is read at log and checkpoint steps only."""
+
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # micro-batches done in the current epoch
+    step: int = 0  # optimizer steps done
+    bad_streak: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "step": self.step,
+                "bad_streak": int(self.bad_streak), "rng": rng_state()}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.bad_streak = torch.full((), float(state["bad_streak"]), device=self.bad_streak.device)
+        set_rng_state(state["rng"])
+
+
+class Meter:
+    """What the log reports, gathered between log steps: losses summed on the device (no host read per step),
+    images and data-loading wait counted on the host."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.sums = torch.zeros(2, device=self.device)  # finite losses' sum, their count
+        self.losses, self.images, self.wait, self.since = 0, 0, 0.0, now
+
+    def add(self, loss: torch.Tensor, finite: torch.Tensor, images: int) -> None:
+        self.sums += torch.stack([torch.where(finite, loss, 0.0), finite.float()]).to(self.sums.dtype)
+        self.losses += 1
+        self.images += images
+
+
+@dataclass
+class Run:
+    """Everything one run trains with, built once by :func:`build_run`."""
+
+    cfg: Config
+    device: torch.device
+    rank: int
+    world: int
+    out: Path
+    loader: object  # conmim.data.TwoViewLoader
+    student: nn.Module
+    model: nn.Module  # the student as called: wrapped by the parallel strategy, maybe compiled
+    ddp: nn.parallel.DistributedDataParallel | None
+    teacher: MomentumTeacher
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    autocast: object
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    log: Logger | None = None
+    progress: object = None
+
+    def no_sync(self, last_micro_batch: bool):
+        """DDP all-reduces gradients on the last micro-batch of an accumulation only."""
+        return self.ddp.no_sync() if self.ddp is not None and not last_micro_batch else nullcontext()
+
+
+def wrap_model(student: nn.Module, cfg: Config, device: torch.device, world: int):
+    """The parallel strategy, chosen here alone: the student itself on one process, DDP on several; then
+    torch.compile when asked. Returns (the module to call, the DDP wrapper or None)."""
+    ddp = None
+    model = student
+    if world > 1:
+        ddp = model = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        model = torch.compile(model)
+    return model, ddp
+
+
+def build_run(cfg: Config, rank: int, world: int, device: torch.device, out: Path) -> Run:
+    """Validate the data, the model and the run folder, and build the run; writes nothing."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    data_root = resolve_data(cfg.data)
+    views = ViewConfig(image_size=cfg.image_size, perturb=cfg.perturb, scale=(cfg.crop_scale_min, 1.0))
+    masks = MaskConfig(kind=cfg.mask, patch_size=cfg.patch_size, ratio=cfg.mask_ratio, cell=cfg.mask_cell)
+    loader = build_loader(data_root, cfg.batch_size, views, masks, cfg.loader, device, rank, world, cfg.seed,
+                          cfg.num_workers, drop_last=True, run_dir=None, verbose=False)  # fmt: skip
+    batches = loader.batches_per_epoch()
+    if batches < cfg.accum_steps:
+        raise TrainingError(
+            f"{len(loader.folder)} usable images give {batches} full batches of {cfg.batch_size} per rank, "
+            f"fewer than accum_steps = {cfg.accum_steps}"
+        )
+    check_compatible(out, cfg)
+    steps_per_epoch = batches // cfg.accum_steps
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    student = build_encoder(cfg.model, cfg.head_hidden, cfg.head_out, img_size=cfg.image_size,
+                            patch_size=cfg.patch_size).to(device)  # fmt: skip
+    teacher = MomentumTeacher(student, cfg.base_momentum, cfg.final_momentum, max(1, total_steps))
+    # fused: skips an update on the device when told to (found_inf), with no host read
+    opt = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=True)  # fmt: skip
+    model, ddp = wrap_model(student, cfg, device, world)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    return Run(
+        cfg=cfg, device=device, rank=rank, world=world, out=out, loader=loader, student=student, model=model,
+        ddp=ddp, teacher=teacher, opt=opt, scaler=torch.amp.GradScaler(device.type, enabled=low is torch.float16),
+        loss_fn=FusedPatchContrastLoss(temperature=cfg.temperature),
+        autocast=torch.autocast(device.type, dtype=low) if low is not None else nullcontext(),
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=int(cfg.warmup_epochs * steps_per_epoch),
+    )  # fmt: skip
+
+
+def train_step(run: Run, state: RunState, micro_batches, meter: Meter) -> None:
+    """One optimizer step over ``accum_steps`` micro-batches: forward, backward, optimizer, EMA. Reads nothing
+    back from the device: a non-finite loss marks the step bad on the device, and the optimizer then skips it
+    there (the fused AdamW's ``found_inf``; with fp16 the gradient scaler, which skips on inf/NaN gradients)."""
+    cfg = run.cfg
+    lr = lr_at(state.step, run.total_steps, run.warmup, cfg.lr, cfg.min_lr)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    bad = torch.zeros((), device=run.device)
+    for i, (xs, xt, mask) in enumerate(micro_batches):
+        with run.no_sync(last_micro_batch=i == cfg.accum_steps - 1):
+            with run.autocast:
+                feats = run.model(xs, mask)
+                with torch.no_grad():
+                    target = run.teacher(xt)
+            loss = run.loss_fn(feats, target, mask)  # in the dtypes autocast produced
+            run.scaler.scale(loss / cfg.accum_steps).backward()
+        finite = torch.isfinite(loss.detach())
+        bad += (~finite).float()
+        meter.add(loss.detach(), finite, xs.shape[0] * run.world)
+        state.batch += 1
+    if run.world > 1:  # every rank takes the same decision (and keeps the same streak)
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    run.scaler.unscale_(run.opt)
+    norm = nn.utils.clip_grad_norm_(run.student.parameters(), cfg.clip_grad or math.inf)
+    if run.scaler.is_enabled():
+        run.scaler.step(run.opt)
+        run.scaler.update()
+    else:
+        run.opt.found_inf = ((bad > 0) | ~torch.isfinite(norm)).float()
+        run.opt.step()
+        run.opt.found_inf = None
+    run.opt.zero_grad(set_to_none=True)
+    run.teacher.update(run.student, state.step)
+    state.step += 1
+    state.bad_streak = torch.where(bad > 0, state.bad_streak + 1, 0.0)
+
+
+def check_streak(cfg: Config, streak: int) -> None:
+    if streak >= cfg.max_bad_steps:
+        raise TrainingError(
+            f"{streak} non-finite losses in a row (max_bad_steps); stopping. "
+            "Lower lr, use bf16 or fp32, or check the data"
+        )
+
+
+def log_step(run: Run, state: RunState, meter: Meter) -> None:
+    """Read what ``meter`` gathered (one host read), write a metrics record, and stop the run when the bad-step
+    streak has reached ``max_bad_steps`` (so the stop comes at most ``log_every`` steps late)."""
+    loss_sum, finite, streak = torch.cat([meter.sums, state.bad_streak.reshape(1)]).tolist()
+    now = time.perf_counter()
+    elapsed = now - meter.since
+    step = state.step - 1  # the step just taken
+    record = {"step": state.step, "epoch": state.epoch}
+    if finite:
+        record["loss"] = loss_sum / finite
+    record.update(
+        lr=lr_at(step, run.total_steps, run.warmup, run.cfg.lr, run.cfg.min_lr),
+        momentum=run.teacher.momentum(step),
+        images_per_s=meter.images / elapsed,
+        data_wait_fraction=meter.wait / elapsed,
+    )
+    nonfinite = meter.losses - int(finite)
+    if nonfinite or streak:
+        record.update(nonfinite_losses=nonfinite, bad_streak=int(streak))
+        run.log.msg(
+            f"{nonfinite} non-finite loss(es) since the last log, at epoch {state.epoch}: their steps' updates "
+            f"were skipped ({int(streak)} bad steps in a row)"
+        )
+    run.log.metrics(record)
+    if run.progress is not None and "loss" in record:
+        run.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+    meter.reset(now)
+    check_streak(run.cfg, int(streak))
+
+
+def save_run_checkpoint(run: Run, state: RunState, epoch_end: bool) -> None:
+    """Rank 0 writes the weights, optimizer and ``state``; every rank checks the bad-step streak first and then
+    meets the others."""
+    blob = state.state_dict()  # reads the streak: a checkpoint step may read the device
+    check_streak(run.cfg, blob["bad_streak"])
+    if run.rank == 0:
+        blob.update(student=run.student.state_dict(), teacher=run.teacher.module.state_dict(),
+                    optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(), arch=run.cfg.arch())  # fmt: skip
+        path = save_checkpoint(
+            run.out, blob, state.epoch, state.step, run.cfg.keep_last, run.cfg.keep_every_epochs
+        )
+        if epoch_end:
+            _mark_epoch_end(run.out, path)
+    if run.world > 1:
+        torch.distributed.barrier()
+
+
+def restore(run: Run, state: RunState) -> None:
+    """Load the newest loadable checkpoint of the run folder, if any, into ``run`` and ``state``."""
+    saved = load_latest(run.out, run.log.msg)
+    if saved is None:
+        return
+    run.student.load_state_dict(saved["student"])
+    run.teacher.module.load_state_dict(saved["teacher"])
+    run.opt.load_state_dict(saved["optimizer"])
+    run.scaler.load_state_dict(saved["scaler"])
+    state.load_state_dict(saved)
+
+
+def _timed(run: Run, meter: Meter):
+    """The loader's batches, the wait for each added to ``meter`` (and the indices recorded when asked)."""
+    batches = iter(run.loader)
+    while True:
+        t0 = time.perf_counter()
+        item = next(batches, None)
+        meter.wait += time.perf_counter() - t0
+        if item is None:
+            return
+        if run.cfg.record_samples:
+            with open(run.out / f"samples-e{run.loader.epoch:04d}-r{run.rank}.txt", "a") as fh:
+                fh.write(" ".join(map(str, run.loader.last_indices.tolist())) + "\n")
+        yield item
+
+
+def _start(cfg: Config, out: Path, rank: int, world: int, device: torch.device) -> Run:
+    """Build (validating everything), then, and only then, write to the run folder."""
+    run = build_run(cfg, rank, world, device, out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        check_compatible(out, cfg)
         cfgmod.dump(cfg, out / "config.yaml")
+        _write_bad_files(out, run.loader.folder.bad)
     if world > 1:
         torch.distributed.barrier()
-    log = Logger(out, rank)
+    run.log = Logger(out, rank)
+    for path, why in run.loader.folder.bad:
+        run.log.msg(f"excluding {path}: {why}")
+    return run
+
+
+def _write_bad_files(out: Path, bad: list[tuple[str, str]]) -> None:
+    with open(out / BAD_FILES_NAME, "w") as fh:
+        fh.write("path\treason\n")
+        fh.writelines(f"{p}\t{why}\n" for p, why in bad)
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training as configured; returns a summary. Raises TrainingError on bad input; a run that
+    fails to start writes nothing to its run folder."""
+    rank, world, local_rank = dist_env()
+    device = pick_device(cfg.device, local_rank)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    run = _start(cfg, Path(cfg.out).expanduser(), rank, world, device)
     try:
-        summary = _train(cfg, rank, world, device, out, log)
+        summary = _train(run)
     finally:
-        log.close()
+        if run.progress is not None:
+            run.progress.close()
+        run.log.close()
     if world > 1:
         # every rank finishes its last collective and rank 0 its plot before any rank tears the group down:
         # a rank that destroyed its gloo group while its peer was still using the connection was seen to abort
@@ -255,197 +516,48 @@ def train(cfg: dict) -> dict:
     return summary
 
 
-def _train(cfg, rank, world, device, out, log) -> dict:
-    torch.manual_seed(cfg["seed"])
-    random.seed(cfg["seed"])
-    data_root = resolve_data(cfg["data"])
-    views = ViewConfig(
-        image_size=cfg["image_size"], perturb=cfg["perturb"], scale=(cfg["crop_scale_min"], 1.0)
+def _train(run: Run) -> dict:
+    cfg, state = run.cfg, RunState(bad_streak=torch.zeros((), device=run.device))
+    restore(run, state)
+    if state.step >= run.total_steps:
+        run.log.msg(f"already complete ({state.step} of {run.total_steps} steps); checkpoints in {run.out}")
+        return {"steps": state.step, "epoch": state.epoch, "out": str(run.out)}
+    run.log.msg(
+        f"{len(run.loader.folder)} images, {run.loader.batches_per_epoch()} batches of {cfg.batch_size} x "
+        f"{run.world} per epoch, {run.total_steps} optimizer steps, {cfg.model} on {run.device} "
+        f"({run.loader.kind} loader)"
     )
-    masks = MaskConfig(
-        kind=cfg["mask"], patch_size=cfg["patch_size"], ratio=cfg["mask_ratio"], cell=cfg["mask_cell"]
-    )
-    loader = build_loader(
-        data_root,
-        cfg["batch_size"],
-        views,
-        masks,
-        cfg["loader"],
-        device,
-        rank,
-        world,
-        cfg["seed"],
-        cfg["num_workers"],
-        drop_last=True,
-        run_dir=out if rank == 0 else None,
-        verbose=rank == 0,
-    )
-    batches = loader.batches_per_epoch()
-    if batches == 0:
-        raise TrainingError(
-            f"{len(loader.folder)} usable images give no full batch of {cfg['batch_size']} per rank"
-        )
-    steps_per_epoch = batches // cfg["accum_steps"]
-    total_steps = steps_per_epoch * cfg["epochs"]
-    if cfg["max_steps"]:
-        total_steps = min(total_steps, int(cfg["max_steps"]))
-    warmup = int(cfg["warmup_epochs"] * steps_per_epoch)
-
-    student = build_encoder(
-        cfg["model"],
-        cfg["head_hidden"],
-        cfg["head_out"],
-        img_size=cfg["image_size"],
-        patch_size=cfg["patch_size"],
-    ).to(device)
-    teacher = MomentumTeacher(student, cfg["base_momentum"], cfg["final_momentum"], max(1, total_steps))
-    opt = torch.optim.AdamW(
-        param_groups(student, cfg["weight_decay"]), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"])
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
-    loss_fn = FusedPatchContrastLoss(temperature=cfg["temperature"])
-
-    epoch, batch, step, bad_streak = 0, 0, 0, 0
-    state = load_latest(out, log.msg)
-    if state is not None:
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        epoch, batch, step, bad_streak = state["epoch"], state["batch"], state["step"], state["bad_streak"]
-    model = student
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg["compile"]:
-        model = torch.compile(model)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if cfg["precision"] == "bf16" else torch.float16)
-        if cfg["precision"] != "fp32"
-        else nullcontext()
-    )
-
-    def checkpoint(at_epoch_end: bool):
-        if rank == 0:
-            blob = {
-                "student": student.state_dict(),
-                "teacher": teacher.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng_state(),
-                "epoch": epoch,
-                "batch": batch,
-                "step": step,
-                "bad_streak": bad_streak,
-                "arch": {k: cfg[k] for k in cfgmod.ARCH_KEYS},
-            }
-            path = save_checkpoint(out, blob, epoch, step, cfg["keep_last"], cfg["keep_every_epochs"])
-            if at_epoch_end:
-                _mark_epoch_end(out, path)
-        if world > 1:
-            torch.distributed.barrier()
-
-    progress = None
-    if rank == 0 and cfg["progress"]:
+    if run.rank == 0 and cfg.progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=total_steps, initial=step, desc="conmim-train", unit="step", dynamic_ncols=True)
-    log.msg(
-        f"{len(loader.folder)} images, {batches} batches of {cfg['batch_size']} x {world} per epoch, "
-        f"{total_steps} optimizer steps, {cfg['model']} on {device} ({loader.kind} loader)"
-    )
-    t_last, wait, images, losses = time.perf_counter(), 0.0, 0, []
-    opt.zero_grad(set_to_none=True)
-    done = step >= total_steps
-    while not done and epoch < cfg["epochs"]:
-        loader.set_epoch(epoch, batch)
-        t_wait = time.perf_counter()
-        for xs, xt, mask in loader:
-            wait += time.perf_counter() - t_wait
-            if cfg["record_samples"]:
-                with open(out / f"samples-e{epoch:04d}-r{rank}.txt", "a") as fh:
-                    fh.write(" ".join(map(str, loader.last_indices.tolist())) + "\n")
-            with autocast:
-                feats = model(xs, mask)
-                with torch.no_grad():
-                    target = teacher(xt)
-            loss = loss_fn(feats.float(), target.float(), mask)
-            batch += 1
-            if not torch.isfinite(loss):
-                bad_streak += 1
-                opt.zero_grad(set_to_none=True)
-                log.metrics(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "nonfinite_loss": float(loss.detach()),
-                        "bad_streak": bad_streak,
-                    }
-                )
-                log.msg(
-                    f"non-finite loss at epoch {epoch} batch {batch}: step skipped ({bad_streak} in a row)"
-                )
-                if bad_streak >= cfg["max_bad_steps"]:
-                    raise TrainingError(
-                        f"{bad_streak} non-finite losses in a row (max_bad_steps); stopping. "
-                        "Lower lr, use bf16 or fp32, or check the data"
-                    )
-                t_wait = time.perf_counter()
-                continue
-            scaler.scale(loss / cfg["accum_steps"]).backward()
-            losses.append(float(loss.detach()))
-            images += xs.shape[0] * world
-            if batch % cfg["accum_steps"]:
-                t_wait = time.perf_counter()
-                continue
-            lr = lr_at(step, total_steps, warmup, cfg["lr"], cfg["min_lr"])
-            for g in opt.param_groups:
-                g["lr"] = lr
-            scaler.unscale_(opt)
-            if cfg["clip_grad"]:
-                nn.utils.clip_grad_norm_(student.parameters(), cfg["clip_grad"])
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            momentum = teacher.momentum(step)
-            teacher.update(student, momentum=momentum)
-            step += 1
-            bad_streak = 0
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
-            if step % cfg["log_every"] == 0 or step == total_steps:
-                now = time.perf_counter()
-                log.metrics(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": sum(losses) / len(losses),
-                        "lr": lr,
-                        "momentum": momentum,
-                        "images_per_s": images / (now - t_last),
-                        "data_wait_fraction": wait / (now - t_last),
-                    }
-                )
-                t_last, wait, images, losses = now, 0.0, 0, []
-            if step >= total_steps:
-                done = True
+        run.progress = tqdm(total=run.total_steps, initial=state.step, desc="conmim-train", unit="step",
+                            dynamic_ncols=True)  # fmt: skip
+    meter = Meter(run.device)
+    while state.step < run.total_steps and state.epoch < cfg.epochs:
+        run.loader.set_epoch(state.epoch, state.batch)
+        batches = _timed(run, meter)
+        for _ in range(state.batch // cfg.accum_steps, run.steps_per_epoch):
+            train_step(run, state, itertools.islice(batches, cfg.accum_steps), meter)
+            if run.progress is not None:
+                run.progress.update(1)
+            finished = state.step >= run.total_steps
+            if state.step % cfg.log_every == 0 or finished:
+                log_step(run, state, meter)
+            epoch_end = state.batch == run.steps_per_epoch * cfg.accum_steps
+            if epoch_end:
+                state.epoch, state.batch = state.epoch + 1, 0
+            periodic = cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
+            if epoch_end or finished or periodic:
+                save_run_checkpoint(run, state, epoch_end)
+            if finished:
                 break
-            if cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0:
-                checkpoint(False)
-            t_wait = time.perf_counter()
-        if not done:
-            epoch, batch = epoch + 1, 0
-        checkpoint(not done)
-    if progress is not None:
-        progress.close()
-    if world > 1:
-        check_ranks_in_sync(student, teacher, out, rank, world, log)
-    plot = loss_plot(out) if rank == 0 else None
-    log.msg(f"done: {step} steps; checkpoints in {out}" + (f"; loss curve {plot}" if plot else ""))
-    return {"steps": step, "epoch": epoch, "out": str(out)}
+    if run.world > 1:
+        check_ranks_in_sync(run.student, run.teacher, run.out, run.rank, run.world, run.log)
+    plot = loss_plot(run.out) if run.rank == 0 else None
+    run.log.msg(
+        f"done: {state.step} steps; checkpoints in {run.out}" + (f"; loss curve {plot}" if plot else "")
+    )
+    return {"steps": state.step, "epoch": state.epoch, "out": str(run.out)}
 
 
 @torch.no_grad()
@@ -472,10 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-        print(
-            "options: --config PRESET_OR_FILE (presets: " + ", ".join(cfgmod.PRESETS) + "), then --key value "
-            "for any key of conmim/configs/default.yaml"
-        )
+        print("options (--key value or --key=value; any key also in a YAML file given to --config):")
+        print(f"  --config              a preset ({', '.join(cfgmod.PRESETS)}) or a YAML file of keys below")
+        print(cfgmod.options_help())
         return 0
     config = None
     if "--config" in argv:

@@ -38,7 +38,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(digits, tmp_path):
         assert key in rows[-1]
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert saved == cfg  # the resolved configuration, round-tripped
+    assert saved == cfg.to_dict()  # the resolved configuration, round-tripped
 
 
 def test_config_file_round_trip_and_overrides(tmp_path):
@@ -46,7 +46,7 @@ def test_config_file_round_trip_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     cfgmod.dump(cfg, path)
     assert cfgmod.resolve(str(path)) == cfg
-    assert cfg["model"] == "vit_base_patch16_224" and cfg["lr"] == 1e-4 and cfg["epochs"] == 800
+    assert cfg.model == "vit_base_patch16_224" and cfg.lr == 1e-4 and cfg.epochs == 800
     assert cfgmod.parse_overrides(["--lr", "3e-4", "--compile=true", "--out", "runs/a"]) == {
         "lr": 3e-4,
         "compile": True,
@@ -139,6 +139,7 @@ def test_nonfinite_losses_skip_then_stop(digits, tmp_path, monkeypatch):
         T.train(tiny(digits, tmp_path / "run", max_bad_steps=3))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["bad_streak"] for r in rows] == [1, 2, 3]
+    assert all(r["nonfinite_losses"] == 1 and "loss" not in r for r in rows)
 
 
 @pytest.mark.parametrize(
