@@ -1,0 +1,266 @@
+"""conmim-train's parts on their own: the typed config, the run state, one step, the log, the checkpoint, the
+teacher as a module, no host read in the step, and run folders a failed start leaves untouched."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conmim import config as cfgmod
+from conmim import train as T
+from conmim.teacher import MomentumTeacher, _is_view_of
+from tests.conftest import tiny
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+def test_config_fields_are_the_default_keys_and_each_has_help():
+    keys = list(cfgmod.defaults())
+    assert [f.name for f in dataclasses.fields(cfgmod.Config)] == keys
+    assert sorted(cfgmod.help_lines()) == sorted(keys)
+    assert all(cfgmod.help_lines().values())
+
+
+def test_help_lists_every_key_with_its_default(capsys):
+    assert T.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for key, value in cfgmod.defaults().items():
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"--{key} "))
+        assert f"(default: {value})" in line, line
+
+
+@pytest.mark.parametrize(
+    "over,words",
+    [
+        ({"max_steps": 2.5}, "'max_steps' must be an integer"),
+        ({"warmup_epochs": "x"}, "'warmup_epochs' must be a number"),
+        ({"data": 3}, "'data' must be a string"),
+        ({"compile": 1}, "'compile' must be true or false"),
+        ({"accum_steps": 0}, "'accum_steps' must be >= 1"),
+        ({"mask_ratio": 1.0}, "'mask_ratio' must lie in (0, 1)"),
+    ],
+)
+def test_config_rejects_bad_values(over, words):
+    with pytest.raises(cfgmod.ConfigError) as info:
+        cfgmod.resolve("tiny_demo", over)
+    assert words in str(info.value)
+
+
+def test_config_converts_numbers_to_the_keys_type():
+    cfg = cfgmod.resolve("tiny_demo", {"epochs": 3.0, "lr": 1, "max_steps": None})
+    assert type(cfg.epochs) is int and type(cfg.lr) is float and cfg.max_steps is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 2.0
+
+
+# ---------------------------------------------------------------------------------------------- the run's parts
+def _run(digits, tmp_path, **kw) -> tuple[T.Run, T.RunState]:
+    cfg = tiny(digits, tmp_path / "run", **kw)
+    out = Path(cfg.out)
+    run = T.build_run(cfg, 0, 1, torch.device("cpu"), out)
+    out.mkdir(parents=True, exist_ok=True)
+    run.log = T.Logger(out, 0)
+    return run, T.RunState()
+
+
+def _batches(run: T.Run, n: int, seed: int = 0):
+    run.loader.set_epoch(0)
+    it = iter(run.loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_run_state_round_trips_with_the_rng(digits, tmp_path):
+    state = T.RunState(epoch=2, batch=3, step=7, bad_streak=torch.tensor(1.0))
+    saved = state.state_dict()
+    expected = torch.rand(3)
+    back = T.RunState()
+    back.load_state_dict(saved)
+    assert (back.epoch, back.batch, back.step, int(back.bad_streak)) == (2, 3, 7, 1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_train_step_updates_student_teacher_and_state(digits, tmp_path, accum):
+    run, state = _run(digits, tmp_path, accum_steps=accum, batch_size=4)
+    before_s = [p.detach().clone() for p in run.student.parameters()]
+    before_t = run.teacher.flat.clone()
+    meter = T.Meter(run.device)
+    T.train_step(run, state, iter(_batches(run, accum)), meter)
+    assert (state.step, state.batch, int(state.bad_streak)) == (1, accum, 0)
+    assert all(not torch.equal(a, p) for a, p in zip(before_s, run.student.parameters()) if p.ndim > 1)
+    assert not torch.equal(before_t, run.teacher.flat)
+    assert meter.losses == accum and int(meter.sums[1]) == accum and meter.images == 4 * accum
+    assert all(p.grad is None for p in run.student.parameters())
+
+
+def test_nonfinite_loss_skips_the_update_on_the_device(digits, tmp_path, monkeypatch):
+    run, state = _run(digits, tmp_path)
+    monkeypatch.setattr(type(run.loss_fn), "forward", lambda self, s, t, m, p=None: s.sum() * float("nan"))
+    before = {k: v.clone() for k, v in run.student.state_dict().items()}
+    meter = T.Meter(run.device)
+    for _ in range(2):
+        T.train_step(run, state, iter(_batches(run, 1)), meter)
+    after = run.student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k and "batches" not in k)
+    assert all(int(s["step"]) == 0 for s in run.opt.state.values())  # AdamW's step count did not move
+    assert (state.step, int(state.bad_streak), int(meter.sums[1]), meter.losses) == (2, 2, 0, 2)
+
+
+def test_log_step_reports_the_mean_finite_loss_and_stops_on_a_streak(digits, tmp_path):
+    run, state = _run(digits, tmp_path, max_bad_steps=2)
+    meter = T.Meter(run.device)
+    for loss in (1.0, 3.0, float("nan")):
+        v = torch.tensor(loss)
+        meter.add(v, torch.isfinite(v), 8)
+    state.step, state.bad_streak = 3, torch.tensor(1.0)
+    T.log_step(run, state, meter)
+    state.bad_streak = torch.tensor(2.0)
+    with pytest.raises(T.TrainingError, match="2 non-finite losses in a row"):
+        T.log_step(run, state, meter)
+    run.log.close()
+    rows = [json.loads(x) for x in (run.out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(2.0) and rows[0]["nonfinite_losses"] == 1
+    assert rows[0]["bad_streak"] == 1 and rows[0]["step"] == 3
+    assert "loss" not in rows[1] and meter.losses == 0
+
+
+@pytest.mark.parametrize("epoch_end", [False, True])
+def test_checkpoint_saves_the_state_and_names_completed_epochs(digits, tmp_path, epoch_end):
+    run, state = _run(digits, tmp_path)
+    state.epoch, state.batch, state.step = 1, 0, 8
+    T.save_run_checkpoint(run, state, epoch_end)
+    (path,) = T.checkpoints(run.out)
+    assert path.name == "ckpt-e0001-s00000008.pt"
+    saved = torch.load(path, weights_only=True)
+    assert (saved["epoch"], saved["batch"], saved["step"], saved["bad_streak"]) == (1, 0, 8, 0)
+    assert (
+        saved["arch"] == run.cfg.arch() and saved["teacher"].keys() == run.teacher.module.state_dict().keys()
+    )
+    ends = run.out / "epoch_ends.json"
+    assert (json.loads(ends.read_text()) == [path.name]) if epoch_end else not ends.exists()
+
+
+def test_every_epoch_end_is_recorded_and_named_by_completed_epochs(digits, tmp_path):
+    out = tmp_path / "run"
+    T.train(tiny(digits, out, epochs=2, keep_last=10))  # 4 steps per epoch
+    assert json.loads((out / "epoch_ends.json").read_text()) == [
+        "ckpt-e0001-s00000004.pt",
+        "ckpt-e0002-s00000008.pt",
+    ]
+    assert [p.name for p in T.checkpoints(out)] == ["ckpt-e0002-s00000008.pt", "ckpt-e0001-s00000004.pt"]
+
+
+# --------------------------------------------------------------------------------------------- no host reads
+READS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu")
+
+
+def test_no_device_read_in_the_training_step(digits, tmp_path, monkeypatch):
+    """Counts reads of tensor values while train_step runs (none allowed) and while log_step runs (some, so the
+    counter is live), over a run with accumulation, logs and checkpoints. Loading a batch is not the step's: the
+    loader's CPU transforms run in worker processes in real runs."""
+    where = {"phase": None}
+    reads = {"train_step": 0, "log_step": 0}
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **k):
+            if where["phase"] is not None:
+                reads[where["phase"]] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for phase in reads:
+        original = getattr(T, phase)
+
+        def wrapped(*a, _original=original, _phase=phase, **k):
+            where["phase"] = _phase
+            try:
+                return _original(*a, **k)
+            finally:
+                where["phase"] = None
+
+        monkeypatch.setattr(T, phase, wrapped)
+    timed = T._timed
+
+    def loading(*a, **k):  # the data pipeline (worker processes in real runs) reads CPU tensors: not counted
+        batches = timed(*a, **k)
+        while True:
+            phase, where["phase"] = where["phase"], None
+            item = next(batches, None)
+            where["phase"] = phase
+            if item is None:
+                return
+            yield item
+
+    monkeypatch.setattr(T, "_timed", loading)
+    T.train(tiny(digits, tmp_path / "run", accum_steps=2, batch_size=4, log_every=2, checkpoint_every=3))
+    assert reads["train_step"] == 0
+    assert reads["log_step"] >= 2
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+def _snapshot(folder: Path) -> dict:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    T.train(tiny(digits, out, epochs=1))
+    return out
+
+
+@pytest.mark.parametrize("case", ["missing data folder", "folder of non-images"])
+def test_a_failed_start_leaves_a_finished_run_unchanged(digits, tmp_path, finished_run, case):
+    before = _snapshot(finished_run)
+    data = tmp_path / "does" / "not" / "exist"
+    if case == "folder of non-images":
+        data = tmp_path / "junk"
+        (data / "a").mkdir(parents=True)
+        (data / "a" / "x.png").write_bytes(b"not an image")
+    error = FileNotFoundError if case == "missing data folder" else ValueError
+    with pytest.raises(error):
+        T.train(tiny(digits, finished_run, epochs=1, data=str(data)))
+    assert _snapshot(finished_run) == before
+
+
+def test_a_finished_run_started_again_says_so(digits, finished_run, capsys):
+    before = T.checkpoints(finished_run)
+    summary = T.train(tiny(digits, finished_run, epochs=1))
+    assert "already complete (4 of 4 steps)" in capsys.readouterr().err
+    assert summary["steps"] == 4 and T.checkpoints(finished_run) == before
+
+
+def test_excluded_files_are_plain_log_lines(digits, tmp_path, capsys):
+    data = tmp_path / "data"
+    for f in sorted(Path(digits).rglob("*.png")):
+        (data / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (data / f.parent.name / f.name).write_bytes(f.read_bytes())
+    (data / "0" / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    T.train(tiny(digits, out, epochs=1, data=str(data)))
+    err = capsys.readouterr().err
+    assert f"conmim-train: excluding {data / '0' / 'broken.png'}: " in err
+    assert "broken.png" in (out / "bad_files.tsv").read_text()
+
+
+# ------------------------------------------------------------------------------------------ teacher as a module
+def test_momentum_teacher_is_a_module_that_keeps_its_flat_buffer():
+    from conmim.models import build_encoder
+
+    student = build_encoder("vit_tiny_demo", 32, 16, img_size=32, patch_size=4)
+    teacher = MomentumTeacher(student, 0.9, 1.0, total_steps=10)
+    assert isinstance(teacher, torch.nn.Module) and teacher.training
+    sd = teacher.state_dict()
+    assert all(k.startswith("module.") for k in sd)
+    teacher.double()  # a cast rebuilds the flat buffer, still fp32
+    assert teacher.flat.dtype == torch.float32 and all(_is_view_of(p, teacher.flat) for p in teacher.params)
+    teacher.load_state_dict(sd, assign=True)
+    assert all(_is_view_of(p, teacher.flat) for p in teacher.params)
+    assert teacher.update(student, 0) == pytest.approx(0.9)
+    assert teacher.update(student, momentum=0.5) == 0.5
+    assert teacher(torch.randn(2, 3, 32, 32)).shape == (2, 64, 16)
+    assert not teacher.eval().training and not teacher.module.training
