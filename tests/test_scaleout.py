@@ -50,6 +50,68 @@ def test_two_process_gloo_run_keeps_ranks_identical_and_covers_the_dataset(digit
     assert len(list(out.glob("metrics.jsonl"))) == 1  # rank 0 alone logs and checkpoints
 
 
+def _accumulated_steps(rank: int, port: int, digits: str, accum: int, result: str) -> None:
+    """One rank of a 2-rank gloo run: two optimizer steps of train_step on a fixed global batch of 16 (8 per
+    rank, in ``accum`` micro-batches); rank 0 saves the student and the number of DDP gradient all-reduces."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    try:
+        cfg = tiny(digits, Path(result).parent / f"unused-{accum}", accum_steps=accum, batch_size=8 // accum)
+        run = T.build_run(cfg, rank, 2, torch.device("cpu"), Path(cfg.out))
+        # batch statistics would make 4 micro-batches differ from one batch: normalise with running statistics
+        run.student.eval()
+        run.teacher.eval()
+        reduces = [0]
+
+        def counting(_, bucket):
+            reduces[0] += 1
+            return allreduce_hook(None, bucket)
+
+        run.ddp.register_comm_hook(None, counting)
+        grads = []  # the gradients each optimizer step applies
+        run.opt.register_step_pre_hook(
+            lambda opt, *_: grads.append([p.grad.clone() for p in run.student.parameters()])
+        )
+        g = torch.Generator().manual_seed(1)
+        xs, xt = torch.randn(2, 16, 3, 32, 32, generator=g), torch.randn(2, 16, 3, 32, 32, generator=g)
+        order = torch.rand(2, 16, 64, generator=g).argsort(-1)
+        mask = order < 24  # the same number of masked patches in every image: a mean of micro-batch means
+        state, meter = T.RunState(), T.Meter(run.device)
+        mine = slice(8 * rank, 8 * rank + 8)
+        for step in range(2):
+            parts = zip(*(t[step, mine].chunk(accum) for t in (xs, xt, mask)))
+            T.train_step(run, state, parts, meter)
+        if rank == 0:
+            torch.save({"student": run.student.state_dict(), "reduces": reduces[0], "grads": grads}, result)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accum", [4])
+def test_accumulation_all_reduces_once_per_step_and_matches_one_big_batch(digits, tmp_path, accum):
+    import torch.multiprocessing as mp
+
+    results = {}
+    for n in (1, accum):
+        results[n] = str(tmp_path / f"accum{n}.pt")
+        mp.spawn(_accumulated_steps, args=(_free_port(), str(digits), n, results[n]), nprocs=2, join=True)
+    one, many = (torch.load(results[n], weights_only=True) for n in (1, accum))
+    assert one["reduces"] == many["reduces"] == 2  # one all-reduce (one bucket) per optimizer step
+    # the first step's averaged gradient, from identical weights, agrees to fp32 rounding (of each tensor's scale)
+    for ga, gb in zip(one["grads"][0], many["grads"][0], strict=True):
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5 * float(ga.abs().max()))
+    # AdamW divides by sqrt(v): where a gradient is near its eps, the last bits of the sum move an update by up to
+    # a few % of lr (1e-3), hence the weights' absolute tolerance
+    assert one["student"].keys() == many["student"].keys()
+    for k, v in one["student"].items():
+        torch.testing.assert_close(many["student"][k], v, rtol=1e-4, atol=5e-5, msg=k)
+
+
 def test_export_loads_in_timm(digits, tmp_path):
     import timm
 
