@@ -1,6 +1,7 @@
-"""One ConMIM training step (student fwd + bwd, teacher fwd, loss, optimizer, EMA) with the fused ops vs the same
-step built from the official-style reference loss and the per-parameter EMA loop; images/s and, on a GPU, the
-fraction of the measured matmul rate counted as model FLOPs.
+"""One ConMIM training step (student fwd + bwd, teacher fwd, loss, optimizer, EMA): conmim-train's own
+``train_step`` (fused loss, fused AdamW with the on-device skip of a non-finite loss, gradient norm, fused EMA) vs
+the same step built from the official-style reference loss, AdamW and the per-parameter EMA loop; images/s and, on
+a GPU, the fraction of the measured matmul rate counted as model FLOPs.
 
 ViT-S/16 on the CPU (fp32, small batch), ViT-B/16 bf16 on a GPU.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.harness import Variant, table, time_interleaved
+from conmim import config, train
 from conmim.loss import FusedPatchContrastLoss
 from conmim.masking import block_masks
 from conmim.models import build_encoder
@@ -39,29 +41,37 @@ def step_variants(device: torch.device) -> tuple[list[Variant], dict]:
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98))
     x = torch.randn(batch, 3, 224, 224, device=device)
     mask = block_masks(batch, (14, 14), generator=torch.Generator().manual_seed(0)).to(device)
-    fused_loss = FusedPatchContrastLoss()
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     student_params = list(student.parameters())
 
-    def step(loss_fn, ema):
-        def run_step(_):
-            with autocast:
-                feats = student(x, mask)
-                with torch.no_grad():
-                    target = teacher(x)
-            loss = loss_fn(feats.float(), target.float(), mask)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema()
+    def reference_step(_):
+        with autocast:
+            feats = student(x, mask)
+            with torch.no_grad():
+                target = teacher(x)
+        patch_contrast_loss_official(feats.float(), target.float(), mask).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update_loop_(teacher.params, student_params, 0.996)
 
-        return run_step
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    cfg = config.resolve(None, {"data": "unused", "model": name, "precision": precision, "warmup_epochs": 0})
+    run = train.Run(
+        cfg=cfg, device=device, rank=0, world=1, out=None, loader=None, student=student, model=student, ddp=None,
+        teacher=teacher, opt=torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True),
+        scaler=torch.amp.GradScaler(device.type, enabled=False), loss_fn=FusedPatchContrastLoss(),
+        autocast=autocast, steps_per_epoch=1000, total_steps=1000, warmup=0,
+    )  # fmt: skip
+    state, meter = train.RunState(bad_streak=torch.zeros((), device=device)), train.Meter(device)
+
+    def trainer_step(_):
+        train.train_step(run, state, [(x, x, mask)], meter)
+        state.step %= run.total_steps
 
     variants = [
-        Variant("reference step (official loss, EMA loop)",
-                step(patch_contrast_loss_official, lambda: ema_update_loop_(teacher.params, student_params, 0.996))),
-        Variant("fused step (fused loss, fused EMA)", step(fused_loss, lambda: teacher.update(student, momentum=0.996))),
-    ]  # fmt: skip
+        Variant("reference step (official loss, EMA loop)", reference_step),
+        Variant("fused step (fused loss, fused EMA)", trainer_step),
+    ]
     flops = 3 * _forward_flops(student, 197) + _forward_flops(student, 197)  # student fwd + bwd, teacher fwd
     return variants, {"model": name, "batch": batch, "dtype": dtype, "flops": flops}
 

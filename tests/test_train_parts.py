@@ -264,3 +264,27 @@ def test_momentum_teacher_is_a_module_that_keeps_its_flat_buffer():
     assert teacher.update(student, momentum=0.5) == 0.5
     assert teacher(torch.randn(2, 3, 32, 32)).shape == (2, 64, 16)
     assert not teacher.eval().training and not teacher.module.training
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_train_step_under_autocast_feeds_the_loss_low_precision_features(
+    digits, tmp_path, monkeypatch, precision
+):
+    run, state = _run(digits, tmp_path, precision=precision)
+    seen = []
+    forward = type(run.loss_fn).forward
+
+    def spy(self, student, teacher, *a, **k):
+        seen.append((student.dtype, teacher.dtype))
+        return forward(self, student, teacher, *a, **k)
+
+    monkeypatch.setattr(type(run.loss_fn), "forward", spy)
+    before = [p.detach().clone() for p in run.student.parameters()]
+    meter = T.Meter(run.device)
+    T.train_step(run, state, iter(_batches(run, 1)), meter)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert seen == [(low, low)]  # what autocast produced, no cast to fp32 on the way
+    assert int(meter.sums[1]) == 1 and torch.isfinite(meter.sums[0])
+    assert run.scaler.is_enabled() == (precision == "fp16")
+    if precision == "bf16":  # fp16's first step may be skipped by the scaler while it finds its scale
+        assert any(not torch.equal(a, p) for a, p in zip(before, run.student.parameters()))
