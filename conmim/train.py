@@ -246,8 +246,13 @@ class RunState:
     bad_streak: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "step": self.step,
-                "bad_streak": int(self.bad_streak), "rng": rng_state()}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "bad_streak": int(self.bad_streak),
+            "rng": rng_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
@@ -323,8 +328,21 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device, out: Pat
     data_root = resolve_data(cfg.data)
     views = ViewConfig(image_size=cfg.image_size, perturb=cfg.perturb, scale=(cfg.crop_scale_min, 1.0))
     masks = MaskConfig(kind=cfg.mask, patch_size=cfg.patch_size, ratio=cfg.mask_ratio, cell=cfg.mask_cell)
-    loader = build_loader(data_root, cfg.batch_size, views, masks, cfg.loader, device, rank, world, cfg.seed,
-                          cfg.num_workers, drop_last=True, run_dir=None, verbose=False)  # fmt: skip
+    loader = build_loader(
+        data_root,
+        cfg.batch_size,
+        views=views,
+        masks=masks,
+        loader=cfg.loader,
+        device=device,
+        rank=rank,
+        world_size=world,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        drop_last=True,
+        run_dir=None,  # nothing is written before everything is validated (see _start)
+        verbose=False,  # the excluded files are logged by _start
+    )
     batches = loader.batches_per_epoch()
     if batches < cfg.accum_steps:
         raise TrainingError(
@@ -336,21 +354,35 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device, out: Pat
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    student = build_encoder(cfg.model, cfg.head_hidden, cfg.head_out, img_size=cfg.image_size,
-                            patch_size=cfg.patch_size).to(device)  # fmt: skip
+    student = build_encoder(
+        cfg.model, cfg.head_hidden, cfg.head_out, img_size=cfg.image_size, patch_size=cfg.patch_size
+    ).to(device)
     teacher = MomentumTeacher(student, cfg.base_momentum, cfg.final_momentum, max(1, total_steps))
     # fused: skips an update on the device when told to (found_inf), with no host read
-    opt = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            fused=True)  # fmt: skip
+    opt = torch.optim.AdamW(
+        param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
+    )
     model, ddp = wrap_model(student, cfg, device, world)
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     return Run(
-        cfg=cfg, device=device, rank=rank, world=world, out=out, loader=loader, student=student, model=model,
-        ddp=ddp, teacher=teacher, opt=opt, scaler=torch.amp.GradScaler(device.type, enabled=low is torch.float16),
+        cfg=cfg,
+        device=device,
+        rank=rank,
+        world=world,
+        out=out,
+        loader=loader,
+        student=student,
+        model=model,
+        ddp=ddp,
+        teacher=teacher,
+        opt=opt,
+        scaler=torch.amp.GradScaler(device.type, enabled=low is torch.float16),
         loss_fn=FusedPatchContrastLoss(temperature=cfg.temperature),
         autocast=torch.autocast(device.type, dtype=low) if low is not None else nullcontext(),
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=int(cfg.warmup_epochs * steps_per_epoch),
-    )  # fmt: skip
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup=int(cfg.warmup_epochs * steps_per_epoch),
+    )
 
 
 def train_step(run: Run, state: RunState, micro_batches, meter: Meter) -> None:
@@ -435,8 +467,13 @@ def save_run_checkpoint(run: Run, state: RunState, epoch_end: bool) -> None:
     blob = state.state_dict()  # reads the streak: a checkpoint step may read the device
     check_streak(run.cfg, blob["bad_streak"])
     if run.rank == 0:
-        blob.update(student=run.student.state_dict(), teacher=run.teacher.module.state_dict(),
-                    optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(), arch=run.cfg.arch())  # fmt: skip
+        blob.update(
+            student=run.student.state_dict(),
+            teacher=run.teacher.module.state_dict(),
+            optimizer=run.opt.state_dict(),
+            scaler=run.scaler.state_dict(),
+            arch=run.cfg.arch(),
+        )
         path = save_checkpoint(
             run.out, blob, state.epoch, state.step, run.cfg.keep_last, run.cfg.keep_every_epochs
         )
@@ -530,8 +567,9 @@ def _train(run: Run) -> dict:
     if run.rank == 0 and cfg.progress:
         from tqdm import tqdm
 
-        run.progress = tqdm(total=run.total_steps, initial=state.step, desc="conmim-train", unit="step",
-                            dynamic_ncols=True)  # fmt: skip
+        run.progress = tqdm(
+            total=run.total_steps, initial=state.step, desc="conmim-train", unit="step", dynamic_ncols=True
+        )
     meter = Meter(run.device)
     while state.step < run.total_steps and state.epoch < cfg.epochs:
         run.loader.set_epoch(state.epoch, state.batch)

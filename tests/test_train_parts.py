@@ -11,7 +11,7 @@ import torch
 from conmim import config as cfgmod
 from conmim import train as T
 from conmim.teacher import MomentumTeacher, _is_view_of
-from tests.conftest import tiny
+from tests.conftest import requires_gpu, tiny
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -288,3 +288,18 @@ def test_train_step_under_autocast_feeds_the_loss_low_precision_features(
     assert run.scaler.is_enabled() == (precision == "fp16")
     if precision == "bf16":  # fp16's first step may be skipped by the scaler while it finds its scale
         assert any(not torch.equal(a, p) for a, p in zip(before, run.student.parameters()))
+
+
+@requires_gpu
+def test_training_step_makes_no_cuda_sync(digits, tmp_path):
+    run, state = _run(digits, tmp_path, device="cuda", precision="bf16")
+    batches = _batches(run, 2)
+    meter = T.Meter(run.device)
+    T.train_step(run, state, iter(batches[:1]), meter)  # warm-up: kernels compiled, optimizer state created
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        T.train_step(run, state, iter(batches[1:]), meter)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert state.step == 2
