@@ -124,23 +124,28 @@ def _mark_epoch_end(out: Path, path: Path) -> None:
     os.replace(tmp, out / "epoch_ends.json")
 
 
-def load_latest(out: Path, log) -> dict | None:
+def load_latest(out: Path, log, action: str = "resuming from") -> dict | None:
     """The newest checkpoint that loads (``weights_only=True``: nothing in the file can run code); a file that
-    fails to load is reported and the previous one is tried."""
+    fails to load is reported and the previous one is tried. ``log`` gets "<action> <name> (<progress>)"."""
     for path in checkpoints(out):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or "student" not in state:
                 raise ValueError("not a conmim checkpoint")
-            log(
-                f"resuming from {path.name} (epoch {state['epoch']}, batch {state['batch']}, step {state['step']})"
-            )
+            log(f"{action} {path.name} ({progress_text(state)})")
             return state
         except Exception as exc:
             log(
                 f"checkpoint {path.name} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); trying the previous one"
             )
     return None
+
+
+def progress_text(state: dict) -> str:
+    """A checkpoint's progress in words: "6 epochs done, step 372" or "5 epochs and 62 batches done, step 372"."""
+    epochs, batch = state["epoch"], state["batch"]
+    batches = f" and {batch} batch{'es' if batch != 1 else ''}" if batch else ""
+    return f"{epochs} epoch{'s' if epochs != 1 else ''}{batches} done, step {state['step']}"
 
 
 def rng_state() -> dict:

@@ -227,6 +227,13 @@ def test_a_failed_start_leaves_a_finished_run_unchanged(digits, tmp_path, finish
     assert _snapshot(finished_run) == before
 
 
+def test_load_latest_names_the_action_and_the_progress(finished_run):
+    said = []
+    state = T.load_latest(finished_run, said.append, action="exporting")
+    assert said == ["exporting ckpt-e0001-s00000004.pt (1 epoch done, step 4)"] and state["step"] == 4
+    assert T.progress_text({"epoch": 5, "batch": 62, "step": 372}) == "5 epochs and 62 batches done, step 372"
+
+
 def test_a_finished_run_started_again_says_so(digits, finished_run, capsys):
     before = T.checkpoints(finished_run)
     summary = T.train(tiny(digits, finished_run, epochs=1))
