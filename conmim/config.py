@@ -20,6 +20,7 @@ CHOICES = {
     "precision": ("bf16", "fp16", "fp32"),
     "mask": ("block", "cell"),
     "device": ("auto", "cpu", "cuda"),
+    "strategy": ("ddp",),
 }
 # Keys that define the network: a run folder's checkpoints only fit a configuration with the same values.
 ARCH_KEYS = ("model", "image_size", "patch_size", "head_hidden", "head_out")
@@ -67,6 +68,7 @@ class Config:
     crop_scale_min: float
     seed: int
     device: str
+    strategy: str
     log_every: int
     checkpoint_every: int
     keep_last: int

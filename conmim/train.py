@@ -313,11 +313,11 @@ class Run:
 
 
 def wrap_model(student: nn.Module, cfg: Config, device: torch.device, world: int):
-    """The parallel strategy, chosen here alone: the student itself on one process, DDP on several; then
-    torch.compile when asked. Returns (the module to call, the DDP wrapper or None)."""
+    """The parallel strategy (``cfg.strategy``), chosen here alone: on one process the student as is; on several,
+    DDP. Then torch.compile when asked. Returns (the module to call, the DDP wrapper or None)."""
     ddp = None
     model = student
-    if world > 1:
+    if world > 1 and cfg.strategy == "ddp":
         ddp = model = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
