@@ -14,8 +14,9 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MIXABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # student and teacher may differ among these
 REDUCTIONS = ("mean", "sum", "none")
-# The loss of a row is at most 2 / tau for normalised features; it must stay finite in float32.
-MIN_TEMPERATURE = 2.0 / torch.finfo(torch.float32).max
+# The smallest temperature: float32's smallest normal number, so that tau itself, 1 / tau and the loss of a row
+# (at most 2 / tau for normalised features) are all finite normal float32 numbers.
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
 def is_real(x) -> bool:
@@ -107,8 +108,8 @@ def check_temperature(temperature) -> None:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if temperature < MIN_TEMPERATURE:
         raise ValueError(
-            f"temperature must be at least 2 / (float32 max) = {MIN_TEMPERATURE:.3g} so that the loss (up to "
-            f"2 / tau) is finite in float32, got {temperature}"
+            f"temperature must be at least float32's smallest normal number {MIN_TEMPERATURE:.4g} (tau, 1 / tau "
+            f"and the loss, up to 2 / tau, must be finite in float32), got {temperature}"
         )
 
 
