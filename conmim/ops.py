@@ -267,7 +267,8 @@ def patch_contrast_backward_op(
     """(d_student [B, N, d] in student.dtype, d_teacher [B, N, d] in teacher.dtype or an empty tensor when
     ``need_teacher`` is False). ``backend`` is the one the forward ran (autograd passes it; "auto" is resolved
     the same way as there)."""
-    name = patch_contrast_backend(student, teacher, backend)
+    # autograd passes the backend the forward ran, whose reasons were checked there: no second dispatch
+    name = backend if backend != "auto" else patch_contrast_backend(student, teacher, backend)
     with _on_device(student):
         ds, dt = _patch_contrast_backward(
             name, grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
@@ -303,8 +304,8 @@ def _pc_setup_context(ctx, inputs, output):
     _, lse = output
     ctx.save_for_backward(student, teacher, mask, positive_index, lse)
     ctx.temperature, ctx.normalize = temperature, normalize
-    ctx.backend = patch_contrast_backend(student, teacher, backend)  # the forward's choice: concrete already
-    # when called through conmim.patch_contrast_loss, which resolves "auto" before the op
+    # the forward's backend: already concrete when called through conmim.patch_contrast_loss
+    ctx.backend = backend if backend != "auto" else patch_contrast_backend(student, teacher, backend)
 
 
 def _pc_backward(ctx, grad_loss, grad_lse):
