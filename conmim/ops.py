@@ -207,10 +207,6 @@ def _reference_backward(grad, student, teacher, mask, positive_index, temperatur
     return ds.to(student.dtype).contiguous(), dt
 
 
-def _inputs(student, teacher) -> dict:
-    return {"student": student, "teacher": teacher}
-
-
 @torch.library.custom_op("conmim::patch_contrast", mutates_args=())
 def patch_contrast_op(
     student: torch.Tensor,
