@@ -43,7 +43,7 @@ def fused_backends(device: torch.device) -> list[str]:
     from conmim.ops import ema_reasons
 
     probe = [torch.empty(8, device=device)]
-    return [n for n, f in ema_reasons(probe, probe).items() if f() is None and n != "reference"]
+    return [n for n, f in ema_reasons(probe, probe).items() if not f() and n != "reference"]
 
 
 def _variants(teacher, student, m, device) -> list[Variant]:

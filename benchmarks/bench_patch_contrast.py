@@ -43,11 +43,7 @@ def fused_backends(device: torch.device) -> list[str]:
     from conmim.ops import patch_contrast_reasons
 
     probe = torch.empty(1, 4, 16, device=device)
-    return [
-        n
-        for n, why in ((n, f()) for n, f in patch_contrast_reasons(probe).items())
-        if why is None and n != "reference"
-    ]
+    return [n for n, f in patch_contrast_reasons(probe).items() if not f() and n != "reference"]
 
 
 def loss_functions(device: torch.device, with_compile: bool = True) -> dict:

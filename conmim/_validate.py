@@ -7,11 +7,26 @@ argument and what was expected. None of them synchronises with the device.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MIXABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # student and teacher may differ among these
 REDUCTIONS = ("mean", "sum", "none")
+# The smallest temperature: float32's smallest normal number, so that tau itself, 1 / tau and the loss of a row
+# (at most 2 / tau for normalised features) are all finite normal float32 numbers.
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+def is_real(x) -> bool:
+    """A Python or NumPy real number (not a bool)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def is_int(x) -> bool:
+    """A Python or NumPy integer (not a bool)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -19,7 +34,7 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def check_patch_contrast_args(
-    student, teacher, mask, positive_index=None, temperature=0.1, reduction="mean"
+    student, teacher, mask, positive_index=None, temperature=0.1, reduction="mean", normalize=True
 ) -> tuple[int, int, int]:
     """Validate the loss inputs; returns (B, N, d)."""
     for name, t in (("student", student), ("teacher", teacher), ("mask", mask)):
@@ -36,8 +51,9 @@ def check_patch_contrast_args(
         raise ValueError("student must have a non-empty feature dimension (d >= 1), got d = 0")
     if student.dtype not in FLOAT_DTYPES:
         raise TypeError(f"student must be float32, bfloat16, float16 or float64, got {student.dtype}")
-    if teacher.dtype != student.dtype:
-        raise TypeError(f"teacher must have the student's dtype {student.dtype}, got {teacher.dtype}")
+    if teacher.dtype != student.dtype and not {student.dtype, teacher.dtype} <= set(MIXABLE_DTYPES):
+        allowed = "float32, bfloat16 or float16" if student.dtype in MIXABLE_DTYPES else "float64"
+        raise TypeError(f"teacher must be {allowed} with a {student.dtype} student, got {teacher.dtype}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor of shape [{B}, {N}], got dtype {mask.dtype}")
     if mask.shape != (B, N):
@@ -63,6 +79,12 @@ def check_patch_contrast_args(
             )
     check_temperature(temperature)
     check_reduction(reduction)
+    check_normalize(normalize)
+    if student.device.type == "meta" and reduction == "none":
+        raise ValueError(
+            "reduction='none' returns one loss per masked patch, a count that meta tensors do not have; "
+            "use 'mean' or 'sum' on meta tensors"
+        )
     return B, N, d
 
 
@@ -80,10 +102,22 @@ def check_positive_index_range(positive_index: torch.Tensor, mask: torch.Tensor,
 
 
 def check_temperature(temperature) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if not is_real(temperature):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be at least float32's smallest normal number {MIN_TEMPERATURE:.4g} (tau, 1 / tau "
+            f"and the loss, up to 2 / tau, must be finite in float32), got {temperature}"
+        )
+
+
+def check_normalize(normalize) -> None:
+    if not isinstance(normalize, bool):
+        raise TypeError(
+            f"normalize must be a bool (True or False), got {type(normalize).__name__} {normalize!r}"
+        )
 
 
 def check_reduction(reduction) -> None:
@@ -92,16 +126,26 @@ def check_reduction(reduction) -> None:
 
 
 def check_momentum(momentum) -> None:
+    """A float in [0, 1] or a 0-d floating tensor. A CPU tensor's value is checked too; a GPU tensor's is the
+    caller's to keep in [0, 1] (reading it would synchronise with the device: the point of passing a tensor)."""
     if isinstance(momentum, torch.Tensor):
         if momentum.dim() != 0 or not momentum.is_floating_point():
             raise TypeError(
                 f"momentum must be a float or a 0-d floating tensor, got a {momentum.dtype} tensor of shape "
                 f"{_shape(momentum)}"
             )
+        if momentum.device.type == "meta":
+            raise ValueError("momentum must be a tensor with a value (CPU or GPU), got a meta tensor")
+        if momentum.device.type == "cpu":
+            _check_momentum_range(float(momentum))
         return
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+    if not is_real(momentum):
         raise TypeError(f"momentum must be a float or a 0-d tensor, got {type(momentum).__name__}")
-    if not (0.0 <= momentum <= 1.0):
+    _check_momentum_range(momentum)
+
+
+def _check_momentum_range(momentum: float) -> None:
+    if not (0.0 <= momentum <= 1.0):  # NaN fails too
         raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
 
 
@@ -125,3 +169,10 @@ def check_tensor_lists(teacher, student) -> None:
             )
         if t.device != s.device:
             raise ValueError(f"student[{i}] must be on teacher[{i}]'s device {t.device}, got {s.device}")
+        if t.device.type == "meta":
+            raise ValueError(f"teacher[{i}] and student[{i}] are meta tensors: there are no values to update")
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            raise ValueError(
+                f"teacher[{i}] has stride 0 along a dimension of size > 1 (e.g. from expand), so several of its "
+                f"elements share memory and cannot be updated in place; pass a tensor that owns its elements"
+            )

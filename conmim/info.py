@@ -61,8 +61,9 @@ def report() -> str:
         for op, reasons in tables.items():
             lines.append(f"  {op} on {dev.type}:")
             for name, thunk in reasons.items():
-                why = thunk()
-                lines.append(f"    {name:<10} {'yes' if why is None else 'no: ' + why}")
+                whys = thunk()
+                verdict = "no: " + "; ".join(w.text for w in whys) if whys else "yes"
+                lines.append(f"    {name:<10} {verdict}")
     return "\n".join(lines)
 
 

@@ -7,17 +7,19 @@ from torch import nn
 
 from conmim import backends
 from conmim._validate import (
+    check_normalize,
     check_patch_contrast_args,
     check_positive_index_range,
     check_reduction,
     check_temperature,
 )
-from conmim.ops import patch_contrast_op
+from conmim.ops import patch_contrast_backend, patch_contrast_op
 
 
 def _host_checks_allowed(t: torch.Tensor) -> bool:
-    """Host-side value checks (they read device memory) are skipped while compiling or capturing a CUDA graph."""
-    if torch.compiler.is_compiling():
+    """Host-side value checks (they read device memory) are skipped while compiling or capturing a CUDA graph,
+    and for meta tensors (no values)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -40,24 +42,29 @@ def patch_contrast_loss(
 
     Args:
         student: [B, N, d] float32 / bfloat16 / float16 (float64: cpu and reference backends); any strides.
-        teacher: [B, N, d], same dtype and device. Gets a gradient only if it requires grad.
+        teacher: [B, N, d] on the same device; float32 / bfloat16 / float16 whatever the student's (e.g. a bf16
+            student from autocast with an fp32 teacher), float64 with float64. Each is read in its own dtype.
+            Gets a gradient (in its own dtype) only if it requires grad.
         mask: bool [B, N]; any number of masked patches per image, including none and all.
         temperature: tau > 0 (ConMIM: 0.1).
         reduction: "mean" over all masked patches of the batch (0 if there are none), "sum", or "none"
             (one loss per masked patch in ``mask.nonzero()`` order; this one reads the count on the host).
-        normalize: L2-normalise both inputs (False for features that are already normalised).
+        normalize: L2-normalise both inputs (False for features that are already normalised); a bool.
         positive_index: optional int64 [B, N]; key index of each query's positive (default: same index).
         backend: "auto", "triton", "cuda", "cpu" or "reference" (env CONMIM_BACKEND overrides "auto").
 
     Returns:
-        float32 loss (float64 for float64 inputs); gradients flow back in the inputs' dtype.
+        float32 loss (float64 for float64 inputs); gradients flow back in each input's dtype. Double backward
+        (a gradient of the gradient) is not supported.
     """
-    _, N, _ = check_patch_contrast_args(student, teacher, mask, positive_index, temperature, reduction)
+    _, N, _ = check_patch_contrast_args(
+        student, teacher, mask, positive_index, temperature, reduction, normalize
+    )
     if positive_index is not None and _host_checks_allowed(positive_index):
         check_positive_index_range(positive_index, mask, N)
-    name = backends.requested_backend(backend)
+    name = patch_contrast_backend(student, teacher, backends.requested_backend(backend))
     row_loss, _ = patch_contrast_op(
-        student, teacher, mask, positive_index, float(temperature), bool(normalize), name
+        student, teacher, mask, positive_index, float(temperature), normalize, name
     )
     if reduction == "none":
         return row_loss[mask]
@@ -82,11 +89,12 @@ class FusedPatchContrastLoss(nn.Module):
         super().__init__()
         check_temperature(temperature)
         check_reduction(reduction)
+        check_normalize(normalize)
         if backend not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
         self.temperature = float(temperature)
         self.reduction = reduction
-        self.normalize = bool(normalize)
+        self.normalize = normalize
         self.backend = backend
 
     def forward(

@@ -7,15 +7,25 @@ bool tensor [B, N] with N = grid height * grid width, True where the patch is ma
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
+# kernels/patch_contrast.py and conmim/native.py import work_order from here until they switch to conmim.order
+# (at merge); then this re-export goes.
+from conmim.order import work_order  # noqa: F401
+
+
+def _is_int(x) -> bool:
+    """A Python or NumPy integer (not a bool)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
 
 def _grid(grid) -> tuple[int, int]:
-    if isinstance(grid, int):
+    if _is_int(grid):
         grid = (grid, grid)
-    if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g <= 0 for g in grid):
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(_is_int(g) and g > 0 for g in grid):
         raise ValueError(
             f"grid must be a positive int or a (height, width) pair of positive ints, got {grid!r}"
         )
@@ -23,9 +33,9 @@ def _grid(grid) -> tuple[int, int]:
 
 
 def _check_batch(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+    if not _is_int(batch_size) or batch_size < 0:
         raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
-    return batch_size
+    return int(batch_size)
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,8 @@ def block_masks(
         raise ValueError(f"num_masking_patches must lie in [0, N] = [0, {n}], got {num_masking_patches}")
     if min_num_patches < 1:
         raise ValueError(f"min_num_patches must be >= 1, got {min_num_patches}")
+    if not _is_int(max_attempts) or max_attempts < 1:
+        raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
     max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
     if max_num_patches < 1:
         raise ValueError(f"max_num_patches must be >= 1, got {max_num_patches}")
@@ -189,7 +201,7 @@ def cell_masks(
     """
     B = _check_batch(batch_size)
     height, width = _grid(grid)
-    if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
+    if not _is_int(cell) or cell < 1:
         raise ValueError(f"cell must be a positive int, got {cell!r}")
     if height % cell or width % cell:
         raise ValueError(f"grid {height}x{width} must be divisible by cell = {cell}")
@@ -205,16 +217,4 @@ def cell_masks(
     return out.to(device) if device is not None else out.contiguous()
 
 
-def work_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GPU loss kernels' work list, computed on the mask's device without a host sync.
-
-    mask: bool [B, N]. Returns (order int64 [B, N]: each image's masked patches first, in index order, then the
-    rest; counts int32 [B]: masked patches per image). Shared by the Triton and CUDA launchers (torch only, so
-    the CUDA backend runs where Triton is not installed).
-    """
-    counts = mask.sum(dim=1, dtype=torch.int32)
-    order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices
-    return order.contiguous(), counts
-
-
-__all__ = ["Block", "block_masks", "cell_masks", "work_order"]
+__all__ = ["Block", "block_masks", "cell_masks"]

@@ -15,9 +15,10 @@ from collections.abc import Callable
 import torch
 
 from conmim import _ext, backends, native, preference
+from conmim.backends import Kind, Why
 from conmim.reference import acc_dtype, ema_update_reference_, patch_contrast_loss_reference
 
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_TRITON_D = 2048  # bf16/fp16; one [BLOCK, d] tile of each operand stays in shared memory
 MAX_TRITON_D_FP32 = 1024  # fp32 at d = 2048 needs ~394 KB of shared memory, above the H200's 227 KB
 MAX_CUDA_D = 1024
@@ -31,25 +32,73 @@ _NO_KERNELS = (
 
 
 def _triton_module(name: str):
-    """Import conmim.kernels.<name>; returns (module, None) or (None, why)."""
+    """conmim.kernels.<name>, once the Triton reasons said it can run."""
+    return importlib.import_module(f"conmim.kernels.{name}")
+
+
+def _triton_whys(device: torch.device) -> list[Why]:
+    """Why Triton cannot run on ``device`` here: the kernels package or Triton missing, or not a GPU."""
     try:
-        from conmim.kernels import triton_status
+        from conmim.kernels import interpreting, triton_status
     except ImportError as exc:
-        return None, _NO_KERNELS.format(exc=exc)
+        return [Why(_NO_KERNELS.format(exc=exc))]
+    out = []
+    if device.type != "cuda" and not interpreting():
+        text = (
+            f"wrong device: Triton kernels need CUDA tensors, got {device.type} (or set TRITON_INTERPRET=1)"
+        )
+        out.append(Why(text, Kind.DEVICE))
     why = triton_status()
     if why is not None:
-        return None, why
-    return importlib.import_module(f"conmim.kernels.{name}"), None
+        out.append(Why(why))
+    return out
 
 
-def _triton_device_reason(device: torch.device) -> str | None:
-    try:
-        from conmim.kernels import interpreting
-    except ImportError as exc:
-        return _NO_KERNELS.format(exc=exc)
-    if device.type == "cuda" or interpreting():
-        return None
-    return f"wrong device: Triton kernels need CUDA tensors, got {device.type} (or set TRITON_INTERPRET=1)"
+def _extension_whys(needs_cuda: bool) -> list[Why]:
+    if not _ext.available():
+        return [Why(_ext.why_unavailable(), Kind.EXTENSION)]
+    if needs_cuda and not _ext.cuda_compiled():
+        return [Why("conmim._C was built without CUDA kernels (nvcc was not found)")]
+    return []
+
+
+def _fused_reasons(
+    device: torch.device,
+    dtypes: set[torch.dtype],
+    limits: Callable[[str], list[Why]],
+    gpu_order: tuple[str, str] = ("triton", "cuda"),
+) -> backends.Reasons:
+    """backend -> thunk listing every reason it cannot run an op on ``device`` with tensors of ``dtypes``
+    (device, build, dtype, then the op's own ``limits(backend)``), in auto priority order for the device
+    (``gpu_order`` first on a GPU, the C++ kernels first on the CPU); the reference last."""
+    bad = sorted(str(d) for d in dtypes - set(_GPU_DTYPES))
+
+    def gpu_dtypes(kernels: str) -> list[Why]:
+        if not bad:
+            return []
+        return [
+            Why(
+                f"dtype {', '.join(bad)} is not supported by the {kernels} kernels (float32, bfloat16, float16)"
+            )
+        ]
+
+    def on(kind: str, kernels: str) -> list[Why]:
+        if device.type == kind:
+            return []
+        return [
+            Why(
+                f"wrong device: the {kernels} kernels need {kind.upper()} tensors, got {device.type}",
+                Kind.DEVICE,
+            )
+        ]
+
+    thunks = {
+        "triton": lambda: (*_triton_whys(device), *gpu_dtypes("Triton"), *limits("triton")),
+        "cuda": lambda: (*on("cuda", "CUDA"), *_extension_whys(True), *gpu_dtypes("CUDA"), *limits("cuda")),
+        "cpu": lambda: (*on("cpu", "C++"), *_extension_whys(False), *limits("cpu")),
+    }
+    names = (*gpu_order, "cpu") if device.type == "cuda" else ("cpu", "triton", "cuda")
+    return {**{n: thunks[n] for n in names}, "reference": lambda: ()}
 
 
 # --------------------------------------------------------------------------------------------- patch contrast
@@ -59,49 +108,45 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def patch_contrast_reasons(student: torch.Tensor) -> dict[str, Callable[[], str | None]]:
-    """backend -> thunk saying why it cannot run the loss on inputs like ``student``; in auto priority order."""
-    dev, dtype, B, D = student.device, student.dtype, student.shape[0], student.shape[-1]
-    too_many = f"batch B = {B} is above the GPU kernels' limit of {MAX_GPU_BATCH} images per call"
+def patch_contrast_reasons(student: torch.Tensor, teacher: torch.Tensor | None = None) -> backends.Reasons:
+    """backend -> thunk listing every reason it cannot run the loss on inputs like ``student`` and ``teacher``
+    (default: a teacher like the student); in auto priority order."""
+    teacher = student if teacher is None else teacher
+    B, N, D = student.shape
+    dtypes = {student.dtype, teacher.dtype}
 
-    def triton_reason():
-        why = _triton_device_reason(dev)
-        if why is None and dtype not in _TRITON_DTYPES:
-            why = f"dtype {dtype} is not supported by the Triton kernels (float32, bfloat16, float16)"
-        max_d = MAX_TRITON_D_FP32 if dtype == torch.float32 else MAX_TRITON_D
-        if why is None and max_d < D:
-            why = f"feature dim d = {D} is above the Triton kernels' limit of {max_d} for {dtype}"
-        if why is None and B > MAX_GPU_BATCH:
-            why = too_many
-        if why is None:
-            why = _triton_module("patch_contrast")[1]
-        return why
-
-    def cuda_reason():
-        if dev.type != "cuda":
-            return f"wrong device: the CUDA kernels need CUDA tensors, got {dev.type}"
-        if not _ext.cuda_compiled():
-            return _ext.why_unavailable() or "conmim._C was built without CUDA kernels (nvcc was not found)"
-        if dtype not in _TRITON_DTYPES:
-            return f"dtype {dtype} is not supported by the CUDA kernels (float32, bfloat16, float16)"
-        if D > MAX_CUDA_D:
-            return f"feature dim d = {D} is above the CUDA kernels' limit of {MAX_CUDA_D}"
+    def limits(name: str) -> list[Why]:
+        if name == "cpu":
+            return []
+        out = []
+        if name == "triton":
+            max_d = MAX_TRITON_D_FP32 if torch.float32 in dtypes else MAX_TRITON_D
+            fp32 = " with a float32 operand" if torch.float32 in dtypes else ""
+            if max_d < D:
+                out.append(Why(f"feature dim d = {D} is above the Triton kernels' limit of {max_d}{fp32}"))
+        elif D > MAX_CUDA_D:
+            out.append(Why(f"feature dim d = {D} is above the CUDA kernels' limit of {MAX_CUDA_D}"))
         if B > MAX_GPU_BATCH:
-            return too_many
-        return None
+            out.append(
+                Why(f"batch B = {B} is above the GPU kernels' limit of {MAX_GPU_BATCH} images per call")
+            )
+        return out
 
-    def cpu_reason():
-        if dev.type != "cpu":
-            return f"wrong device: the C++ kernels need CPU tensors, got {dev.type}"
-        return _ext.why_unavailable()
+    gpu_order = preference.gpu_order(N, D)[0] if student.device.type == "cuda" else ("triton", "cuda")
+    return _fused_reasons(student.device, dtypes, limits, gpu_order)
 
-    thunks = {"triton": triton_reason, "cuda": cuda_reason, "cpu": cpu_reason}
-    if dev.type == "cuda":
-        first, second = preference.gpu_order(student.shape[1], D)[0]
-        names = (first, second, "cpu")
-    else:
-        names = ("cpu", "triton", "cuda")
-    return {**{n: thunks[n] for n in names}, "reference": lambda: None}
+
+@torch.compiler.assume_constant_result
+def patch_contrast_backend(student: torch.Tensor, teacher: torch.Tensor, backend: str) -> str:
+    """The backend that runs the loss on these inputs for a request ``backend`` (after
+    :func:`conmim.backends.requested_backend`). It depends on devices, dtypes and shapes only, so a compiled
+    graph takes it as a constant; the forward's choice is saved for the backward, which never dispatches again."""
+    return backends.choose(
+        "conmim::patch_contrast",
+        backend,
+        patch_contrast_reasons(student, teacher),
+        {"student": student, "teacher": teacher},
+    )
 
 
 def _reference_rows(student, teacher, mask, positive_index, temperature, normalize):
@@ -135,8 +180,10 @@ def _normalize_backward(x: torch.Tensor, dq: torch.Tensor, eps: float = 1e-12) -
 def _reference_backward(grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher):
     """Analytic gradients of the dense per-position loss (the reference backend's backward; O(B N^2) memory).
 
-    dlogit_ij = g_i (softmax_ij - [j == pos_i]) / tau on masked rows; dq = G k_hat, dk = G^T q_hat, then the
-    L2-normalisation Jacobian. Returns (d_student, d_teacher or None) in the input dtype, contiguous.
+    dlogit_ij = g_i (softmax_ij - [j == pos_i]) / tau on masked rows, with the positive's p - 1 computed as minus
+    the sum of the other probabilities (no cancellation when p is near 1); dq = G k_hat, dk = G^T q_hat, then
+    the L2-normalisation Jacobian. Returns (d_student in student.dtype, d_teacher in teacher.dtype or None),
+    contiguous.
     """
     B, N, _ = student.shape
     acc = acc_dtype(student.dtype)
@@ -147,15 +194,16 @@ def _reference_backward(grad, student, teacher, mask, positive_index, temperatur
     pos = (
         positive_index if positive_index is not None else torch.arange(N, device=student.device).expand(B, N)
     )
-    onehot = torch.nn.functional.one_hot(pos.clamp(0, N - 1), N).to(acc)
+    onehot = torch.nn.functional.one_hot(pos.clamp(0, N - 1), N).bool()
+    others = torch.softmax(logits, dim=-1).masked_fill(onehot, 0.0)
     g = (grad.to(acc) * mask.to(acc)).unsqueeze(-1)
-    G = g * (torch.softmax(logits, dim=-1) - onehot) / temperature
+    G = g * (others - onehot * others.sum(-1, keepdim=True)) / temperature
     dq = torch.bmm(G, k)
     ds = _normalize_backward(x, dq) if normalize else dq
     dt = None
     if need_teacher:
         dk = torch.bmm(G.transpose(1, 2), q)
-        dt = (_normalize_backward(y, dk) if normalize else dk).to(student.dtype).contiguous()
+        dt = (_normalize_backward(y, dk) if normalize else dk).to(teacher.dtype).contiguous()
     return ds.to(student.dtype).contiguous(), dt
 
 
@@ -169,8 +217,9 @@ def patch_contrast_op(
     normalize: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position loss and logsumexp, each [B, N] float32 (float64 for float64 inputs), 0 where not masked."""
-    name = backends.choose("conmim::patch_contrast", backend, patch_contrast_reasons(student))
+    """Per-position loss and logsumexp, each [B, N] float32 (float64 for float64 inputs), 0 where not masked.
+    student and teacher may differ in dtype (float32 / bfloat16 / float16); each is read in its own."""
+    name = patch_contrast_backend(student, teacher, backend)
     with _on_device(student):
         return _patch_contrast_forward(name, student, teacher, mask, positive_index, temperature, normalize)
 
@@ -181,8 +230,9 @@ def _patch_contrast_forward(name, student, teacher, mask, positive_index, temper
             student, teacher, mask, positive_index, temperature, normalize
         )
     if name == "triton":
-        mod, _ = _triton_module("patch_contrast")
-        return mod.patch_contrast_forward(student, teacher, mask, positive_index, temperature, normalize)
+        return _triton_module("patch_contrast").patch_contrast_forward(
+            student, teacher, mask, positive_index, temperature, normalize
+        )
     if name == "cuda":
         return native.patch_contrast_forward_cuda(
             student, teacher, mask, positive_index, temperature, normalize
@@ -210,44 +260,38 @@ def patch_contrast_backward_op(
     need_teacher: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d_student [B, N, d], d_teacher [B, N, d] or an empty tensor when ``need_teacher`` is False), in the input
-    dtype."""
-    name = backends.choose("conmim::patch_contrast_backward", backend, patch_contrast_reasons(student))
+    """(d_student [B, N, d] in student.dtype, d_teacher [B, N, d] in teacher.dtype or an empty tensor when
+    ``need_teacher`` is False). ``backend`` is the one the forward ran (autograd passes it; "auto" is resolved
+    the same way as there)."""
+    # autograd passes the backend the forward ran, whose reasons were checked there: no second dispatch
+    name = backend if backend != "auto" else patch_contrast_backend(student, teacher, backend)
     with _on_device(student):
         ds, dt = _patch_contrast_backward(
             name, grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
         )
-    return ds, (dt if dt is not None else student.new_empty(0))
+    return ds, (dt if dt is not None else teacher.new_empty(0))
 
 
 def _patch_contrast_backward(
     name, grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
 ):
+    args = (grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher)
     if name == "cpu":
-        ds, dt = native.patch_contrast_backward_cpu(
-            grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
-        )
-    elif name == "triton":
-        mod, _ = _triton_module("patch_contrast")
-        ds, dt = mod.patch_contrast_backward(
-            grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
-        )
-    elif name == "cuda":
-        ds, dt = native.patch_contrast_backward_cuda(
-            grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
-        )
-    else:
-        ds, dt = _reference_backward(
-            grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher
-        )
-    return ds, dt
+        return native.patch_contrast_backward_cpu(*args)
+    if name == "triton":
+        return _triton_module("patch_contrast").patch_contrast_backward(*args)
+    if name == "cuda":
+        return native.patch_contrast_backward_cuda(*args)
+    return _reference_backward(
+        grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher
+    )
 
 
 @patch_contrast_backward_op.register_fake
 def _(grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher, backend):
     B, N, D = student.shape
     ds = student.new_empty(B, N, D)
-    dt = student.new_empty(B, N, D) if need_teacher else student.new_empty(0)
+    dt = teacher.new_empty(B, N, D) if need_teacher else teacher.new_empty(0)
     return ds, dt
 
 
@@ -255,7 +299,9 @@ def _pc_setup_context(ctx, inputs, output):
     student, teacher, mask, positive_index, temperature, normalize, backend = inputs
     _, lse = output
     ctx.save_for_backward(student, teacher, mask, positive_index, lse)
-    ctx.temperature, ctx.normalize, ctx.backend = temperature, normalize, backend
+    ctx.temperature, ctx.normalize = temperature, normalize
+    # the forward's backend: already concrete when called through conmim.patch_contrast_loss
+    ctx.backend = backend if backend != "auto" else patch_contrast_backend(student, teacher, backend)
 
 
 def _pc_backward(ctx, grad_loss, grad_lse):
@@ -287,48 +333,32 @@ def _pc_backward(ctx, grad_loss, grad_lse):
 patch_contrast_op.register_autograd(_pc_backward, setup_context=_pc_setup_context)
 
 
+def _no_double_backward(ctx, grad_ds, grad_dt):
+    raise RuntimeError(
+        "conmim::patch_contrast: double backward (a gradient of the gradient, e.g. torch.autograd.grad with "
+        "create_graph=True followed by a second backward) is not supported; use backend='reference' with "
+        "torch.func or plain torch ops for higher-order gradients"
+    )
+
+
+patch_contrast_backward_op.register_autograd(_no_double_backward)
+
+
 # -------------------------------------------------------------------------------------------------------- EMA
-def ema_reasons(
-    teacher: list[torch.Tensor], student: list[torch.Tensor]
-) -> dict[str, Callable[[], str | None]]:
-    """backend -> thunk saying why it cannot run this EMA update; in auto priority order."""
+def ema_reasons(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> backends.Reasons:
+    """backend -> thunk listing every reason it cannot run this EMA update; in auto priority order."""
     dev = teacher[0].device if teacher else torch.device("cpu")
     devices = {t.device for t in teacher} | {s.device for s in student}
     dtypes = {t.dtype for t in teacher} | {s.dtype for s in student}
-
-    def common():
-        if len(devices) > 1:
-            return f"tensors are on several devices {sorted(str(d) for d in devices)}"
-        bad = [i for i, t in enumerate(teacher) if not t.is_contiguous()]
-        if bad:
-            return f"teacher tensors {bad[:5]} are not contiguous (fused kernels update contiguous memory)"
-        return None
-
-    def triton_reason():
-        why = common() or _triton_device_reason(dev)
-        if why is None and not dtypes <= set(_TRITON_DTYPES):
-            why = f"dtypes {sorted(str(d) for d in dtypes)} include one the Triton kernel does not support"
-        return why or _triton_module("ema")[1]
-
-    def cuda_reason():
-        if dev.type != "cuda":
-            return f"wrong device: the CUDA kernels need CUDA tensors, got {dev.type}"
-        if not _ext.cuda_compiled():
-            return _ext.why_unavailable() or "conmim._C was built without CUDA kernels (nvcc was not found)"
-        why = common()
-        if why is None and not dtypes <= set(_TRITON_DTYPES):
-            why = f"dtypes {sorted(str(d) for d in dtypes)} include one the CUDA kernel does not support"
-        return why
-
-    def cpu_reason():
-        if dev.type != "cpu":
-            return f"wrong device: the C++ kernels need CPU tensors, got {dev.type}"
-        return common() or _ext.why_unavailable()
-
-    gpu_first = {"triton": triton_reason, "cuda": cuda_reason, "cpu": cpu_reason}
-    cpu_first = {"cpu": cpu_reason, "triton": triton_reason, "cuda": cuda_reason}
-    order = gpu_first if dev.type == "cuda" else cpu_first
-    return {**order, "reference": lambda: None}
+    common = []
+    if len(devices) > 1:
+        common.append(Why(f"tensors are on several devices {sorted(str(d) for d in devices)}"))
+    bad = [i for i, t in enumerate(teacher) if not t.is_contiguous()]
+    if bad:
+        common.append(
+            Why(f"teacher tensors {bad[:5]} are not contiguous (fused kernels update contiguous memory)")
+        )
+    return _fused_reasons(dev, dtypes, lambda name: common)
 
 
 def _groups(teacher, student):
@@ -350,7 +380,8 @@ def ema_update_op(
     """teacher[i] <- lerp(teacher[i], student[i], 1 - m); m = momentum_tensor if given (0-d) else momentum."""
     if not teacher:
         return
-    name = backends.choose("conmim::ema_update_", backend, ema_reasons(teacher, student))
+    reasons = ema_reasons(teacher, student)
+    name = backends.choose("conmim::ema_update_", backend, reasons, {"teacher": teacher, "student": student})
     m = momentum_tensor if momentum_tensor is not None else momentum
     if name == "reference":
         ema_update_reference_(teacher, student, m)
@@ -366,7 +397,7 @@ def ema_update_op(
             for idx in _groups(teacher, student):
                 native.ema_update_cuda_([teacher[i] for i in idx], [student[i] for i in idx], m)
             return
-        mod, _ = _triton_module("ema")
+        mod = _triton_module("ema")
         for idx in _groups(teacher, student):
             mod.ema_update_([teacher[i] for i in idx], [student[i] for i in idx], m)
 

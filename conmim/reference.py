@@ -22,6 +22,7 @@ from conmim._validate import (
     check_patch_contrast_args,
     check_positive_index_range,
     check_tensor_lists,
+    is_int,
 )
 
 
@@ -52,7 +53,7 @@ def patch_contrast_loss_reference(
 
     Args:
         student: [B, N, d] float tensor (fp32/bf16/fp16/fp64); student features of every patch.
-        teacher: [B, N, d], same dtype and device; teacher features (the keys).
+        teacher: [B, N, d] on the same device, fp32/bf16/fp16 (fp64 with fp64); teacher features (the keys).
         mask: bool [B, N]; True where the patch was masked for the student. Any count per image, 0..N.
         temperature: tau > 0.
         reduction: "mean" over all masked patches of the batch (0 when there are none), "sum", or "none"
@@ -63,7 +64,11 @@ def patch_contrast_loss_reference(
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [M] for reduction="none".
     """
-    B, N, d = check_patch_contrast_args(student, teacher, mask, positive_index, temperature, reduction)
+    B, N, d = check_patch_contrast_args(
+        student, teacher, mask, positive_index, temperature, reduction, normalize
+    )
+    if student.device.type == "meta":
+        raise ValueError("the reference loss reads the mask's values, which meta tensors do not have")
     if positive_index is not None:
         check_positive_index_range(positive_index, mask, N)
     acc = acc_dtype(student.dtype)
@@ -110,10 +115,11 @@ def momentum_schedule(step: int, total_steps: int, base: float = 0.996, final: f
 
     ``base`` at step 0, ``final`` at ``total_steps``; steps outside [0, total_steps] are clamped.
     """
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+    if not is_int(total_steps) or total_steps <= 0:
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-    if isinstance(step, bool) or not isinstance(step, int):
+    if not is_int(step):
         raise TypeError(f"step must be an int, got {type(step).__name__}")
+    step, total_steps = int(step), int(total_steps)
     for name, v in (("base", base), ("final", final)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} momentum must lie in [0, 1], got {v}")

@@ -125,7 +125,12 @@ def test_uniform_features_give_log_n():
         (lambda s, t, m: (s, t, m.float()), TypeError, "mask must be a bool tensor"),
         (lambda s, t, m: (s, t, m[:, :3]), ValueError, "mask must have shape [B, N]"),
         (lambda s, t, m: (s[..., :0], t[..., :0], m), ValueError, "d >= 1"),
-        (lambda s, t, m: (s, t.double(), m), TypeError, "teacher must have the student's dtype"),
+        (lambda s, t, m: (s, t.double(), m), TypeError, "teacher must be float32, bfloat16 or float16 with"),
+        (
+            lambda s, t, m: (s.double(), t.half(), m),
+            TypeError,
+            "teacher must be float64 with a torch.float64",
+        ),
         (lambda s, t, m: (s.long(), t.long(), m), TypeError, "student must be float32"),
         (lambda s, t, m: (s, t, m.to("meta")), ValueError, "mask must be on the student's device"),
         (lambda s, t, m: (s, t.to("meta"), m), ValueError, "teacher must be on the student's device"),

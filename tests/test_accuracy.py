@@ -1,0 +1,129 @@
+"""Accuracy against float64 by DESIGN.md's rule, including a saturated softmax (the positive's probability near 1),
+and temperatures whose 1 / tau leaves float32.
+
+The rule: a fused result's error against the float64 reference is at most twice the error of the plain torch
+computation in the same dtype (the official formulation, autograd for its gradients), plus a small floor.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import conmim
+from conmim._validate import MIN_TEMPERATURE
+from tests.conftest import triton_runs_here
+from tests.test_patch_contrast import loss_and_grads, make_mask
+
+BACKENDS = [
+    "reference",
+    "cpu",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            not triton_runs_here(), reason="Triton cannot run here (no GPU, no interpreter)"
+        ),
+    ),
+]
+# name -> (teacher = student + noise * this, or an independent teacher when None; temperature)
+CASES = {
+    "random-tau0.1": (None, 0.1),
+    "random-tau0.05": (None, 0.05),
+    "correlated-tau0.1": (0.05, 0.1),
+    "correlated-tau0.05": (0.05, 0.05),
+    "correlated-tau0.02": (0.01, 0.02),
+}
+
+
+def max_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
+
+
+def assert_within_rule(what: str, got, plain, ref64, dtype: torch.dtype) -> None:
+    """|got - ref64| <= 2 |plain - ref64| + floor (max norms); the floor is one rounding of ``dtype`` at the
+    scale of the result, so that a plain computation that happens to be exact does not demand exactness."""
+    ours, theirs = max_err(got, ref64), max_err(plain, ref64)
+    floor = torch.finfo(dtype).eps * max(ref64.double().abs().max().item(), 1e-30)
+    assert ours <= 2 * theirs + floor, (
+        f"{what}: error {ours:.3g} vs plain {dtype} torch {theirs:.3g} (+ {floor:.2g})"
+    )
+
+
+def plain_loss_and_grads(s, t, mask, temperature):
+    """The official formulation computed in the inputs' own dtype, gradients by autograd (cotangents as in
+    loss_and_grads)."""
+    s = s.detach().requires_grad_(True)
+    t = t.detach().requires_grad_(True)
+    q, k = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+    logits = torch.bmm(q, k.transpose(1, 2)) / temperature
+    rows = (torch.logsumexp(logits, -1) - logits.diagonal(dim1=1, dim2=2))[mask]
+    g = torch.randn(rows.shape, generator=torch.Generator().manual_seed(9)).to(rows.dtype)
+    return rows.detach(), torch.autograd.grad(rows, [s, t], g)
+
+
+def make_case(case: str, dtype: torch.dtype, B=2, N=64, d=32):
+    noise, tau = CASES[case]
+    gen = torch.Generator().manual_seed(17)
+    s = torch.randn(B, N, d, generator=gen)
+    t = torch.randn(B, N, d, generator=gen)
+    if noise is not None:
+        t = s + noise * t
+    return s.to(dtype), t.to(dtype), tau
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_error_against_float64_within_twice_plain_torch(backend, case, dtype):
+    s, t, tau = make_case(case, dtype)
+    mask = make_mask("ragged", *s.shape[:2], seed=4)
+    loss, grads = loss_and_grads(backend, s, t, mask, temperature=tau)
+    ref_loss, ref_grads = loss_and_grads("reference", s.double(), t.double(), mask, temperature=tau)
+    plain_loss, plain_grads = plain_loss_and_grads(s, t, mask, tau)
+    assert_within_rule("loss", loss, plain_loss, ref_loss, torch.float32)
+    for name, got, plain, want in zip(("d_student", "d_teacher"), grads, plain_grads, ref_grads):
+        assert_within_rule(name, got, plain, want, dtype)
+
+
+SATURATED = ["correlated-tau0.05", "correlated-tau0.02"]
+
+
+@pytest.mark.parametrize("case", SATURATED)
+def test_saturated_cases_do_saturate(case):
+    # A check of the cancellation only if the positive's probability p is close enough to 1 that p - 1 computed
+    # as exp(logit - lse) - 1 (lse ~ 1 / tau, rounded in float32) loses most of its digits somewhere.
+    s, t, tau = make_case(case, torch.float64)
+    logits = torch.bmm(F.normalize(s, dim=-1), F.normalize(t, dim=-1).transpose(1, 2)) / tau
+    p_pos = torch.softmax(logits, -1).diagonal(dim1=1, dim2=2)
+    assert (1 - p_pos).min() < 1e-5
+
+
+@pytest.mark.parametrize("case", SATURATED)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saturated_gradient_has_no_cancellation(backend, case):
+    # The positive's 1 - p computed without cancellation keeps fp32 gradients near fp32 rounding (the reference:
+    # ~3e-6 relative); computed as 1 - exp(logit - lse) it loses 1e-4..1 relative (issue 13, item 4).
+    s, t, tau = make_case(case, torch.float32)
+    mask = make_mask("ragged", *s.shape[:2], seed=4)
+    _, grads = loss_and_grads(backend, s, t, mask, temperature=tau)
+    _, ref_grads = loss_and_grads("reference", s.double(), t.double(), mask, temperature=tau)
+    for name, got, want in zip(("d_student", "d_teacher"), grads, ref_grads):
+        rel = ((got.double() - want).norm() / want.norm()).item()
+        assert rel < 2e-5, f"{name}: relative error {rel:.3g} against float64"
+
+
+@pytest.mark.parametrize("tau", [1e-39, 1.1e-38, 0.0, -0.1, float("inf"), float("nan")], ids=str)
+def test_temperature_outside_float32_is_rejected(tau):
+    s = torch.randn(1, 3, 4)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="temperature must be"):
+        conmim.patch_contrast_loss(s, s, mask, tau)
+    with pytest.raises(ValueError, match="temperature must be"):
+        conmim.FusedPatchContrastLoss(tau)
+
+
+def test_smallest_temperature_is_accepted_with_a_finite_loss():
+    s = F.normalize(torch.randn(1, 3, 4), dim=-1)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    for backend in ("reference", "cpu"):
+        loss = conmim.patch_contrast_loss(s, -s, mask, MIN_TEMPERATURE, backend=backend)
+        assert torch.isfinite(loss), backend

@@ -1,0 +1,125 @@
+"""Backend dispatch: structured reasons, every reason in a forced backend's error, the warn-once for a missing
+extension, and a backward that runs the forward's backend without dispatching again."""
+
+import re
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import conmim
+from conmim import _ext, backends, ops
+from conmim.backends import Kind, Why
+
+
+def test_forced_backend_names_every_reason_and_the_inputs_it_saw():
+    # A CPU float64 student at d = 1100 with B above the grid limit: four independent reasons for "cuda".
+    big = torch.empty(1, 3, 1100, dtype=torch.float64).expand(ops.MAX_GPU_BATCH + 1, 3, 1100)
+    with pytest.raises(RuntimeError) as info:
+        backends.choose("op", "cuda", ops.patch_contrast_reasons(big), {"student": big, "teacher": big})
+    msg = str(info.value)
+    assert f"student [{ops.MAX_GPU_BATCH + 1}, 3, 1100] torch.float64 on cpu" in msg
+    for words in (
+        "wrong device",
+        "torch.float64 is not supported",
+        "d = 1100",
+        f"B = {ops.MAX_GPU_BATCH + 1}",
+    ):
+        assert words in msg, msg
+
+
+def test_forced_backend_error_from_the_user_api():
+    s = torch.randn(2, 9, 16, dtype=torch.float64)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    pattern = r"backend 'cuda' cannot run these inputs \(student \[2, 9, 16\] torch.float64 on cpu.*\): wrong"
+    with pytest.raises(RuntimeError, match=pattern):
+        conmim.patch_contrast_loss(s, s, mask, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        conmim.patch_contrast_loss(s, s, mask, backend="gpu")
+
+
+def test_reasons_say_when_the_device_does_not_match():
+    s = torch.empty(2, 3, 8)
+    whys = ops.patch_contrast_reasons(s)["cuda"]()
+    assert whys[0].kind is Kind.DEVICE
+    assert all(w.kind is not Kind.DEVICE for w in ops.patch_contrast_reasons(s)["cpu"]())
+    assert ops.ema_reasons([s], [s])["cuda"]()[0].kind is Kind.DEVICE
+
+
+@pytest.mark.parametrize(
+    "kind,warned",
+    [
+        (Kind.DEVICE, None),
+        (Kind.LIMIT, "falling back to the PyTorch reference .*cpu: too big"),
+        (Kind.EXTENSION, None),
+    ],
+    ids=["device", "limit", "extension"],
+)
+def test_auto_fallback_warning_follows_the_reason_kind(kind, warned, monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())
+    calls = []
+    monkeypatch.setattr(_ext, "warn_if_missing", lambda: calls.append(1))
+    reasons = {"cpu": lambda: (Why("too big", kind),), "reference": lambda: ()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backends.choose(f"op-{kind.value}", "auto", reasons, {}) == "reference"
+    texts = [str(w.message) for w in caught]
+    if warned:
+        assert len(texts) == 1 and re.search(warned, texts[0]), texts
+    else:
+        assert texts == [], texts  # another device's backend says nothing; a missing extension warns in _ext
+    assert calls == ([1] if kind is Kind.EXTENSION else [])
+
+
+def test_missing_extension_is_warned_once_where_a_cpu_call_falls_back():
+    code = textwrap.dedent(
+        """
+        import importlib.abc, sys, warnings
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "conmim._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import torch, conmim
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            s, t = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 8)
+            for _ in range(2):
+                conmim.patch_contrast_loss(s, t, torch.ones(2, 5, dtype=torch.bool)).backward()
+                conmim.ema_update_([torch.zeros(4)], [torch.ones(4)], 0.5)
+        texts = [str(w.message) for w in caught]
+        assert len(texts) == 1, texts
+        assert "conmim._C did not load" in texts[0] and "pip install -e ." in texts[0], texts
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+def test_backward_runs_the_forwards_backend_without_dispatching_again(backend, monkeypatch):
+    requests, backward_backends = [], []
+    real_choose, real_bwd = backends.choose, ops.patch_contrast_backward_op
+
+    def counting_choose(op, requested, reasons, inputs):
+        requests.append(requested)
+        return real_choose(op, requested, reasons, inputs)
+
+    def recording_bwd(*args):
+        backward_backends.append(args[-1])
+        return real_bwd(*args)
+
+    monkeypatch.setattr(backends, "choose", counting_choose)
+    monkeypatch.setattr(ops, "patch_contrast_backward_op", recording_bwd)
+    s = torch.randn(2, 7, 8, requires_grad=True)
+    conmim.patch_contrast_loss(
+        s, torch.randn(2, 7, 8), torch.ones(2, 7, dtype=torch.bool), backend=backend
+    ).backward()
+    want = "cpu" if backend == "auto" else backend
+    assert requests.count("auto") == (1 if backend == "auto" else 0)  # auto is resolved once, in the forward
+    assert backward_backends == [want]
