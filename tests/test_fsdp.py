@@ -312,6 +312,17 @@ def test_export_reads_an_fsdp_run_and_timm_loads_it(mesh, tmp_path):
         assert torch.equal(model.state_dict()[k], v) and torch.equal(v, full["backbone." + k]), k
 
 
+def test_the_memory_benchmark_counts_one_fsdp_rank_as_ddp(mesh):
+    from benchmarks import bench_fsdp_memory as B
+
+    student, teacher = fsdp.prepare(B._meta_encoder("vit_tiny_demo"), mesh)
+    got = B._state_bytes(student, list(teacher.parameters()), torch.optim.AdamW(student.parameters()))
+    n = sum(p.numel() for p in student.parameters())
+    count = len(list(student.parameters()))
+    assert got == B.ddp_bytes("vit_tiny_demo")
+    assert got == {"student": 4 * n, "gradients": 4 * n, "optimizer": 8 * n + 4 * count, "teacher": 4 * n}
+
+
 # ------------------------------------------------------------------------------------------------- multi-rank
 @pytest.mark.slow
 def test_two_ranks_match_one_process(two_ranks, reference):
