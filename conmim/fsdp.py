@@ -24,6 +24,7 @@ import functools
 import io
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from conmim import backends
 from conmim.reference import momentum_schedule
 from conmim.teacher import ema_update_
 
@@ -115,7 +117,8 @@ def shard_encoder(encoder: nn.Module, mesh: DeviceMesh, precision: str, reshard_
 
 
 class ShardedTeacher(nn.Module):
-    """The momentum teacher of a sharded student: a copy sharded on the same mesh, updated on the local shards.
+    """The momentum teacher of a sharded student: a copy sharded on the same mesh (``module``), updated on the
+    local shards.
 
     ``update`` runs one fused ``ema_update_`` per rank over the local shards of every parameter (DTensor
     ``to_local()``: no communication), with ``MomentumTeacher``'s cosine momentum schedule. Gradients are off; the
@@ -133,6 +136,7 @@ class ShardedTeacher(nn.Module):
     ):
         super().__init__()
         momentum_schedule(0, total_steps, base_momentum, final_momentum)  # validates the schedule's arguments
+        backends.requested_backend(backend)
         self.base_momentum = float(base_momentum)
         self.final_momentum = float(final_momentum)
         self.total_steps = int(total_steps)
@@ -184,12 +188,13 @@ def prepare(
     ``mesh``. Returns (the student, sharded in place, and the teacher). Build the optimizer afterwards."""
     if not isinstance(options, FSDPOptions):
         raise TypeError(f"options must be an FSDPOptions, got {type(options).__name__}")
-    teacher = copy.deepcopy(student)
+    # the teacher first: its arguments are checked before anything is sharded
+    teacher = ShardedTeacher(copy.deepcopy(student), base_momentum, final_momentum, total_steps, ema_backend)
     if options.grad_checkpointing:
         checkpoint_blocks(student)
     shard_encoder(student, mesh, options.precision, options.reshard_after_forward)
-    shard_encoder(teacher, mesh, options.precision, reshard_after_forward=True)
-    return student, ShardedTeacher(teacher, base_momentum, final_momentum, total_steps, ema_backend)
+    shard_encoder(teacher.module, mesh, options.precision, reshard_after_forward=True)
+    return student, teacher
 
 
 def full_state_dict(module: nn.Module) -> dict:
@@ -200,8 +205,9 @@ def full_state_dict(module: nn.Module) -> dict:
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 def checkpoints(out: Path) -> list[Path]:
-    """Complete DCP checkpoints in ``out``, newest (by name) first."""
-    return sorted((p for p in Path(out).glob(DCP_GLOB) if p.is_dir()), key=lambda p: p.name, reverse=True)
+    """DCP checkpoint folders in ``out`` (with their metadata, written last), newest (by name) first."""
+    done = (p for p in Path(out).glob(DCP_GLOB) if (p / ".metadata").is_file())
+    return sorted(done, key=lambda p: p.name, reverse=True)
 
 
 def _sharded_state(student: nn.Module, teacher: ShardedTeacher, optimizer) -> dict:
@@ -210,9 +216,20 @@ def _sharded_state(student: nn.Module, teacher: ShardedTeacher, optimizer) -> di
 
 
 def _encode(run: dict) -> torch.Tensor:
-    buf = io.BytesIO()
-    torch.save(run, buf)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    """``run`` as bytes in a uint8 tensor, after checking that ``_decode`` will read it back."""
+    if not isinstance(run, dict):
+        raise TypeError(f"run must be a dict, got {type(run).__name__}")
+    try:
+        buf = io.BytesIO()
+        torch.save(run, buf)
+        blob = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        _decode(blob)
+    except Exception as exc:
+        raise TypeError(
+            "run must hold only what torch.load(weights_only=True) reads back (tensors, numbers, strings, "
+            f"None, and lists, tuples and dicts of them): {type(exc).__name__}: {str(exc)[:200]}"
+        ) from None
+    return blob
 
 
 def _decode(blob: torch.Tensor) -> dict:
@@ -240,6 +257,7 @@ def save(path, student: nn.Module, teacher: ShardedTeacher, optimizer, run: dict
     if path.suffix != ".dcp" or not path.name.startswith("ckpt-"):
         raise ValueError(f"path must name a folder ckpt-<...>.dcp, got {str(path)!r}")
     tmp = path.with_name(path.name + ".tmp")
+    blob = _encode(run)  # on every rank: a bad run state fails them all here, before any collective
     rank = dist.get_rank()
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +266,7 @@ def save(path, student: nn.Module, teacher: ShardedTeacher, optimizer, run: dict
     dist.barrier()
     state = _sharded_state(student, teacher, optimizer)
     if rank == 0:
-        state[_RUN_KEY] = _encode(run)
+        state[_RUN_KEY] = blob
     dcp.save(state, checkpoint_id=tmp)  # returns on every rank once rank 0 has written the metadata
     if rank == 0:
         old = path.with_name(path.name + ".old.tmp")
@@ -280,6 +298,27 @@ def load(path, student: nn.Module, teacher: ShardedTeacher, optimizer) -> dict:
     return _decode(state[_RUN_KEY])
 
 
+def load_latest(out, student: nn.Module, teacher: ShardedTeacher, optimizer, log) -> dict | None:
+    """``load`` the newest checkpoint in ``out`` that loads; returns its run state, or None when none does. One
+    that does not load is reported through ``log`` and the previous one is tried (every rank reaches the same
+    verdict: DCP shares one rank's failure with all)."""
+    return _newest(out, lambda path: load(path, student, teacher, optimizer), "resuming from", log)
+
+
+def _newest(out, read, verb: str, log) -> dict | None:
+    for path in checkpoints(Path(out)):
+        try:
+            state = read(path)
+        except Exception as exc:
+            log(
+                f"checkpoint {path.name} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); trying the previous one"
+            )
+            continue
+        log(f"{verb} {path.name} (step {state.get('step')})")
+        return state
+    return None
+
+
 def read_state_dict(path) -> dict:
     """A checkpoint as one process's plain dict, without a process group: ``{"student": {...}, "teacher":
     {...}, **run_state}`` (full CPU tensors under the encoder's own names; the optimizer state is not read),
@@ -292,7 +331,9 @@ def read_state_dict(path) -> dict:
         if key.startswith(("student.", "teacher."))
     }
     flat[_RUN_KEY] = torch.empty(_run_size(path), dtype=torch.uint8)
-    dcp.load(flat, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(flat, checkpoint_id=str(path), no_dist=True)
     out = _decode(flat.pop(_RUN_KEY))
     for which in ("student", "teacher"):
         out[which] = {k[len(which) + 1 :]: v for k, v in flat.items() if k.startswith(which + ".")}
@@ -300,15 +341,6 @@ def read_state_dict(path) -> dict:
 
 
 def load_latest_state_dict(out, log) -> dict | None:
-    """``read_state_dict`` of the newest DCP checkpoint in ``out`` that reads; one that does not is reported
-    through ``log`` and the previous one is tried. None when there is none."""
-    for path in checkpoints(Path(out)):
-        try:
-            state = read_state_dict(path)
-            log(f"reading {path.name} (step {state.get('step')})")
-            return state
-        except Exception as exc:
-            log(
-                f"checkpoint {path.name} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); trying the previous one"
-            )
-    return None
+    """``read_state_dict`` of the newest checkpoint in ``out`` that reads (one that does not is reported through
+    ``log`` and the previous one is tried); None when none does."""
+    return _newest(out, read_state_dict, "reading", log)

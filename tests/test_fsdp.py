@@ -262,6 +262,35 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(mesh, tmp_path, monk
     assert again == second and fsdp.read_state_dict(second)["step"] == 3
 
 
+def test_load_latest_skips_what_does_not_load(mesh, tmp_path):
+    student, teacher = _prepared(mesh)
+    opt = R.optimizer(student)
+    fsdp.save(tmp_path / "ckpt-s0001.dcp", student, teacher, opt, {"step": 1})
+    (tmp_path / "ckpt-s0002.dcp").mkdir()
+    (tmp_path / "ckpt-s0002.dcp" / ".metadata").write_bytes(b"not a checkpoint")
+    (tmp_path / "ckpt-s0003.dcp").mkdir()  # no metadata: not a checkpoint at all
+    said = []
+    assert fsdp.load_latest(tmp_path, student, teacher, opt, said.append) == {"step": 1}
+    assert len(said) == 2 and said[0].startswith("checkpoint ckpt-s0002.dcp cannot be read")
+    assert said[1] == "resuming from ckpt-s0001.dcp (step 1)"
+    assert fsdp.load_latest(tmp_path / "none", student, teacher, opt, said.append) is None
+
+
+@pytest.mark.parametrize(
+    "run, error",
+    [
+        ([1], "run must be a dict"),
+        ({"where": Path("x")}, "run must hold only"),
+        ({"f": len}, "run must hold only"),
+    ],
+)
+def test_a_run_state_that_cannot_come_back_is_refused_before_writing(mesh, tmp_path, run, error):
+    student, teacher = _prepared(mesh)
+    with pytest.raises(TypeError, match=error):
+        fsdp.save(tmp_path / "ckpt-s0001.dcp", student, teacher, R.optimizer(student), run)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_arguments_get_clear_errors(mesh, tmp_path):
     with pytest.raises(ValueError, match="precision must be one of"):
         fsdp.FSDPOptions(precision="fp8")
@@ -269,6 +298,10 @@ def test_bad_arguments_get_clear_errors(mesh, tmp_path):
         fsdp.FSDPOptions(grad_checkpointing="yes")
     with pytest.raises(TypeError, match="options must be an FSDPOptions"):
         fsdp.prepare(R.encoder(), mesh, {"precision": "bf16"})
+    plain = R.encoder()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fsdp.prepare(plain, mesh, ema_backend="gpu")
+    assert not isinstance(plain, FSDPModule)  # refused before anything was sharded
     student, teacher = _prepared(mesh)
     opt = R.optimizer(student)
     with pytest.raises(ValueError, match="path must name a folder"):
@@ -294,7 +327,9 @@ def test_export_reads_an_fsdp_run_and_timm_loads_it(mesh, tmp_path):
     opt = R.optimizer(student)
     _local_step(student, teacher, opt)
     fsdp.save(run / "ckpt-e0000-s00000001.dcp", student, teacher, opt, {"step": 1})
-    (run / "ckpt-e0000-s00000002.dcp").mkdir()  # a broken newest one: reported, the previous one is read
+    broken = run / "ckpt-e0000-s00000002.dcp"  # a newest one that does not read: the previous one is read
+    broken.mkdir()
+    (broken / ".metadata").write_bytes(b"not a checkpoint")
     path, meta = X.export(run, tmp_path / "teacher.safetensors")
     weights = load_file(str(path))
     full = fsdp.full_state_dict(teacher.module)
