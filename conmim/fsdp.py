@@ -7,7 +7,7 @@ The pieces a training loop needs, in the order it calls them::
     student, teacher = fsdp.prepare(student, mesh, fsdp.FSDPOptions(precision="bf16"),
                                     base_momentum, final_momentum, total_steps)
     opt = torch.optim.AdamW(param_groups(student, wd), ...)   # after prepare: it holds the sharded parameters
-    run = fsdp.load(path, student, teacher, opt)          # resume (any world size); returns the saved run state
+    run = fsdp.load_latest(out, student, teacher, opt, log)   # resume at any world size: the saved run state
     ...  loss.backward(); clip_grad_norm_; opt.step(); momentum = teacher.update(student, step)
     fsdp.save(out / "ckpt-....dcp", student, teacher, opt, run)   # every rank calls it
 
