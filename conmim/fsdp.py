@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -267,7 +268,9 @@ def save(path, student: nn.Module, teacher: ShardedTeacher, optimizer, run: dict
     state = _sharded_state(student, teacher, optimizer)
     if rank == 0:
         state[_RUN_KEY] = blob
-    dcp.save(state, checkpoint_id=tmp)  # returns on every rank once rank 0 has written the metadata
+    # replicated tensors (BatchNorm statistics, which every rank keeps for itself) are saved from rank 0, as the
+    # single-file checkpoints do; dcp.save returns on every rank once rank 0 has written the metadata
+    dcp.save(state, checkpoint_id=tmp, planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
     if rank == 0:
         old = path.with_name(path.name + ".old.tmp")
         if path.exists():

@@ -384,8 +384,12 @@ def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint_to_resume_fro
     half = tmp_path / "ckpt-s0002.dcp.tmp"
     assert fsdp.checkpoints(tmp_path) == [tmp_path / "ckpt-s0001.dcp"]
     assert (half / "__1_0.distcp").is_file() and not (half / ".metadata").exists()
-    launch(1, tmp_path, "--steps", "4", "--resume", "--save_at", "2")
+    launch(2, tmp_path, "--steps", "4", "--resume", "--save_at", "2")
     assert not half.exists() and fsdp.checkpoints(tmp_path)[0].name == "ckpt-s0002.dcp"
-    got, want = _result(tmp_path, 1), _result(two_ranks, 2)
-    _assert_steps(got, want, range(1, 4))
-    _assert_weights(got, want)
+    got, want = _result(tmp_path, 2), _result(two_ranks, 2)
+    # resumed on as many ranks: the same run bit for bit (rank 0's BatchNorm statistics included), although the
+    # first step ran with activation checkpointing and without resharding
+    assert {k: got["losses"][k] for k in range(1, 4)} == {k: want["losses"][k] for k in range(1, 4)}
+    for which in ("student", "teacher"):
+        assert got[which].keys() == want[which].keys()
+        assert all(torch.equal(got[which][k], v) for k, v in want[which].items()), which
