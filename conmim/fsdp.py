@@ -253,7 +253,8 @@ def save(path, student: nn.Module, teacher: ShardedTeacher, optimizer, run: dict
     when all are written rank 0 renames the folder into place, so a kill at any moment leaves either the new
     checkpoint complete or no folder of that name (the previous checkpoints untouched). ``run`` is rank 0's run
     state (epoch, step, RNG, scaler ...: anything ``torch.load(weights_only=True)`` reads back). Leftovers of
-    interrupted saves (``*.dcp.tmp``) are removed first; a complete checkpoint of the same name is replaced."""
+    interrupted saves (``*.dcp.tmp``) are removed first. A complete checkpoint of the same name is replaced (a
+    kill between moving it aside and renaming the new one loses that one, never another)."""
     path = Path(path)
     if path.suffix != ".dcp" or not path.name.startswith("ckpt-"):
         raise ValueError(f"path must name a folder ckpt-<...>.dcp, got {str(path)!r}")
