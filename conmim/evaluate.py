@@ -40,13 +40,15 @@ def load_backbone(
     src = Path(source)
     if src.is_dir():
         from conmim import config as cfgmod
+        from conmim import fsdp
         from conmim.models import model_spec
         from conmim.train import load_latest
 
         cfg = cfgmod._read_yaml((src / "config.yaml").read_text(), str(src / "config.yaml"))
         name, kwargs = model_spec(cfg["model"])
         kwargs.update(img_size=cfg["image_size"], patch_size=cfg["patch_size"])
-        state = None if random_init else load_latest(src, lambda m: None)
+        quiet = lambda m: None
+        state = None if random_init else fsdp.load_latest_state_dict(src, quiet) or load_latest(src, quiet)
         weights = backbone_state(state[which]) if state is not None else None
     elif src.is_file():
         meta = json.loads(Path(str(src) + ".json").read_text())

@@ -46,12 +46,14 @@ def export(run_dir, out_file, which: str = "teacher") -> tuple[Path, dict]:
     Returns (file, {"timm_model": name, "kwargs": {...}})."""
     from safetensors.torch import save_file
 
+    from conmim import fsdp
     from conmim.train import load_latest
 
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {str(run)!r} does not exist")
-    state = load_latest(run, lambda m: print(f"conmim-export: {m}", file=sys.stderr))
+    log = lambda m: print(f"conmim-export: {m}", file=sys.stderr)
+    state = fsdp.load_latest_state_dict(run, log) or load_latest(run, log)  # an FSDP run's DCP folders first
     if state is None:
         raise FileNotFoundError(f"run folder {str(run)!r} holds no loadable checkpoint")
     cfg = cfgmod._read_yaml((run / "config.yaml").read_text(), str(run / "config.yaml"))
