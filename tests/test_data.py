@@ -59,12 +59,19 @@ def _bad_files(root):
 
 
 # ---------------------------------------------------------------------------------------------------- scanning
-def test_scan_excludes_and_names_bad_files(tmp_path, sample_root):
+def _excluded(caplog) -> list[str]:
+    """The plain log lines of excluded files (logger conmim.data, WARNING)."""
+    return [r.getMessage() for r in caplog.records if r.name == "conmim.data" and r.levelname == "WARNING"]
+
+
+def test_scan_excludes_and_names_bad_files(tmp_path, sample_root, caplog, recwarn):
     root = _photo_folder(tmp_path, sample_root)
     expected = _bad_files(root)
-    with pytest.warns(RuntimeWarning) as rec:
-        folder = scan_folder(root, index_dir=tmp_path / "idx", report_dir=tmp_path / "run")
-    messages = " ".join(str(w.message) for w in rec)
+    folder = scan_folder(root, index_dir=tmp_path / "idx", report_dir=tmp_path / "run")
+    assert not recwarn.list, "excluded files are log lines, not Python warnings"
+    lines = _excluded(caplog)
+    assert len(lines) == len(expected) and all(line.startswith("excluding /") for line in lines)
+    messages = " ".join(lines)
     bad = {Path(p).name: why for p, why in folder.bad}
     assert set(bad) == set(expected)
     for name, word in expected.items():
@@ -76,7 +83,7 @@ def test_scan_excludes_and_names_bad_files(tmp_path, sample_root):
     assert all(Path(f).name not in expected for f in folder.files)
 
 
-def test_scan_index_rechecks_only_changed_files(tmp_path, sample_root, monkeypatch):
+def test_scan_index_rechecks_only_changed_files(tmp_path, sample_root, monkeypatch, caplog):
     root = _photo_folder(tmp_path, sample_root, n=4)
     scan_folder(root, index_dir=tmp_path / "idx")
     calls = []
@@ -86,12 +93,15 @@ def test_scan_index_rechecks_only_changed_files(tmp_path, sample_root, monkeypat
     assert calls == []
     target = root / "b" / "gray.jpeg"
     target.write_bytes(b"")
-    with pytest.warns(RuntimeWarning, match="gray.jpeg: empty file"):
-        folder = scan_folder(root, index_dir=tmp_path / "idx")
+    folder = scan_folder(root, index_dir=tmp_path / "idx")
     assert calls == ["gray.jpeg"] and len(folder.bad) == 1
+    assert _excluded(caplog) == [f"excluding {target}: empty file"]
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir() if not p.name.endswith(".lock")) == [
+        next((tmp_path / "idx").glob("index-*.json")).name
+    ], "no temporary file is left beside the index"
 
 
-def test_scan_errors_before_any_work(tmp_path):
+def test_scan_errors_before_any_work(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         scan_folder(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -99,8 +109,10 @@ def test_scan_errors_before_any_work(tmp_path):
         scan_folder(tmp_path / "empty")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.jpg").write_bytes(b"\xff\xd8garbage")
-    with pytest.raises(ValueError, match="1 file\\(s\\) were excluded"), pytest.warns(RuntimeWarning):
-        scan_folder(tmp_path / "junk", index_dir=tmp_path / "idx")
+    with pytest.raises(ValueError, match="1 file\\(s\\) were excluded"):
+        scan_folder(tmp_path / "junk", index_dir=tmp_path / "idx", report_dir=tmp_path / "run")
+    assert len(_excluded(caplog)) == 1
+    assert not (tmp_path / "run").exists(), "a folder with no usable image writes no report"
 
 
 # ------------------------------------------------------------------------------------------------------- views
@@ -179,11 +191,11 @@ def test_two_ranks_see_every_image_once_per_epoch(tmp_path, sample_root, loader)
     assert seen[0] | seen[1] == set(range(16))
 
 
-def test_drop_last_and_bad_files_in_a_run(tmp_path, sample_root):
+def test_drop_last_and_bad_files_in_a_run(tmp_path, sample_root, caplog):
     root = _photo_folder(tmp_path, sample_root)
     _bad_files(root)
-    with pytest.warns(RuntimeWarning, match="excluding"):
-        L = build_loader(root, 4, SMALL, loader="torch", num_workers=0, run_dir=tmp_path / "run")
+    L = build_loader(root, 4, SMALL, loader="torch", num_workers=0, run_dir=tmp_path / "run")
+    assert len(_excluded(caplog)) == 3
     assert len(L) == 15 // 4
     assert sum(1 for _ in L) == 3  # the run over a folder with bad files completes
     assert (tmp_path / "run" / "bad_files.tsv").exists()
