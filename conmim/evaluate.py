@@ -1,7 +1,7 @@
 """conmim-eval knn|linear RUN_DIR_OR_FILE --data FOLDER: k-NN and linear-probe top-1 on frozen features.
 
-FOLDER holds ``train/`` and ``val/`` with one sub-folder per class (``samples:mnist`` uses the bundled digits).
-Features: the mean of the backbone's patch tokens after the final norm, L2-normalised. k-NN: cosine similarity, k = 20 nearest
+FOLDER holds train/ and val/ with one sub-folder per class (samples:mnist uses the bundled digits). Features: the
+mean of the backbone's patch tokens after the final norm, L2-normalised. k-NN: cosine similarity, k = 20 nearest
 training images, votes weighted by exp(similarity / 0.07). Linear probe: a linear classifier trained with AdamW on
 the frozen features. Every result is printed beside the same network's at random initialisation (the baseline).
 
@@ -219,7 +219,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="conmim-eval",
         description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
+        epilog=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("mode", choices=("knn", "linear"), help="knn: k-NN classifier; linear: linear probe")

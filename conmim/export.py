@@ -1,6 +1,6 @@
 """conmim-export RUN_DIR --out FILE: the teacher's backbone in timm's key layout, as safetensors.
 
-No mask token, no projection head, no ``module.`` / ``_orig_mod.`` prefixes; a JSON sidecar (FILE + ".json") names
+No mask token, no projection head, no module. / _orig_mod. prefixes; a JSON sidecar (FILE + ".json") names
 the timm model, the keyword arguments to create it with and the exact call that loads it, which is also printed:
 
     timm.create_model('vit_small_patch16_224', pretrained=True, pretrained_cfg_overlay=dict(file='FILE'),
