@@ -16,6 +16,7 @@ from conmim.data import (
     scan,
     scan_folder,
     synthetic_loader,
+    write_bad_files,
 )
 from conmim.data.views import IMAGENET_MEAN, IMAGENET_STD
 
@@ -276,3 +277,16 @@ def test_resuming_mid_epoch_gives_the_same_batches(tmp_path, sample_root, loader
     assert torch.equal(m, batches[1][2]) and torch.equal(resumed.last_indices, batches[1][3])
     full.set_epoch(0)
     assert not torch.equal(next(iter(full))[2], batches[0][2])  # another epoch, other masks
+
+
+@pytest.mark.parametrize(
+    "bad", [[], [("/d/a.jpg", "empty file")], [("/d/a b.png", "x"), ("/d/c.jpg", "truncated: y")]]
+)
+def test_write_bad_files_replaces_the_report(tmp_path, bad):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / scan.BAD_FILES_NAME).write_text("path\treason\n/old/stale.jpg\tfrom another start\n" * 3)
+    path = write_bad_files(run, bad)
+    assert path == run / scan.BAD_FILES_NAME
+    assert path.read_text().splitlines() == ["path\treason"] + [f"{p}\t{why}" for p, why in bad]
+    assert [p.name for p in run.iterdir()] == [scan.BAD_FILES_NAME]

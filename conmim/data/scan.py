@@ -127,10 +127,16 @@ def scan_folder(root, index_dir=None, report_dir=None, verbose: bool = True) -> 
         what = f"; {len(bad)} file(s) were excluded, e.g. {bad[0][0]}: {bad[0][1]}" if bad else ""
         raise ValueError(f"data folder {str(root)!r} holds no usable .jpg/.jpeg/.png image{what}")
     if report_dir is not None:
-        rd = Path(report_dir)
-        rd.mkdir(parents=True, exist_ok=True)
-        write_atomic(rd / BAD_FILES_NAME, "path\treason\n" + "".join(f"{p}\t{why}\n" for p, why in bad))
+        write_bad_files(report_dir, bad)
     return ImageFolder(root, [str(root / r) for r in good], labels, classes, bad)
+
+
+def write_bad_files(report_dir, bad: list[tuple[str, str]]) -> Path:
+    """``report_dir/bad_files.tsv``: a header line, then one ``path<TAB>reason`` line per excluded file; replaced
+    atomically (a reader never sees it half written)."""
+    rd = Path(report_dir)
+    rd.mkdir(parents=True, exist_ok=True)
+    return write_atomic(rd / BAD_FILES_NAME, "path\treason\n" + "".join(f"{p}\t{why}\n" for p, why in bad))
 
 
 def _check_all(root: Path, cache: dict) -> dict[str, dict]:
