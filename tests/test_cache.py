@@ -102,3 +102,12 @@ def test_write_atomic_replaces_with_ordinary_permissions(tmp_path, data):
     assert target.read_bytes() == (data.encode() if isinstance(data, str) else data)
     assert target.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_a_killed_build_leaves_nothing_behind_the_next_one(tmp_path):
+    dest = tmp_path / "samples"
+    stale = dest / ".photos.999.0123456789ab"  # what a build killed before its rename leaves
+    stale.mkdir(parents=True)
+    (stale / "half.png").write_bytes(b"")
+    samples.build(dest, photos=True, mnist=False)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["photos", samples._MARK, samples._LOCK])

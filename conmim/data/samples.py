@@ -84,7 +84,10 @@ def _read_mark(mark: Path) -> dict:
 
 
 def _replace_dir(folder: Path, fill) -> None:
-    """``fill(tmp)`` a uniquely named temporary folder beside ``folder``, then put it in ``folder``'s place."""
+    """``fill(tmp)`` a uniquely named temporary folder beside ``folder``, then put it in ``folder``'s place.
+    Called under the lock, so earlier temporary folders are left-overs of killed builds: they are removed."""
+    for stale in folder.parent.glob(f".{folder.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = unique_sibling(folder, suffix="")
     tmp.mkdir()
     try:
