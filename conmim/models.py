@@ -8,6 +8,8 @@ The backbone's parameters keep timm's names, so ``export`` can hand them to ``ti
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -97,10 +99,11 @@ class ConMIMEncoder(nn.Module):
     def features(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Backbone tokens [B, prefix + N, D] after the final norm; masked patches replaced by the mask token."""
         bb = self.backbone
-        x = bb.patch_embed(images)
+        x = bb.patch_embed(images)  # [B, N, D], or [B, H, W, D] for a ViT built with dynamic_img_size=True
         if mask is not None:
-            check_patch_mask(mask, images, x.shape[0], x.shape[1])
-            w = mask.unsqueeze(-1).to(x.dtype)
+            grid = x.shape[1:-1]
+            check_patch_mask(mask, images, x.shape[0], math.prod(grid))
+            w = mask.view(x.shape[0], *grid, 1).to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = bb._pos_embed(x)
         x = bb.patch_drop(x)

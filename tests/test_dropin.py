@@ -53,12 +53,22 @@ def test_encoder_drops_the_classifier_and_gives_the_grid():
     assert enc.grid == (S // P, S // P) and enc.num_patches == N
 
 
+VITS = {
+    "plain": {},
+    "dynamic_img_size": dict(dynamic_img_size=True),  # patch embeddings come as [B, H, W, D]
+    "registers": dict(
+        reg_tokens=2, no_embed_class=True
+    ),  # 3 prefix tokens, position embedding on patches only
+}
+
+
+@pytest.mark.parametrize("vit", sorted(VITS))
 @pytest.mark.parametrize("kind", ["none", "block", "ragged", "full"])
-def test_masked_pixels_never_reach_the_output(kind):
+def test_masked_pixels_never_reach_the_output(kind, vit):
     """Where the mask is True the patch is replaced by the mask token: rewriting those pixels changes nothing,
     rewriting one visible patch changes the output."""
     torch.manual_seed(0)
-    enc = conmim.ConMIMEncoder(_vit(), hidden=64, out=16)
+    enc = conmim.ConMIMEncoder(_vit(**VITS[vit]), hidden=64, out=16)
     mask = _masks(kind)
     x = torch.randn(B, 3, S, S)
     out = enc(x, mask)
