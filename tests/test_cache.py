@@ -42,6 +42,7 @@ _RANK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_ranks_start_at_once_on_cold_and_warm_caches(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]))
     procs = [
