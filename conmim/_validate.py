@@ -176,3 +176,32 @@ def check_tensor_lists(teacher, student) -> None:
                 f"teacher[{i}] has stride 0 along a dimension of size > 1 (e.g. from expand), so several of its "
                 f"elements share memory and cannot be updated in place; pass a tensor that owns its elements"
             )
+
+
+_VIT_PARTS = ("patch_embed", "_pos_embed", "blocks", "norm", "embed_dim")
+
+
+def check_vit_backbone(backbone) -> None:
+    """A timm VisionTransformer (or a model with its parts), whose patch embeddings can be masked."""
+    if not isinstance(backbone, torch.nn.Module):
+        raise TypeError(f"backbone must be a timm ViT (torch.nn.Module), got {type(backbone).__name__}")
+    missing = [a for a in _VIT_PARTS if not hasattr(backbone, a)]
+    if missing:
+        raise TypeError(
+            f"backbone must be a timm VisionTransformer (e.g. timm.create_model('vit_small_patch16_224')); "
+            f"{type(backbone).__name__} has no {', '.join(missing)}"
+        )
+
+
+def check_patch_mask(mask, images: torch.Tensor, batch: int, patches: int) -> None:
+    """The student's patch mask: bool [B, N] on the images' device (True = masked)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"mask must be a bool tensor of shape [{batch}, {patches}] or None, got {type(mask).__name__}"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor of shape [{batch}, {patches}], got dtype {mask.dtype}")
+    if mask.shape != (batch, patches):
+        raise ValueError(f"mask must have shape [B, N] = [{batch}, {patches}], got {_shape(mask)}")
+    if mask.device != images.device:
+        raise ValueError(f"mask must be on the images' device {images.device}, got {mask.device}")

@@ -1,9 +1,13 @@
 """conmim-export RUN_DIR --out FILE: the teacher's backbone in timm's key layout, as safetensors.
 
-No mask token, no projection head, no ``module.`` / ``_orig_mod.`` prefixes; a JSON sidecar (FILE + ".json") names
-the timm model and the keyword arguments to create it with. Load it with::
+No mask token, no projection head, no module. / _orig_mod. prefixes; a JSON sidecar (FILE + ".json") names
+the timm model, the keyword arguments to create it with and the exact call that loads it, which is also printed:
 
-    timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=FILE), num_classes=10, **kwargs)
+    timm.create_model('vit_small_patch16_224', pretrained=True, pretrained_cfg_overlay=dict(file='FILE'),
+                      num_classes=0, init_values=0.1, img_size=224, patch_size=16)
+
+(num_classes=0: the backbone's features; num_classes=K adds a new K-class head for fine-tuning.) Both files are
+written like any new file (0644 under the usual umask), each through a temporary file renamed into place.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import sys
 from pathlib import Path
 
 from conmim import config as cfgmod
+from conmim._fs import write_atomic
 from conmim.models import model_spec
 
 _PREFIXES = ("module.", "_orig_mod.")
@@ -44,7 +49,7 @@ def backbone_state(state_dict: dict) -> dict:
 def export(run_dir, out_file, which: str = "teacher") -> tuple[Path, dict]:
     """Write the newest loadable checkpoint's ``which`` ("teacher" or "student") backbone to ``out_file``.
     Returns (file, {"timm_model": name, "kwargs": {...}})."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from conmim import fsdp
     from conmim.train import load_latest
@@ -60,29 +65,58 @@ def export(run_dir, out_file, which: str = "teacher") -> tuple[Path, dict]:
     timm_name, kwargs = model_spec(cfg["model"])
     kwargs.update(img_size=cfg["image_size"], patch_size=cfg["patch_size"])
     weights = backbone_state(state[which])
-    out = Path(out_file)
+    out = Path(out_file).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out), metadata={"format": "pt", "source": f"conmim {which} step {state['step']}"})
+    write_atomic(
+        out, save(weights, metadata={"format": "pt", "source": f"conmim {which} step {state['step']}"})
+    )
     meta = {"timm_model": timm_name, "kwargs": kwargs, "step": state["step"], "which": which}
-    Path(str(out) + ".json").write_text(json.dumps(meta, indent=1))
+    meta["load"] = load_call(meta, out)
+    write_atomic(str(out) + ".json", json.dumps(meta, indent=1))
     return out, meta
 
 
+def load_call(meta: dict, path) -> str:
+    """The ``timm.create_model(...)`` call that loads an exported file, every argument spelled out."""
+    args = [
+        repr(meta["timm_model"]),
+        "pretrained=True",
+        f"pretrained_cfg_overlay=dict(file={str(path)!r})",
+        "num_classes=0",
+        *(f"{k}={v!r}" for k, v in meta["kwargs"].items()),
+    ]
+    return f"timm.create_model({', '.join(args)})"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="conmim-export",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", help="a conmim-train run folder; its newest checkpoint that loads is exported")
+    p.add_argument(
+        "--out", required=True, help="the .safetensors file to write (its sidecar gets .json added)"
+    )
+    p.add_argument(
+        "--which",
+        choices=("teacher", "student"),
+        default="teacher",
+        help="network to export (default: teacher, the one ConMIM fine-tunes)",
+    )
+    return p
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="conmim-export", description=__doc__.splitlines()[0])
-    p.add_argument("run_dir")
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--which", choices=("teacher", "student"), default="teacher")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         path, meta = export(args.run_dir, args.out, args.which)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"conmim-export: error: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"wrote {path} ({meta['timm_model']}, {meta['kwargs']}); load with timm.create_model("
-        f"{meta['timm_model']!r}, pretrained=True, pretrained_cfg_overlay=dict(file={str(path)!r}), **kwargs)"
-    )
+    print(f"wrote {path} and {path}.json: the {args.which} backbone at optimizer step {meta['step']}")
+    print(f"load it with: {meta['load']}")
     return 0
 
 

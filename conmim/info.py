@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import platform
 import sys
@@ -67,9 +68,21 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="conmim-info",
+        description="Print the versions of Python, torch, Triton, timm and DALI; whether the compiled extension "
+        "loaded and the CUDA architectures it holds; the GPU torch sees; and, for the loss and the EMA on each "
+        "device, which backends can run here (backend='auto' takes the first) and why the others cannot. "
+        "Takes no options; attach its output to bug reports.",
+    )
+
+
+def main(argv=None) -> int:
+    parser().parse_args(argv)
     print(report())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,8 +8,12 @@ The backbone's parameters keep timm's names, so ``export`` can hand them to ``ti
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from conmim._validate import check_patch_mask, check_vit_backbone
 
 # name -> (timm model name, timm kwargs). "vit_tiny_demo" is small enough to pretrain on a CPU in minutes.
 MODELS = {
@@ -57,13 +61,25 @@ class ProjectionHead(nn.Module):
 
 
 class ConMIMEncoder(nn.Module):
-    """Backbone + mask token + projection head.
+    """The masked student for any timm ViT: backbone + learned mask token + projection head.
 
-    forward(images [B, 3, S, S], mask bool [B, N] or None) -> patch features [B, N, out] (CLS dropped).
+    ``forward(images [B, 3, S, S], mask bool [B, N] or None) -> patch features [B, N, out]`` (CLS and other prefix
+    tokens dropped): where ``mask`` is True the patch embedding is replaced by the mask token before the position
+    embedding. Without a mask it gives the teacher's targets, so ``MomentumTeacher(encoder)(images)`` is the
+    teacher's [B, N, out] through the same head.
+
+    Args:
+        backbone: a timm VisionTransformer, e.g. ``timm.create_model("vit_small_patch16_224")``. Its classifier
+            is removed (``reset_classifier(0)``): pretraining never uses it, and an unused head would make DDP
+            fail and be exported.
+        hidden, out: widths of the projection head (ConMIM: 4096 and 256).
     """
 
     def __init__(self, backbone: nn.Module, hidden: int = 4096, out: int = 256):
         super().__init__()
+        check_vit_backbone(backbone)
+        if getattr(backbone, "num_classes", 0) and hasattr(backbone, "reset_classifier"):
+            backbone.reset_classifier(0)
         self.backbone = backbone
         dim = backbone.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -75,14 +91,19 @@ class ConMIMEncoder(nn.Module):
     def num_patches(self) -> int:
         return self.backbone.patch_embed.num_patches
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, columns): masks for this encoder are ``block_masks(B, grid=encoder.grid)``."""
+        return tuple(self.backbone.patch_embed.grid_size)
+
     def features(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Backbone tokens [B, prefix + N, D] after the final norm; masked patches replaced by the mask token."""
         bb = self.backbone
-        x = bb.patch_embed(images)
+        x = bb.patch_embed(images)  # [B, N, D], or [B, H, W, D] for a ViT built with dynamic_img_size=True
         if mask is not None:
-            if mask.shape != x.shape[:2]:
-                raise ValueError(f"mask must have shape [B, N] = {list(x.shape[:2])}, got {list(mask.shape)}")
-            w = mask.unsqueeze(-1).to(x.dtype)
+            grid = x.shape[1:-1]
+            check_patch_mask(mask, images, x.shape[0], math.prod(grid))
+            w = mask.view(x.shape[0], *grid, 1).to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = bb._pos_embed(x)
         x = bb.patch_drop(x)

@@ -16,6 +16,7 @@ from conmim.data import (
     scan,
     scan_folder,
     synthetic_loader,
+    write_bad_files,
 )
 from conmim.data.views import IMAGENET_MEAN, IMAGENET_STD
 
@@ -59,12 +60,19 @@ def _bad_files(root):
 
 
 # ---------------------------------------------------------------------------------------------------- scanning
-def test_scan_excludes_and_names_bad_files(tmp_path, sample_root):
+def _excluded(caplog) -> list[str]:
+    """The plain log lines of excluded files (logger conmim.data, WARNING)."""
+    return [r.getMessage() for r in caplog.records if r.name == "conmim.data" and r.levelname == "WARNING"]
+
+
+def test_scan_excludes_and_names_bad_files(tmp_path, sample_root, caplog, recwarn):
     root = _photo_folder(tmp_path, sample_root)
     expected = _bad_files(root)
-    with pytest.warns(RuntimeWarning) as rec:
-        folder = scan_folder(root, index_dir=tmp_path / "idx", report_dir=tmp_path / "run")
-    messages = " ".join(str(w.message) for w in rec)
+    folder = scan_folder(root, index_dir=tmp_path / "idx", report_dir=tmp_path / "run")
+    assert not recwarn.list, "excluded files are log lines, not Python warnings"
+    lines = _excluded(caplog)
+    assert len(lines) == len(expected) and all(line.startswith("excluding /") for line in lines)
+    messages = " ".join(lines)
     bad = {Path(p).name: why for p, why in folder.bad}
     assert set(bad) == set(expected)
     for name, word in expected.items():
@@ -76,7 +84,7 @@ def test_scan_excludes_and_names_bad_files(tmp_path, sample_root):
     assert all(Path(f).name not in expected for f in folder.files)
 
 
-def test_scan_index_rechecks_only_changed_files(tmp_path, sample_root, monkeypatch):
+def test_scan_index_rechecks_only_changed_files(tmp_path, sample_root, monkeypatch, caplog):
     root = _photo_folder(tmp_path, sample_root, n=4)
     scan_folder(root, index_dir=tmp_path / "idx")
     calls = []
@@ -86,12 +94,15 @@ def test_scan_index_rechecks_only_changed_files(tmp_path, sample_root, monkeypat
     assert calls == []
     target = root / "b" / "gray.jpeg"
     target.write_bytes(b"")
-    with pytest.warns(RuntimeWarning, match="gray.jpeg: empty file"):
-        folder = scan_folder(root, index_dir=tmp_path / "idx")
+    folder = scan_folder(root, index_dir=tmp_path / "idx")
     assert calls == ["gray.jpeg"] and len(folder.bad) == 1
+    assert _excluded(caplog) == [f"excluding {target}: empty file"]
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir() if not p.name.endswith(".lock")) == [
+        next((tmp_path / "idx").glob("index-*.json")).name
+    ], "no temporary file is left beside the index"
 
 
-def test_scan_errors_before_any_work(tmp_path):
+def test_scan_errors_before_any_work(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         scan_folder(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -99,8 +110,10 @@ def test_scan_errors_before_any_work(tmp_path):
         scan_folder(tmp_path / "empty")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.jpg").write_bytes(b"\xff\xd8garbage")
-    with pytest.raises(ValueError, match="1 file\\(s\\) were excluded"), pytest.warns(RuntimeWarning):
-        scan_folder(tmp_path / "junk", index_dir=tmp_path / "idx")
+    with pytest.raises(ValueError, match="1 file\\(s\\) were excluded"):
+        scan_folder(tmp_path / "junk", index_dir=tmp_path / "idx", report_dir=tmp_path / "run")
+    assert len(_excluded(caplog)) == 1
+    assert not (tmp_path / "run").exists(), "a folder with no usable image writes no report"
 
 
 # ------------------------------------------------------------------------------------------------------- views
@@ -179,11 +192,11 @@ def test_two_ranks_see_every_image_once_per_epoch(tmp_path, sample_root, loader)
     assert seen[0] | seen[1] == set(range(16))
 
 
-def test_drop_last_and_bad_files_in_a_run(tmp_path, sample_root):
+def test_drop_last_and_bad_files_in_a_run(tmp_path, sample_root, caplog):
     root = _photo_folder(tmp_path, sample_root)
     _bad_files(root)
-    with pytest.warns(RuntimeWarning, match="excluding"):
-        L = build_loader(root, 4, SMALL, loader="torch", num_workers=0, run_dir=tmp_path / "run")
+    L = build_loader(root, 4, SMALL, loader="torch", num_workers=0, run_dir=tmp_path / "run")
+    assert len(_excluded(caplog)) == 3
     assert len(L) == 15 // 4
     assert sum(1 for _ in L) == 3  # the run over a folder with bad files completes
     assert (tmp_path / "run" / "bad_files.tsv").exists()
@@ -264,3 +277,16 @@ def test_resuming_mid_epoch_gives_the_same_batches(tmp_path, sample_root, loader
     assert torch.equal(m, batches[1][2]) and torch.equal(resumed.last_indices, batches[1][3])
     full.set_epoch(0)
     assert not torch.equal(next(iter(full))[2], batches[0][2])  # another epoch, other masks
+
+
+@pytest.mark.parametrize(
+    "bad", [[], [("/d/a.jpg", "empty file")], [("/d/a b.png", "x"), ("/d/c.jpg", "truncated: y")]]
+)
+def test_write_bad_files_replaces_the_report(tmp_path, bad):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / scan.BAD_FILES_NAME).write_text("path\treason\n/old/stale.jpg\tfrom another start\n" * 3)
+    path = write_bad_files(run, bad)
+    assert path == run / scan.BAD_FILES_NAME
+    assert path.read_text().splitlines() == ["path\treason"] + [f"{p}\t{why}" for p, why in bad]
+    assert [p.name for p in run.iterdir()] == [scan.BAD_FILES_NAME]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from conmim.data.dali_loader import DaliTwoViewLoader, dali_status
-from conmim.data.scan import ImageFolder, check_image, scan_folder
+from conmim.data.scan import ImageFolder, check_image, scan_folder, write_bad_files
 from conmim.data.torch_loader import make_torch_loader
 from conmim.data.views import ViewConfig
 from conmim.masking import block_masks, cell_masks
@@ -229,4 +229,5 @@ __all__ = [
     "dali_status",
     "scan_folder",
     "synthetic_loader",
+    "write_bad_files",
 ]
