@@ -1,4 +1,6 @@
 // CUDA kernels for the ConMIM patch-contrast loss: same contract as the Triton kernels (kernels/patch_contrast.py).
+// Student and teacher may differ in dtype: each is read in its own, staged in shared memory in a common type
+// (theirs when they agree, else float32), and each gradient is written in its input's dtype.
 //
 // Work is indexed by a device-side order (each image's masked patches first) and per-image counts, so no launch
 // depends on a host-side count. A block owns kTile (32) rows of one image and streams the image's keys in tiles
@@ -12,13 +14,14 @@
 // - backward (keys, only when asked): one block per key tile loops over the masked query tiles, dK in shared
 //   memory, then the L2 Jacobian.
 // Scratch is O(tile x d) per block: never B x N x N.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#ifndef CONMIM_CUDA_ON_CPU
 #include <mma.h>
+#endif
 
+#include <atomic>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common.h"
 #include "cuda/cuda_common.cuh"
@@ -33,12 +36,17 @@ constexpr int kChunk = 32;    // feature-dim chunk staged in shared memory
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kPad = 8;       // shared-memory row padding (keeps WMMA's ldm a multiple of 8 elements)
 constexpr int kMaxDim = 1024;
+constexpr int kMaxDynamicSmem = sizeof(float) * kTile * kMaxDim;  // the backward's [kTile][D] fp32 accumulator
 constexpr int64_t kMaxGridY = 65535;  // images go on grid.y
 constexpr float kNormEps = 1e-12f;
 
+// The type both operands are staged in: theirs when they agree (tensor-core MMA for bf16/fp16), else float32.
+template <typename TS, typename TT>
+using Staged = typename std::conditional<std::is_same<TS, TT>::value, TS, float>::type;
+
 struct Args {
-  const void* s;
-  const void* t;
+  const void* s;  // student, TS
+  const void* t;  // teacher, TT
   const int64_t* order;
   const int* counts;
   const int64_t* pos;
@@ -72,24 +80,30 @@ struct Tiles {
   bool q_ok[kTile];
 };
 
-// Loads rows [rows] of one feature chunk of a [B, N, D] tensor into dst (zero outside).
-template <typename T>
-__device__ void load_chunk(T (*dst)[kChunk + kPad], const T* base, int64_t sb, int64_t sn, int64_t sd, int64_t b,
+// Loads rows [rows] of one feature chunk of a [B, N, D] tensor of Src into dst as T (zero outside).
+template <typename T, typename Src>
+__device__ void load_chunk(T (*dst)[kChunk + kPad], const Src* base, int64_t sb, int64_t sn, int64_t sd, int64_t b,
                            const int64_t* rows, const bool* ok, int d0, int D) {
   for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
     const int r = e / kChunk, c = e % kChunk;
     T v = from_f<T>(0.f);
-    if (ok[r] && d0 + c < D) v = base[b * sb + rows[r] * sn + static_cast<int64_t>(d0 + c) * sd];
+    if (ok[r] && d0 + c < D) {
+      const Src x = base[b * sb + rows[r] * sn + static_cast<int64_t>(d0 + c) * sd];
+      if constexpr (std::is_same<T, Src>::value)
+        v = x;
+      else
+        v = from_f<T>(to_f(x));
+    }
     dst[r][c] = v;
   }
 }
 
 // S[32][32] = Q K^T over the full feature dim, plus the rows' squared norms (qsq when want_q).
-template <typename T>
+template <typename TS, typename TT, typename T = Staged<TS, TT>>
 __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_t* k_rows, const bool* k_ok,
                             bool want_q) {
-  const T* s = static_cast<const T*>(a.s);
-  const T* t = static_cast<const T*>(a.t);
+  const TS* s = static_cast<const TS*>(a.s);
+  const TT* t = static_cast<const TT*>(a.t);
   constexpr bool kMma = !std::is_same<T, float>::value;
   const int warp = threadIdx.x / 32;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
@@ -106,8 +120,8 @@ __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_
   }
   for (int d0 = 0; d0 < a.D; d0 += kChunk) {
     __syncthreads();
-    load_chunk<T>(sh.q, s, a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, d0, a.D);
-    load_chunk<T>(sh.k, t, a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, d0, a.D);
+    load_chunk<T, TS>(sh.q, s, a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, d0, a.D);
+    load_chunk<T, TT>(sh.k, t, a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, d0, a.D);
     __syncthreads();
     if (threadIdx.x < kTile) {
       float kk = 0.f, qq = 0.f;
@@ -171,8 +185,9 @@ __device__ void query_rows(Tiles<T>& sh, const Args& a, int64_t b, int m0, int c
   }
 }
 
-template <typename T>
+template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss, float* lse) {
+  using T = Staged<TS, TT>;
   __shared__ Tiles<T> sh;
   __shared__ float m_i[kTile], l_i[kTile], pos_logit[kTile];
   __shared__ int64_t k_rows[kTile];
@@ -195,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
         k_ok[threadIdx.x] = n0 + threadIdx.x < a.N;
       }
       __syncthreads();
-      logits_tile<T>(sh, a, b, k_rows, k_ok, n0 == 0);
+      logits_tile<TS, TT>(sh, a, b, k_rows, k_ok, n0 == 0);
       for (int r = warp; r < kTile; r += kThreads / 32) {
         if (!sh.q_ok[r]) continue;
         const int col = n0 + lane;
@@ -287,10 +302,11 @@ __device__ void normalize_and_store(const float* acc, int ld, const T* src, int6
   }
 }
 
-template <typename T>
+template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const float* lse, const float* grad,
-                                                         int64_t g_sb, int64_t g_sn, T* ds) {
-  extern __shared__ float dq[];  // [kTile][D]
+                                                         int64_t g_sb, int64_t g_sn, TS* ds) {
+  using T = Staged<TS, TT>;
+  float* dq = dynamic_smem<float>();  // [kTile][D]
   __shared__ Tiles<T> sh;
   __shared__ float g[kTile], lse_r[kTile];
   __shared__ int64_t k_rows[kTile];
@@ -304,14 +320,14 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const flo
   __syncthreads();
   row_grads<T>(sh, a, b, lse, grad, g_sb, g_sn, g, lse_r);
   if (m0 < cnt) {
-    const T* t = static_cast<const T*>(a.t);
+    const TT* t = static_cast<const TT*>(a.t);
     for (int n0 = 0; n0 < a.N; n0 += kTile) {
       if (threadIdx.x < kTile) {
         k_rows[threadIdx.x] = n0 + threadIdx.x;
         k_ok[threadIdx.x] = n0 + threadIdx.x < a.N;
       }
       __syncthreads();
-      logits_tile<T>(sh, a, b, k_rows, k_ok, n0 == 0);
+      logits_tile<TS, TT>(sh, a, b, k_rows, k_ok, n0 == 0);
       grad_tile<T>(sh, a, g, lse_r, k_rows, k_ok);
       // dq[r][d] += sum_j G[r][j] * k_hat[j][d]
       for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) {
@@ -327,14 +343,15 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const flo
       __syncthreads();
     }
   }
-  normalize_and_store<T>(dq, a.D, static_cast<const T*>(a.s), a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, in_range,
+  normalize_and_store<TS>(dq, a.D, static_cast<const TS*>(a.s), a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, in_range,
                          sh.inv_q, a.normalize, a.D, ds, a.N);
 }
 
-template <typename T>
+template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const float* lse, const float* grad,
-                                                         int64_t g_sb, int64_t g_sn, T* dt) {
-  extern __shared__ float dk[];  // [kTile][D]
+                                                         int64_t g_sb, int64_t g_sn, TT* dt) {
+  using T = Staged<TS, TT>;
+  float* dk = dynamic_smem<float>();  // [kTile][D]
   __shared__ Tiles<T> sh;
   __shared__ float g[kTile], lse_r[kTile], inv_k_keep[kTile];
   __shared__ int64_t k_rows[kTile];
@@ -349,12 +366,12 @@ __global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const flo
   }
   for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) dk[e] = 0.f;
   __syncthreads();
-  const T* s = static_cast<const T*>(a.s);
+  const TS* s = static_cast<const TS*>(a.s);
   for (int m0 = 0; m0 < cnt; m0 += kTile) {
     query_rows<T>(sh, a, b, m0, cnt);
     __syncthreads();
     row_grads<T>(sh, a, b, lse, grad, g_sb, g_sn, g, lse_r);
-    logits_tile<T>(sh, a, b, k_rows, k_ok, true);
+    logits_tile<TS, TT>(sh, a, b, k_rows, k_ok, true);
     if (threadIdx.x < kTile) inv_k_keep[threadIdx.x] = sh.inv_k[threadIdx.x];
     grad_tile<T>(sh, a, g, lse_r, k_rows, k_ok);
     // dk[j][d] += sum_r G[r][j] * q_hat[r][d]
@@ -374,18 +391,18 @@ __global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const flo
     float sq = 0.f;
     if (k_ok[threadIdx.x])
       for (int d = 0; d < a.D; ++d) {
-        const float x = to_f(static_cast<const T*>(a.t)[b * a.t_sb + k_rows[threadIdx.x] * a.t_sn +
+        const float x = to_f(static_cast<const TT*>(a.t)[b * a.t_sb + k_rows[threadIdx.x] * a.t_sn +
                                                         static_cast<int64_t>(d) * a.t_sd]);
         sq += x * x;
       }
     inv_k_keep[threadIdx.x] = a.normalize ? 1.f / fmaxf(sqrtf(sq), kNormEps) : 1.f;
   }
   __syncthreads();
-  normalize_and_store<T>(dk, a.D, static_cast<const T*>(a.t), a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, k_ok,
+  normalize_and_store<TT>(dk, a.D, static_cast<const TT*>(a.t), a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, k_ok,
                          inv_k_keep, a.normalize, a.D, dt, a.N);
 }
 
-Args make(const PatchContrastCudaArgs& p) {
+Args make(const LossCall& p) {
   if (p.D < 1 || p.D > kMaxDim)
     throw std::invalid_argument("conmim._C.patch_contrast_cuda: feature dim must lie in [1, " +
                                 std::to_string(kMaxDim) + "], got " + std::to_string(p.D));
@@ -398,10 +415,10 @@ Args make(const PatchContrastCudaArgs& p) {
   a.t = reinterpret_cast<const void*>(p.teacher);
   a.order = reinterpret_cast<const int64_t*>(p.order);
   a.counts = reinterpret_cast<const int*>(p.counts);
-  a.pos = reinterpret_cast<const int64_t*>(p.pos);
-  a.s_sb = p.s_sb, a.s_sn = p.s_sn, a.s_sd = p.s_sd;
-  a.t_sb = p.t_sb, a.t_sn = p.t_sn, a.t_sd = p.t_sd;
-  a.p_sb = p.p_sb, a.p_sn = p.p_sn;
+  a.pos = reinterpret_cast<const int64_t*>(p.positive_index);
+  a.s_sb = p.student_stride[0], a.s_sn = p.student_stride[1], a.s_sd = p.student_stride[2];
+  a.t_sb = p.teacher_stride[0], a.t_sn = p.teacher_stride[1], a.t_sd = p.teacher_stride[2];
+  a.p_sb = p.positive_stride[0], a.p_sn = p.positive_stride[1];
   a.N = static_cast<int>(p.N);
   a.D = static_cast<int>(p.D);
   a.inv_tau = static_cast<float>(p.inv_tau);
@@ -415,54 +432,59 @@ void check(const char* what) {
     throw std::runtime_error(std::string("conmim._C.") + what + ": launch failed: " + cudaGetErrorString(err));
 }
 
-// Opts a backward kernel into `smem` bytes of dynamic shared memory (128 * D; a kernel must opt in to use more
-// than 48 KiB); a GPU with less shared memory per block than that gets an error naming D.
-template <typename Kernel>
-void allow_smem(Kernel kernel, size_t smem, int D) {
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem));
+// Opts a backward kernel into the dynamic shared memory of the largest feature dim (a kernel must opt in to use
+// more than 48 KiB), once per kernel and device rather than on every call.
+template <auto Kernel>
+void opt_in_smem() {
+  static std::atomic<uint64_t> done{0};  // bit i: device i
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) dev = 63;
+  const uint64_t bit = uint64_t{1} << dev;
+  if (done.load(std::memory_order_relaxed) & bit) return;
+  const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxDynamicSmem);
   if (err != cudaSuccess)
     throw std::runtime_error("conmim._C.patch_contrast_backward_cuda: this GPU cannot give " +
-                             std::to_string(smem) + " bytes of shared memory per block, which feature dim " +
-                             std::to_string(D) + " needs (" + cudaGetErrorString(err) +
+                             std::to_string(kMaxDynamicSmem) + " bytes of shared memory per block, which feature "
+                             "dims up to " + std::to_string(kMaxDim) + " need (" + cudaGetErrorString(err) +
                              "); use backend='triton'");
+  done.fetch_or(bit, std::memory_order_relaxed);
 }
 
+dim3 grid_of(const Args& a, int64_t B) { return dim3((a.N + kTile - 1) / kTile, static_cast<unsigned>(B)); }
 
 }  // namespace
 
-int patch_contrast_max_dim() { return kMaxDim; }
-
-void patch_contrast_forward(const PatchContrastCudaArgs& p, int64_t loss, int64_t lse, int64_t stream) {
+void patch_contrast_forward(const LossCall& p) {
   const Args a = make(p);
   if (p.B == 0) return;
-  const dim3 grid((a.N + kTile - 1) / kTile, static_cast<unsigned>(p.B));
-  auto st = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_cuda(p.dtype, "patch_contrast_cuda", [&](auto tag) {
-    using T = decltype(tag);
-    fwd_kernel<T><<<grid, kThreads, 0, st>>>(a, reinterpret_cast<float*>(loss), reinterpret_cast<float*>(lse));
+  auto st = reinterpret_cast<cudaStream_t>(p.stream);
+  dispatch_pair<DeviceTypes>(p.student_dtype, p.teacher_dtype, "patch_contrast_fwd_cuda", [&](auto s, auto t) {
+    launch(fwd_kernel<decltype(s), decltype(t)>, grid_of(a, p.B), dim3(kThreads), 0, st, a,
+           reinterpret_cast<float*>(p.loss), reinterpret_cast<float*>(p.lse));
   });
-  check("patch_contrast_forward_cuda");
+  check("patch_contrast_fwd_cuda");
 }
 
-void patch_contrast_backward(const PatchContrastCudaArgs& p, int64_t lse, int64_t grad, int64_t g_sb, int64_t g_sn,
-                             int64_t ds, int64_t dt, int64_t stream) {
+void patch_contrast_backward(const LossCall& p) {
   const Args a = make(p);
   if (p.B == 0) return;
-  const dim3 grid((a.N + kTile - 1) / kTile, static_cast<unsigned>(p.B));
   const size_t smem = sizeof(float) * kTile * static_cast<size_t>(a.D);
-  auto st = reinterpret_cast<cudaStream_t>(stream);
-  const float* lse_p = reinterpret_cast<const float*>(lse);
-  const float* grad_p = reinterpret_cast<const float*>(grad);
-  dispatch_cuda(p.dtype, "patch_contrast_cuda", [&](auto tag) {
-    using T = decltype(tag);
-    allow_smem(bwd_q_kernel<T>, smem, a.D);
-    bwd_q_kernel<T><<<grid, kThreads, smem, st>>>(a, lse_p, grad_p, g_sb, g_sn, reinterpret_cast<T*>(ds));
-    check("patch_contrast_backward_cuda (student gradient)");
-    if (dt != 0) {
-      allow_smem(bwd_k_kernel<T>, smem, a.D);
-      bwd_k_kernel<T><<<grid, kThreads, smem, st>>>(a, lse_p, grad_p, g_sb, g_sn, reinterpret_cast<T*>(dt));
-      check("patch_contrast_backward_cuda (teacher gradient)");
+  auto st = reinterpret_cast<cudaStream_t>(p.stream);
+  const float* lse = reinterpret_cast<const float*>(p.lse);
+  const float* grad = reinterpret_cast<const float*>(p.grad);
+  const int64_t g_sb = p.grad_stride[0], g_sn = p.grad_stride[1];
+  dispatch_pair<DeviceTypes>(p.student_dtype, p.teacher_dtype, "patch_contrast_bwd_cuda", [&](auto s, auto t) {
+    using TS = decltype(s);
+    using TT = decltype(t);
+    opt_in_smem<bwd_q_kernel<TS, TT>>();
+    launch(bwd_q_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, lse, grad, g_sb, g_sn,
+           reinterpret_cast<TS*>(p.d_student));
+    check("patch_contrast_bwd_cuda (student gradient)");
+    if (p.d_teacher != 0) {
+      opt_in_smem<bwd_k_kernel<TS, TT>>();
+      launch(bwd_k_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, lse, grad, g_sb, g_sn,
+             reinterpret_cast<TT*>(p.d_teacher));
+      check("patch_contrast_bwd_cuda (teacher gradient)");
     }
   });
 }
