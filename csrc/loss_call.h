@@ -26,7 +26,7 @@ struct LossCall {
   double inv_tau = 10.0;
   bool normalize = true;
   // loss, lse: contiguous [B, N] of the accumulation dtype (float64 for float64 inputs, else float32), outputs of
-  // the forward; lse is an input of the backward.
+  // the forward; lse is an input of the CUDA backward (the CPU backward recomputes each row's softmax exactly).
   int64_t loss = 0, lse = 0;
   // Backward: grad [B, N] accumulation dtype, any strides (0 allowed); d_student (student dtype) and d_teacher
   // (teacher dtype, 0 when not wanted): contiguous [B, N, D], every element written.

@@ -24,15 +24,22 @@ def inputs(B, N, D, pair, seed=0, positive=False):
     return s, t, grad, pos
 
 
-def reference(s, t, mask, pos, temperature, normalize, grad):
-    """(loss [B, N], d_student, d_teacher) in float64 from the (rounded) inputs; loss 0 on unmasked rows."""
-    s64 = s.double().requires_grad_(True)
-    t64 = t.double().requires_grad_(True)
-    rows = patch_contrast_loss_reference(s64, t64, mask, temperature, "none", normalize, pos)
-    dense = torch.zeros(mask.shape, dtype=torch.float64).index_put(mask.nonzero(as_tuple=True), rows)
-    ds, dt = torch.autograd.grad((dense * grad.double()).sum(), [s64, t64], allow_unused=True)
-    zero = torch.zeros_like(s64)
+def reference(s, t, mask, pos, temperature, normalize, grad, dtype=torch.float64):
+    """(loss [B, N], d_student, d_teacher) from the (rounded) inputs, computed by plain torch in `dtype` (float64:
+    the exact answer for the comparisons); loss 0 on unmasked rows."""
+    s_ = s.to(dtype).requires_grad_(True)
+    t_ = t.to(dtype).requires_grad_(True)
+    rows = patch_contrast_loss_reference(s_, t_, mask, temperature, "none", normalize, pos)
+    dense = torch.zeros(mask.shape, dtype=rows.dtype).index_put(mask.nonzero(as_tuple=True), rows)
+    ds, dt = torch.autograd.grad((dense * grad.to(rows.dtype)).sum(), [s_, t_], allow_unused=True)
+    zero = torch.zeros_like(s_)
     return dense.detach(), zero if ds is None else ds, zero if dt is None else dt
+
+
+def rel_error(got, want64):
+    """max |got - want| / max |want| (0 for an all-zero want)."""
+    scale = want64.abs().max().item()
+    return (got.double() - want64).abs().max().item() / scale if scale else 0.0
 
 
 def assert_close_to(got, want, dtype, kind, what):
