@@ -65,16 +65,15 @@ def patch_contrast_forward_cpu(student, teacher, mask, positive_index, temperatu
 def patch_contrast_backward_cpu(
     grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
 ):
-    """grad: [B, N] (any strides, expanded allowed); lse: from the forward.
-    Returns (d_student, d_teacher or None): contiguous [B, N, D] in each input's dtype, every element written."""
-    acc = _acc(student.dtype)
-    grad = grad.to(acc)
-    lse = lse.to(acc).contiguous()
+    """grad: [B, N] (any strides, expanded allowed); lse: from the forward, unused (the kernel recomputes each row's
+    softmax exactly). Returns (d_student, d_teacher or None): contiguous [B, N, D] in each input's dtype, every
+    element written."""
+    grad = grad.to(_acc(student.dtype))
     ds = torch.empty(student.shape, dtype=student.dtype)
     dt = torch.empty(teacher.shape, dtype=teacher.dtype) if need_teacher else None
     call = _loss_call(
         student, teacher, positive_index, temperature, normalize,
-        mask=mask.data_ptr(), mask_stride=list(mask.stride()), lse=lse.data_ptr(), grad=grad.data_ptr(),
+        mask=mask.data_ptr(), mask_stride=list(mask.stride()), grad=grad.data_ptr(),
         grad_stride=list(grad.stride()), d_student=ds.data_ptr(), d_teacher=_ptr(dt), nthreads=_threads(),
     )  # fmt: skip
     _ext.get().patch_contrast_bwd_cpu(call)
@@ -143,13 +142,14 @@ def patch_contrast_backward_cuda(
     grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
 ):
     """Returns (d_student, d_teacher or None): contiguous [B, N, D] in each input's dtype, every element written."""
-    grad = grad.to(torch.float32)
-    lse = lse.to(torch.float32).contiguous()
+    grad = grad.to(torch.float32)  # lse is unused, as for the CPU kernel
     ds = torch.empty(student.shape, device=student.device, dtype=student.dtype)
     dt = torch.empty(teacher.shape, device=teacher.device, dtype=teacher.dtype) if need_teacher else None
     call, keep = _cuda_loss_args(student, teacher, mask, positive_index, temperature, normalize)
-    call.lse, call.grad, call.grad_stride = lse.data_ptr(), grad.data_ptr(), list(grad.stride())
+    call.grad, call.grad_stride = grad.data_ptr(), list(grad.stride())
     call.d_student, call.d_teacher = ds.data_ptr(), _ptr(dt)
+    stats = torch.empty(*student.shape[:2], 3, device=student.device, dtype=torch.float32)
+    call.row_stats = stats.data_ptr()
     _ext.get().patch_contrast_bwd_cuda(call)
-    del keep
+    del keep, stats  # the stream orders the scratch's reuse after both kernels
     return ds, dt

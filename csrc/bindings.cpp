@@ -77,6 +77,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("grad_stride", &LossCall::grad_stride)
       .def_readwrite("d_student", &LossCall::d_student)
       .def_readwrite("d_teacher", &LossCall::d_teacher)
+      .def_readwrite("row_stats", &LossCall::row_stats)
       .def_readwrite("nthreads", &LossCall::nthreads)
       .def_readwrite("stream", &LossCall::stream);
 

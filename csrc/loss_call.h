@@ -26,13 +26,17 @@ struct LossCall {
   double inv_tau = 10.0;
   bool normalize = true;
   // loss, lse: contiguous [B, N] of the accumulation dtype (float64 for float64 inputs, else float32), outputs of
-  // the forward; lse is an input of the CUDA backward (the CPU backward recomputes each row's softmax exactly).
+  // the forward. The backward kernels recompute each row's softmax exactly instead of reading lse (its fp32
+  // rounding would cost eps * |lse| relative accuracy in every probability).
   int64_t loss = 0, lse = 0;
   // Backward: grad [B, N] accumulation dtype, any strides (0 allowed); d_student (student dtype) and d_teacher
   // (teacher dtype, 0 when not wanted): contiguous [B, N, D], every element written.
   int64_t grad = 0;
   std::array<int64_t, 2> grad_stride{};
   int64_t d_student = 0, d_teacher = 0;
+  // CUDA backward scratch, float32 [B, N, 3]: per masked row the softmax statistics (running max, sum, sum over
+  // the keys other than the positive) the student-gradient kernel leaves for the teacher-gradient kernel.
+  int64_t row_stats = 0;
   // Execution: CPU threads; CUDA stream handle.
   int nthreads = 1;
   int64_t stream = 0;

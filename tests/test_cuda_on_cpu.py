@@ -11,7 +11,17 @@ import torch
 from conmim import _ext, native
 from conmim.reference import ema_update_reference_
 from tests.cuda_on_cpu import build
-from tests.native_cases import LOW, assert_close_to, inputs, loss_tol_dtype, pair_id, reference
+from tests.native_cases import (
+    LOW,
+    SATURATION,
+    assert_close_to,
+    assert_within_rule,
+    inputs,
+    loss_tol_dtype,
+    pair_id,
+    reference,
+    saturation_case,
+)
 from tests.test_patch_contrast import MASKS, make_mask
 
 pytestmark = pytest.mark.skipif(build.why_unavailable() is not None, reason=str(build.why_unavailable()))
@@ -173,3 +183,14 @@ def test_executor_catches_an_index_off_by_one(on_cpu, mutants):
     s, t, _, _ = inputs(2, 37, 24, (torch.bfloat16, torch.bfloat16), seed=5)
     with pytest.raises(RuntimeError, match=r"out-of-bounds subscript 32 at .*patch_contrast.cu"):
         native.patch_contrast_forward_cuda(s, t, make_mask("ragged", 2, 37), None, 0.1, True)
+
+
+@pytest.mark.parametrize("kind", SATURATION)
+def test_loss_accuracy_with_large_logits_and_saturated_softmax(on_cpu, kind):
+    on_cpu("forward")
+    s, t, tau, normalize = saturation_case(kind)
+    mask = make_mask("ragged", 2, 40, seed=2)
+    grad = torch.randn(2, 40, generator=torch.Generator().manual_seed(3))
+    loss, lse = native.patch_contrast_forward_cuda(s, t, mask, None, tau, normalize)
+    ds, dt = native.patch_contrast_backward_cuda(grad, s, t, mask, None, lse, tau, normalize, True)
+    assert_within_rule(s, t, mask, tau, normalize, grad, loss, ds, dt)

@@ -9,8 +9,9 @@
 //   fp32 inputs; logits = S / (|q| |k|) / tau with norms accumulated in fp32;
 // - forward: an online logsumexp per row (one warp per row, one lane per key), the positive's logit picked on
 //   the fly; writes loss and lse (0 on unmasked rows);
-// - backward (queries): the tile is recomputed, G = g (softmax - onehot) / tau stays fp32, dQ accumulates in
-//   shared memory (fp32 FMA), then the L2 Jacobian; every row of d(student) written (0 on unmasked rows);
+// - backward (queries): the tile is recomputed, the softmax kept exact with a running max (online_tile), dQ
+//   accumulates in shared memory (fp32 FMA), then the positive's term and the L2 Jacobian; every row of
+//   d(student) written (0 on unmasked rows);
 // - backward (keys, only when asked): one block per key tile loops over the masked query tiles, dK in shared
 //   memory, then the L2 Jacobian.
 // Scratch is O(tile x d) per block: never B x N x N.
@@ -50,6 +51,7 @@ struct Args {
   const int64_t* order;
   const int* counts;
   const int64_t* pos;
+  float* stats;  // [B, N, 3]: each masked row's (m, s, rest), written by bwd_q, read by bwd_k (see online_tile)
   int64_t s_sb, s_sn, s_sd, t_sb, t_sn, t_sd, p_sb, p_sn;
   int N, D;
   float inv_tau;
@@ -230,36 +232,101 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
   if (threadIdx.x < kTile && m0 + static_cast<int>(threadIdx.x) < a.N) {
     const int r = threadIdx.x;
     const int64_t o = b * a.N + sh.q_row[r];
-    const float l = sh.q_ok[r] ? m_i[r] + logf(l_i[r]) : 0.f;
-    loss[o] = sh.q_ok[r] ? l - pos_logit[r] : 0.f;
-    lse[o] = l;
+    // loss = (max - positive) + log(sum exp(x - max)): no difference of two large numbers, and >= 0 (the
+    // largest term is exp(0) = 1).
+    const float log_sum = sh.q_ok[r] ? logf(l_i[r]) : 0.f;
+    loss[o] = sh.q_ok[r] ? (m_i[r] - pos_logit[r]) + log_sum : 0.f;
+    lse[o] = sh.q_ok[r] ? m_i[r] + log_sum : 0.f;
   }
 }
 
-// The upstream gradient and saved logsumexp of the block's query rows (0 for rows that are not masked).
+// The upstream gradient of the block's query rows (0 for rows that are not masked).
 template <typename T>
-__device__ void row_grads(const Tiles<T>& sh, const Args& a, int64_t b, const float* lse, const float* grad,
-                          int64_t g_sb, int64_t g_sn, float* g, float* lse_r) {
-  if (threadIdx.x < kTile) {
-    const int64_t row = sh.q_row[threadIdx.x];
-    const bool ok = sh.q_ok[threadIdx.x];
-    g[threadIdx.x] = ok ? grad[b * g_sb + row * g_sn] : 0.f;
-    lse_r[threadIdx.x] = ok ? lse[b * a.N + row] : 0.f;
-  }
+__device__ void row_grads(const Tiles<T>& sh, int64_t b, const float* grad, int64_t g_sb, int64_t g_sn, float* g) {
+  if (threadIdx.x < kTile) g[threadIdx.x] = sh.q_ok[threadIdx.x] ? grad[b * g_sb + sh.q_row[threadIdx.x] * g_sn] : 0.f;
 }
 
-// Shared helper of both backward kernels: turns the logits tile into G (fp32) in place.
-// G[r][j] = g_r / tau * (softmax_rj - [key j == pos_r]), zero outside the valid rows / keys.
+// The backward never uses the saved fp32 logsumexp (its rounding, eps * |lse|, would be a relative error in every
+// probability) nor p - 1 for the positive (which loses its digits when the softmax saturates). Instead bwd_q keeps
+// per query row, across the key tiles, the running max m of the logits, s = sum_j exp(x_j - m) and rest = the part
+// of s over the keys other than the positive, so softmax_j = exp(x_j - m) / s and 1 - softmax_pos = rest / s, and
+// leaves (m, s, rest) in Args::stats for bwd_k.
+
+// bwd_q: folds one key tile into the rows' (m, s, rest) and turns the tile into E[r][j] = exp(x_rj - m_r) for the
+// keys other than the positive (0 at the positive and outside the valid rows / keys), relative to the updated max;
+// scale[r] = exp(m_old - m_new) rescales what was accumulated before. One warp per row, the lanes are the keys.
 template <typename T>
-__device__ void grad_tile(Tiles<T>& sh, const Args& a, const float* g, const float* lse_r, const int64_t* k_rows,
-                          const bool* k_ok) {
+__device__ void online_tile(Tiles<T>& sh, const Args& a, const int64_t* k_rows, const bool* k_ok, float* m, float* s,
+                            float* rest, float* scale) {
+  static_assert(kTile == 32, "one warp per row of the tile: the lanes are the keys");
+  const int warp = threadIdx.x / 32, j = threadIdx.x % 32;
+  for (int r = warp; r < kTile; r += kThreads / 32) {
+    const bool valid = sh.q_ok[r] && k_ok[j];
+    const float x = valid ? sh.s[r][j] * sh.inv_q[r] * sh.inv_k[j] * a.inv_tau : -INFINITY;
+    const float m_new = fmaxf(m[r], warp_max(x));
+    const float e = valid ? __expf(x - m_new) : 0.f;
+    const float other = k_rows[j] == sh.pos[r] ? 0.f : e;
+    const float e_sum = warp_sum(e), o_sum = warp_sum(other);
+    sh.s[r][j] = other;
+    if (j == 0 && sh.q_ok[r]) {
+      const float f = __expf(m[r] - m_new);  // 0 on the first tile (m = -inf)
+      scale[r] = f;
+      s[r] = s[r] * f + e_sum;
+      rest[r] = rest[r] * f + o_sum;
+      m[r] = m_new;
+    }
+  }
+  __syncthreads();
+}
+
+// bwd_q, after the last key tile: dq_r <- g_r / tau * (dq_r - rest_r k_hat[pos_r]) / s_r, where dq_r holds
+// sum_{j != pos} exp(x_rj - m_r) k_hat_j; and the rows' (m, s, rest) go to Args::stats. One warp per row.
+template <typename TT>
+__device__ void finish_rows(float* dq, const Args& a, int64_t b, const int64_t* q_row, const int64_t* pos,
+                            const bool* ok, const float* g, const float* m, const float* s, const float* rest) {
+  const TT* t = static_cast<const TT*>(a.t);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < kTile; r += kThreads / 32) {
+    if (!ok[r]) continue;
+    const TT* key = t + b * a.t_sb + pos[r] * a.t_sn;
+    float sq = 0.f;
+    if (a.normalize) {
+      for (int d = lane; d < a.D; d += 32) {
+        const float x = to_f(key[static_cast<int64_t>(d) * a.t_sd]);
+        sq += x * x;
+      }
+      sq = warp_sum(sq);
+    }
+    const float inv = a.normalize ? 1.f / fmaxf(sqrtf(sq), kNormEps) : 1.f;
+    const float c = g[r] * a.inv_tau / s[r];
+    const float c_pos = c * rest[r] * inv;
+    for (int d = lane; d < a.D; d += 32)
+      dq[r * a.D + d] = c * dq[r * a.D + d] - c_pos * to_f(key[static_cast<int64_t>(d) * a.t_sd]);
+    if (lane == 0) {
+      float* st = a.stats + (b * a.N + q_row[r]) * 3;
+      st[0] = m[r];
+      st[1] = s[r];
+      st[2] = rest[r];
+    }
+  }
+  __syncthreads();
+}
+
+// bwd_k: turns the logits tile into G (fp32) in place from the rows' (m, s, rest) that bwd_q left:
+// G[r][j] = g_r / tau * exp(x_rj - m_r) / s_r, and at the positive -g_r / tau * rest_r / s_r; zero outside the
+// valid rows / keys.
+template <typename T>
+__device__ void grad_tile(Tiles<T>& sh, const Args& a, const float* g, const float* m, const float* s,
+                          const float* rest, const int64_t* k_rows, const bool* k_ok) {
   for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
     const int r = e / kTile, j = e % kTile;
     float v = 0.f;
     if (sh.q_ok[r] && k_ok[j]) {
-      const float x = sh.s[r][j] * sh.inv_q[r] * sh.inv_k[j] * a.inv_tau;
-      const float p = __expf(x - lse_r[r]);
-      v = g[r] * a.inv_tau * (p - (k_rows[j] == sh.pos[r] ? 1.f : 0.f));
+      const float c = g[r] * a.inv_tau / s[r];
+      if (k_rows[j] == sh.pos[r])
+        v = -c * rest[r];
+      else
+        v = c * __expf(sh.s[r][j] * sh.inv_q[r] * sh.inv_k[j] * a.inv_tau - m[r]);
     }
     sh.s[r][j] = v;
   }
@@ -303,22 +370,27 @@ __device__ void normalize_and_store(const float* acc, int ld, const T* src, int6
 }
 
 template <typename TS, typename TT>
-__global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const float* lse, const float* grad,
-                                                         int64_t g_sb, int64_t g_sn, TS* ds) {
+__global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const float* grad, int64_t g_sb, int64_t g_sn,
+                                                         TS* ds) {
   using T = Staged<TS, TT>;
   float* dq = dynamic_smem<float>();  // [kTile][D]
   __shared__ Tiles<T> sh;
-  __shared__ float g[kTile], lse_r[kTile];
+  __shared__ float g[kTile], m[kTile], s[kTile], rest[kTile], scale[kTile];
   __shared__ int64_t k_rows[kTile];
   __shared__ bool k_ok[kTile], in_range[kTile];
   const int64_t b = blockIdx.y;
   const int m0 = blockIdx.x * kTile;
   const int cnt = a.counts[b];
   query_rows<T>(sh, a, b, m0, cnt);
-  if (threadIdx.x < kTile) in_range[threadIdx.x] = m0 + static_cast<int>(threadIdx.x) < a.N;
+  if (threadIdx.x < kTile) {
+    in_range[threadIdx.x] = m0 + static_cast<int>(threadIdx.x) < a.N;
+    m[threadIdx.x] = -INFINITY;
+    s[threadIdx.x] = 0.f;
+    rest[threadIdx.x] = 0.f;
+  }
   for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) dq[e] = 0.f;
   __syncthreads();
-  row_grads<T>(sh, a, b, lse, grad, g_sb, g_sn, g, lse_r);
+  row_grads<T>(sh, b, grad, g_sb, g_sn, g);
   if (m0 < cnt) {
     const TT* t = static_cast<const TT*>(a.t);
     for (int n0 = 0; n0 < a.N; n0 += kTile) {
@@ -328,8 +400,8 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const flo
       }
       __syncthreads();
       logits_tile<TS, TT>(sh, a, b, k_rows, k_ok, n0 == 0);
-      grad_tile<T>(sh, a, g, lse_r, k_rows, k_ok);
-      // dq[r][d] += sum_j G[r][j] * k_hat[j][d]
+      online_tile<T>(sh, a, k_rows, k_ok, m, s, rest, scale);
+      // dq[r][d] <- dq[r][d] * scale[r] + sum_j E[r][j] * k_hat[j][d]
       for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) {
         const int r = e / a.D, d = e % a.D;
         if (!sh.q_ok[r]) continue;
@@ -338,22 +410,23 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const flo
           if (!k_ok[j]) break;
           acc += sh.s[r][j] * sh.inv_k[j] * to_f(t[b * a.t_sb + k_rows[j] * a.t_sn + static_cast<int64_t>(d) * a.t_sd]);
         }
-        dq[e] += acc;
+        dq[e] = dq[e] * scale[r] + acc;
       }
       __syncthreads();
     }
+    finish_rows<TT>(dq, a, b, sh.q_row, sh.pos, sh.q_ok, g, m, s, rest);
   }
   normalize_and_store<TS>(dq, a.D, static_cast<const TS*>(a.s), a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, in_range,
-                         sh.inv_q, a.normalize, a.D, ds, a.N);
+                          sh.inv_q, a.normalize, a.D, ds, a.N);
 }
 
 template <typename TS, typename TT>
-__global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const float* lse, const float* grad,
-                                                         int64_t g_sb, int64_t g_sn, TT* dt) {
+__global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const float* grad, int64_t g_sb, int64_t g_sn,
+                                                         TT* dt) {
   using T = Staged<TS, TT>;
   float* dk = dynamic_smem<float>();  // [kTile][D]
   __shared__ Tiles<T> sh;
-  __shared__ float g[kTile], lse_r[kTile], inv_k_keep[kTile];
+  __shared__ float g[kTile], m[kTile], s_r[kTile], rest[kTile], inv_k_keep[kTile];
   __shared__ int64_t k_rows[kTile];
   __shared__ bool k_ok[kTile];
   const int64_t b = blockIdx.y;
@@ -370,10 +443,16 @@ __global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const flo
   for (int m0 = 0; m0 < cnt; m0 += kTile) {
     query_rows<T>(sh, a, b, m0, cnt);
     __syncthreads();
-    row_grads<T>(sh, a, b, lse, grad, g_sb, g_sn, g, lse_r);
+    row_grads<T>(sh, b, grad, g_sb, g_sn, g);
+    if (threadIdx.x < kTile && sh.q_ok[threadIdx.x]) {
+      const float* st = a.stats + (b * a.N + sh.q_row[threadIdx.x]) * 3;
+      m[threadIdx.x] = st[0];
+      s_r[threadIdx.x] = st[1];
+      rest[threadIdx.x] = st[2];
+    }
     logits_tile<TS, TT>(sh, a, b, k_rows, k_ok, true);
     if (threadIdx.x < kTile) inv_k_keep[threadIdx.x] = sh.inv_k[threadIdx.x];
-    grad_tile<T>(sh, a, g, lse_r, k_rows, k_ok);
+    grad_tile<T>(sh, a, g, m, s_r, rest, k_rows, k_ok);
     // dk[j][d] += sum_r G[r][j] * q_hat[r][d]
     for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) {
       const int j = e / a.D, d = e % a.D;
@@ -399,7 +478,7 @@ __global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const flo
   }
   __syncthreads();
   normalize_and_store<TT>(dk, a.D, static_cast<const TT*>(a.t), a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, k_ok,
-                         inv_k_keep, a.normalize, a.D, dt, a.N);
+                          inv_k_keep, a.normalize, a.D, dt, a.N);
 }
 
 Args make(const LossCall& p) {
@@ -416,6 +495,7 @@ Args make(const LossCall& p) {
   a.order = reinterpret_cast<const int64_t*>(p.order);
   a.counts = reinterpret_cast<const int*>(p.counts);
   a.pos = reinterpret_cast<const int64_t*>(p.positive_index);
+  a.stats = reinterpret_cast<float*>(p.row_stats);
   a.s_sb = p.student_stride[0], a.s_sn = p.student_stride[1], a.s_sd = p.student_stride[2];
   a.t_sb = p.teacher_stride[0], a.t_sn = p.teacher_stride[1], a.t_sd = p.teacher_stride[2];
   a.p_sb = p.positive_stride[0], a.p_sn = p.positive_stride[1];
@@ -470,19 +550,18 @@ void patch_contrast_backward(const LossCall& p) {
   if (p.B == 0) return;
   const size_t smem = sizeof(float) * kTile * static_cast<size_t>(a.D);
   auto st = reinterpret_cast<cudaStream_t>(p.stream);
-  const float* lse = reinterpret_cast<const float*>(p.lse);
   const float* grad = reinterpret_cast<const float*>(p.grad);
   const int64_t g_sb = p.grad_stride[0], g_sn = p.grad_stride[1];
   dispatch_pair<DeviceTypes>(p.student_dtype, p.teacher_dtype, "patch_contrast_bwd_cuda", [&](auto s, auto t) {
     using TS = decltype(s);
     using TT = decltype(t);
     opt_in_smem<bwd_q_kernel<TS, TT>>();
-    launch(bwd_q_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, lse, grad, g_sb, g_sn,
+    launch(bwd_q_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, grad, g_sb, g_sn,
            reinterpret_cast<TS*>(p.d_student));
     check("patch_contrast_bwd_cuda (student gradient)");
     if (p.d_teacher != 0) {
       opt_in_smem<bwd_k_kernel<TS, TT>>();
-      launch(bwd_k_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, lse, grad, g_sb, g_sn,
+      launch(bwd_k_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, grad, g_sb, g_sn,
              reinterpret_cast<TT*>(p.d_teacher));
       check("patch_contrast_bwd_cuda (teacher gradient)");
     }
