@@ -51,7 +51,7 @@ __device__ __forceinline__ __half from_f<__half>(float x) {
 // The block's dynamic shared memory (the launch's smem bytes), as T.
 template <typename T>
 __device__ __forceinline__ T* dynamic_smem() {
-  extern __shared__ __align__(16) unsigned char conmim_dynamic_smem[];
+  extern __shared__ __align__(128) unsigned char conmim_dynamic_smem[];
   return reinterpret_cast<T*>(conmim_dynamic_smem);
 }
 

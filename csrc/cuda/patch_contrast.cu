@@ -38,6 +38,7 @@ constexpr int kThreads = 128;  // 4 warps
 constexpr int kPad = 8;       // shared-memory row padding (keeps WMMA's ldm a multiple of 8 elements)
 constexpr int kMaxDim = 1024;
 constexpr int kMaxDynamicSmem = sizeof(float) * kTile * kMaxDim;  // the backward's [kTile][D] fp32 accumulator
+static_assert(kMaxDim % kChunk == 0, "the accumulator rows are padded to whole chunks");
 constexpr int64_t kMaxGridY = 65535;  // images go on grid.y
 constexpr float kNormEps = 1e-12f;
 
@@ -97,6 +98,63 @@ __device__ void load_chunk(T (*dst)[kChunk + kPad], const Src* base, int64_t sb,
         v = from_f<T>(to_f(x));
     }
     dst[r][c] = v;
+  }
+}
+
+// The backward's products G K and G^T Q on tensor cores (bf16/fp16 inputs): G (fp32) as the sum of two TF32 parts,
+// hi + lo (about 21 significant bits), times the features of one chunk, which bf16 and fp16 hold exactly in TF32.
+struct GradMma {
+  alignas(32) float hi[kTile][kTile + 4];
+  alignas(32) float lo[kTile][kTile + 4];
+  alignas(32) float x[kTile][kChunk + kPad];  // one feature chunk of the other operand, as float
+};
+
+// Backward accumulators ([kTile][ld] fp32 in dynamic shared memory) have rows padded to whole feature chunks, so
+// the MMA path's 16 x 16 blocks stay aligned.
+__host__ __device__ constexpr int padded_dim(int D) { return (D + kChunk - 1) / kChunk * kChunk; }
+
+template <typename T>
+constexpr bool kMmaType = !std::is_same<T, float>::value;
+
+// Splits v into the TF32 parts of a G tile entry.
+__device__ __forceinline__ void split_tf32(GradMma& mm, int i, int j, float v) {
+  const float hi = nvcuda::wmma::__float_to_tf32(v);
+  mm.hi[i][j] = hi;
+  mm.lo[i][j] = nvcuda::wmma::__float_to_tf32(v - hi);
+}
+
+// acc[0:32][d0:d0+32] += (hi + lo) x on tensor cores (TF32 m16n16k8, fp32 accumulate); warp w owns the 16 x 16
+// block (w / 2, w % 2). acc rows have ld floats.
+__device__ void mma_chunk(float* acc, int ld, int d0, const GradMma& mm) {
+  using namespace nvcuda;
+  const int warp = threadIdx.x / 32;
+  const int br = (warp / 2) * 16, bc = (warp % 2) * 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> c;
+  float* out = acc + br * ld + d0 + bc;
+  wmma::load_matrix_sync(c, out, ld, wmma::mem_row_major);
+#pragma unroll
+  for (int k = 0; k < kTile; k += 8) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a_hi, a_lo;
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b;
+    wmma::load_matrix_sync(a_hi, &mm.hi[br][k], kTile + 4);
+    wmma::load_matrix_sync(a_lo, &mm.lo[br][k], kTile + 4);
+    wmma::load_matrix_sync(b, &mm.x[k][bc], kChunk + kPad);
+    wmma::mma_sync(c, a_lo, b, c);
+    wmma::mma_sync(c, a_hi, b, c);
+  }
+  wmma::store_matrix_sync(out, c, ld, wmma::mem_row_major);
+}
+
+// acc[32][ld] += (hi + lo) X over the whole feature dim, X = rows `rows` of the [B, N, D] tensor `src` (zero where
+// not ok), one chunk at a time.
+template <typename Src>
+__device__ void mma_rows(float* acc, int ld, GradMma& mm, const Src* src, int64_t sb, int64_t sn, int64_t sd,
+                         int64_t b, const int64_t* rows, const bool* ok, int D) {
+  for (int d0 = 0; d0 < D; d0 += kChunk) {
+    load_chunk<float, Src>(mm.x, src, sb, sn, sd, b, rows, ok, d0, D);
+    __syncthreads();
+    mma_chunk(acc, ld, d0, mm);
+    __syncthreads();
   }
 }
 
@@ -282,7 +340,7 @@ __device__ void online_tile(Tiles<T>& sh, const Args& a, const int64_t* k_rows, 
 // bwd_q, after the last key tile: dq_r <- g_r / tau * (dq_r - rest_r k_hat[pos_r]) / s_r, where dq_r holds
 // sum_{j != pos} exp(x_rj - m_r) k_hat_j; and the rows' (m, s, rest) go to Args::stats. One warp per row.
 template <typename TT>
-__device__ void finish_rows(float* dq, const Args& a, int64_t b, const int64_t* q_row, const int64_t* pos,
+__device__ void finish_rows(float* dq, int ld, const Args& a, int64_t b, const int64_t* q_row, const int64_t* pos,
                             const bool* ok, const float* g, const float* m, const float* s, const float* rest) {
   const TT* t = static_cast<const TT*>(a.t);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -301,7 +359,7 @@ __device__ void finish_rows(float* dq, const Args& a, int64_t b, const int64_t* 
     const float c = g[r] * a.inv_tau / s[r];
     const float c_pos = c * rest[r] * inv;
     for (int d = lane; d < a.D; d += 32)
-      dq[r * a.D + d] = c * dq[r * a.D + d] - c_pos * to_f(key[static_cast<int64_t>(d) * a.t_sd]);
+      dq[r * ld + d] = c * dq[r * ld + d] - c_pos * to_f(key[static_cast<int64_t>(d) * a.t_sd]);
     if (lane == 0) {
       float* st = a.stats + (b * a.N + q_row[r]) * 3;
       st[0] = m[r];
@@ -373,8 +431,10 @@ template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const float* grad, int64_t g_sb, int64_t g_sn,
                                                          TS* ds) {
   using T = Staged<TS, TT>;
-  float* dq = dynamic_smem<float>();  // [kTile][D]
+  const int ld = padded_dim(a.D);
+  float* dq = dynamic_smem<float>();  // [kTile][ld]
   __shared__ Tiles<T> sh;
+  __shared__ GradMma mm;
   __shared__ float g[kTile], m[kTile], s[kTile], rest[kTile], scale[kTile];
   __shared__ int64_t k_rows[kTile];
   __shared__ bool k_ok[kTile], in_range[kTile];
@@ -387,8 +447,9 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const flo
     m[threadIdx.x] = -INFINITY;
     s[threadIdx.x] = 0.f;
     rest[threadIdx.x] = 0.f;
+    scale[threadIdx.x] = 1.f;
   }
-  for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) dq[e] = 0.f;
+  for (int e = threadIdx.x; e < kTile * ld; e += kThreads) dq[e] = 0.f;
   __syncthreads();
   row_grads<T>(sh, b, grad, g_sb, g_sn, g);
   if (m0 < cnt) {
@@ -402,21 +463,30 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const flo
       logits_tile<TS, TT>(sh, a, b, k_rows, k_ok, n0 == 0);
       online_tile<T>(sh, a, k_rows, k_ok, m, s, rest, scale);
       // dq[r][d] <- dq[r][d] * scale[r] + sum_j E[r][j] * k_hat[j][d]
-      for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) {
-        const int r = e / a.D, d = e % a.D;
-        if (!sh.q_ok[r]) continue;
-        float acc = 0.f;
-        for (int j = 0; j < kTile; ++j) {
-          if (!k_ok[j]) break;
-          acc += sh.s[r][j] * sh.inv_k[j] * to_f(t[b * a.t_sb + k_rows[j] * a.t_sn + static_cast<int64_t>(d) * a.t_sd]);
+      if constexpr (kMmaType<T>) {
+        for (int e = threadIdx.x; e < kTile * kTile; e += kThreads)
+          split_tf32(mm, e / kTile, e % kTile, sh.s[e / kTile][e % kTile] * sh.inv_k[e % kTile]);
+        for (int e = threadIdx.x; e < kTile * ld; e += kThreads) dq[e] *= scale[e / ld];
+        __syncthreads();
+        mma_rows<TT>(dq, ld, mm, t, a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, a.D);
+      } else {
+        for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) {
+          const int r = e / a.D, d = e % a.D;
+          if (!sh.q_ok[r]) continue;
+          float acc = 0.f;
+          for (int j = 0; j < kTile; ++j) {
+            if (!k_ok[j]) break;
+            acc += sh.s[r][j] * sh.inv_k[j] *
+                   to_f(t[b * a.t_sb + k_rows[j] * a.t_sn + static_cast<int64_t>(d) * a.t_sd]);
+          }
+          dq[r * ld + d] = dq[r * ld + d] * scale[r] + acc;
         }
-        dq[e] = dq[e] * scale[r] + acc;
+        __syncthreads();
       }
-      __syncthreads();
     }
-    finish_rows<TT>(dq, a, b, sh.q_row, sh.pos, sh.q_ok, g, m, s, rest);
+    finish_rows<TT>(dq, ld, a, b, sh.q_row, sh.pos, sh.q_ok, g, m, s, rest);
   }
-  normalize_and_store<TS>(dq, a.D, static_cast<const TS*>(a.s), a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, in_range,
+  normalize_and_store<TS>(dq, ld, static_cast<const TS*>(a.s), a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, in_range,
                           sh.inv_q, a.normalize, a.D, ds, a.N);
 }
 
@@ -424,8 +494,10 @@ template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const float* grad, int64_t g_sb, int64_t g_sn,
                                                          TT* dt) {
   using T = Staged<TS, TT>;
-  float* dk = dynamic_smem<float>();  // [kTile][D]
+  const int ld = padded_dim(a.D);
+  float* dk = dynamic_smem<float>();  // [kTile][ld]
   __shared__ Tiles<T> sh;
+  __shared__ GradMma mm;
   __shared__ float g[kTile], m[kTile], s_r[kTile], rest[kTile], inv_k_keep[kTile];
   __shared__ int64_t k_rows[kTile];
   __shared__ bool k_ok[kTile];
@@ -437,7 +509,7 @@ __global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const flo
     k_ok[threadIdx.x] = n0 + threadIdx.x < a.N;
     inv_k_keep[threadIdx.x] = 1.f;
   }
-  for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) dk[e] = 0.f;
+  for (int e = threadIdx.x; e < kTile * ld; e += kThreads) dk[e] = 0.f;
   __syncthreads();
   const TS* s = static_cast<const TS*>(a.s);
   for (int m0 = 0; m0 < cnt; m0 += kTile) {
@@ -454,17 +526,25 @@ __global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const flo
     if (threadIdx.x < kTile) inv_k_keep[threadIdx.x] = sh.inv_k[threadIdx.x];
     grad_tile<T>(sh, a, g, m, s_r, rest, k_rows, k_ok);
     // dk[j][d] += sum_r G[r][j] * q_hat[r][d]
-    for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) {
-      const int j = e / a.D, d = e % a.D;
-      if (!k_ok[j]) continue;
-      float acc = 0.f;
-      for (int r = 0; r < kTile; ++r) {
-        if (!sh.q_ok[r]) break;
-        acc += sh.s[r][j] * sh.inv_q[r] * to_f(s[b * a.s_sb + sh.q_row[r] * a.s_sn + static_cast<int64_t>(d) * a.s_sd]);
+    if constexpr (kMmaType<T>) {
+      for (int e = threadIdx.x; e < kTile * kTile; e += kThreads)  // G^T, scaled by the query norms
+        split_tf32(mm, e % kTile, e / kTile, sh.s[e / kTile][e % kTile] * sh.inv_q[e / kTile]);
+      __syncthreads();
+      mma_rows<TS>(dk, ld, mm, s, a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, a.D);
+    } else {
+      for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) {
+        const int j = e / a.D, d = e % a.D;
+        if (!k_ok[j]) continue;
+        float acc = 0.f;
+        for (int r = 0; r < kTile; ++r) {
+          if (!sh.q_ok[r]) break;
+          acc += sh.s[r][j] * sh.inv_q[r] *
+                 to_f(s[b * a.s_sb + sh.q_row[r] * a.s_sn + static_cast<int64_t>(d) * a.s_sd]);
+        }
+        dk[j * ld + d] += acc;
       }
-      dk[e] += acc;
+      __syncthreads();
     }
-    __syncthreads();
   }
   if (cnt == 0 && threadIdx.x < kTile) {  // norms of the keys for the Jacobian when no tile ran
     float sq = 0.f;
@@ -477,7 +557,7 @@ __global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const flo
     inv_k_keep[threadIdx.x] = a.normalize ? 1.f / fmaxf(sqrtf(sq), kNormEps) : 1.f;
   }
   __syncthreads();
-  normalize_and_store<TT>(dk, a.D, static_cast<const TT*>(a.t), a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, k_ok,
+  normalize_and_store<TT>(dk, ld, static_cast<const TT*>(a.t), a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, k_ok,
                           inv_k_keep, a.normalize, a.D, dt, a.N);
 }
 
@@ -548,7 +628,7 @@ void patch_contrast_forward(const LossCall& p) {
 void patch_contrast_backward(const LossCall& p) {
   const Args a = make(p);
   if (p.B == 0) return;
-  const size_t smem = sizeof(float) * kTile * static_cast<size_t>(a.D);
+  const size_t smem = sizeof(float) * kTile * static_cast<size_t>(padded_dim(a.D));
   auto st = reinterpret_cast<cudaStream_t>(p.stream);
   const float* grad = reinterpret_cast<const float*>(p.grad);
   const int64_t g_sb = p.grad_stride[0], g_sn = p.grad_stride[1];

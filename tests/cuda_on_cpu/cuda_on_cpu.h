@@ -9,8 +9,10 @@
 // - __shared__ variables are block-wide (static storage, one block at a time); dynamic shared memory is a fresh
 //   NaN-filled allocation per block. Out-of-range subscripts of arrays with a known bound (the kernels' __shared__
 //   tiles) are caught by -fsanitize=bounds, whose handler (executor.cpp) fails the launch with the source line.
-// - nvcuda::wmma: fragments hold the whole tile in every lane; mma_sync computes the exact products with fp32
-//   accumulation (not the tensor cores' rounding).
+// - nvcuda::wmma: fragments hold the whole tile in every lane; loads and stores are warp-collective (every lane of
+//   the warp arrives before any lane goes on, so a load-multiply-store of a shared accumulator happens once per
+//   warp, as on the GPU); mma_sync computes the exact products with fp32 accumulation (not the tensor cores'
+//   rounding).
 // - bf16/half conversions are the CUDA headers' host paths; launch attributes and streams are no-ops.
 #pragma once
 
@@ -29,12 +31,14 @@
 #include <utility>
 
 #undef __global__
+#undef __host__
 #undef __device__
 #undef __forceinline__
 #undef __launch_bounds__
 #undef __grid_constant__
 #undef __shared__
 #define __global__
+#define __host__
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
@@ -148,6 +152,7 @@ inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, V v) {
 
 template <typename Use, int M, int N, int K, typename T, typename L, typename P>
 inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm) {
+  cuda_on_cpu::sync_warp();
   using F = fragment<Use, M, N, K, T, L>;
   constexpr bool kColMajor = std::is_same<L, col_major>::value;
   for (int r = 0; r < F::rows; ++r)
@@ -156,22 +161,33 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsign
 
 template <int M, int N, int K, typename P>
 inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const P* p, unsigned ldm, layout_t l) {
+  cuda_on_cpu::sync_warp();
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) f.x[r * N + c] = l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c];
 }
 
 template <int M, int N, int K>
 inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t l) {
+  cuda_on_cpu::sync_warp();
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) (l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[r * N + c];
+}
+
+// Rounds to TF32 (10 explicit mantissa bits), to nearest with ties away from zero, as cvt.rna.tf32.f32.
+inline float __float_to_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+  std::memcpy(&v, &u, 4);
+  return v;
 }
 
 inline float to_float(float v) { return v; }
 inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 inline float to_float(__half v) { return __half2float(v); }
 
-// d = a b + c, products exact (bf16/fp16 products fit fp32; tf32 operands are rounded as the hardware rounds them
-// by __float_to_tf32), fp32 accumulation in k order.
+// d = a b + c, products exact (bf16/fp16 and tf32 products fit fp32; tf32 operands are used as loaded: the
+// kernels round them with __float_to_tf32 first), fp32 accumulation in k order.
 template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB>
 inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
                      const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
