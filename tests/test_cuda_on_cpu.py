@@ -138,8 +138,8 @@ def test_ema_odd_sizes_and_dtype_pairs(on_cpu, t_dtype, s_dtype):
 MUTANTS = {
     # logits_tile: the barrier between loading a feature chunk and reading it
     "missing-barrier": (
-        "    __syncthreads();\n    if (threadIdx.x < kTile) {\n      float kk = 0.f",
-        "    if (threadIdx.x < kTile) {\n      float kk = 0.f",
+        "    __syncthreads();\n    {  // the rows' squared norms",
+        "    {  // the rows' squared norms",
     ),
     # query_rows: one row past the block's kTile rows of shared memory
     "bound-off-by-one": (

@@ -183,18 +183,27 @@ __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_
     load_chunk<T, TS>(sh.q, s, a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, d0, a.D);
     load_chunk<T, TT>(sh.k, t, a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, d0, a.D);
     __syncthreads();
-    if (threadIdx.x < kTile) {
+    {  // the rows' squared norms, over all warps: four lanes per row, a quarter of the chunk each
+      static_assert(kThreads == 4 * kTile && kChunk % 4 == 0, "four threads per row of the tile");
+      const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * (kChunk / 4);
       float kk = 0.f, qq = 0.f;
-      for (int c = 0; c < kChunk; ++c) {
-        const float kv = to_f(sh.k[threadIdx.x][c]);
+#pragma unroll 1
+      for (int c = c0; c < c0 + kChunk / 4; ++c) {
+        const float kv = to_f(sh.k[r][c]);
         kk += kv * kv;
         if (want_q) {
-          const float qv = to_f(sh.q[threadIdx.x][c]);
+          const float qv = to_f(sh.q[r][c]);
           qq += qv * qv;
         }
       }
-      sh.ksq[threadIdx.x] += kk;
-      if (want_q) sh.qsq[threadIdx.x] += qq;
+      for (int o = 1; o < 4; o <<= 1) {
+        kk += __shfl_xor_sync(0xffffffffu, kk, o);
+        qq += __shfl_xor_sync(0xffffffffu, qq, o);
+      }
+      if (threadIdx.x % 4 == 0) {
+        sh.ksq[r] += kk;
+        if (want_q) sh.qsq[r] += qq;
+      }
     }
     if constexpr (kMma) {
       // warp w owns the 16 x 16 output block (w / 2, w % 2); A = Q rows, B = K^T (K rows read column-major).
