@@ -6,6 +6,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace conmim {
 
@@ -81,25 +82,55 @@ inline std::string dtype_name(int tag) {
   }
 }
 
-// Calls f(T{}) with T the storage type for `tag`.
-template <typename F>
-inline void dispatch_storage(int tag, F&& f) {
+// The storage types of the host kernels (CPU); csrc/cuda/cuda_common.cuh has the device table.
+struct HostTypes {
+  using f32 = float;
+  using bf16 = bf16_t;
+  using f16 = fp16_t;
+  using f64 = double;
+};
+
+// The one dtype dispatcher of host and device code: calls f(T{}) with T the storage type of `tag` in the type
+// table `Types` (f64 = void: float64 unsupported there). `who` names the caller in the error for any other tag.
+template <typename Types, typename F>
+inline void dispatch(int tag, const char* who, F&& f) {
   switch (tag) {
     case kFloat32:
-      f(float{});
-      break;
+      f(typename Types::f32{});
+      return;
     case kBFloat16:
-      f(bf16_t{});
-      break;
+      f(typename Types::bf16{});
+      return;
     case kFloat16:
-      f(fp16_t{});
-      break;
+      f(typename Types::f16{});
+      return;
     case kFloat64:
-      f(double{});
+      if constexpr (!std::is_void<typename Types::f64>::value) {
+        f(typename Types::f64{});
+        return;
+      }
       break;
     default:
-      throw std::invalid_argument("conmim._C: " + dtype_name(tag));
+      break;
   }
+  throw std::invalid_argument(std::string("conmim._C.") + who + ": unsupported dtype " + dtype_name(tag));
+}
+
+template <typename S, typename T, typename F>
+inline void call_pair(F& f) {
+  if constexpr (std::is_same<S, double>::value == std::is_same<T, double>::value) f(S{}, T{});
+}
+
+// f(S{}, T{}) for the (student, teacher) storage types: any pair of float32 / bfloat16 / float16, or float64 with
+// float64 (the accumulation dtype follows the inputs, so float64 does not mix).
+template <typename Types, typename F>
+inline void dispatch_pair(int s_tag, int t_tag, const char* who, F&& f) {
+  if ((s_tag == kFloat64) != (t_tag == kFloat64))
+    throw std::invalid_argument(std::string("conmim._C.") + who + ": float64 pairs only with float64, got " +
+                                dtype_name(s_tag) + " and " + dtype_name(t_tag));
+  dispatch<Types>(s_tag, who, [&](auto s) {
+    dispatch<Types>(t_tag, who, [&](auto t) { call_pair<decltype(s), decltype(t)>(f); });
+  });
 }
 
 }  // namespace conmim

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import conmim
-from conmim import _ext
+from conmim import _ext, native
 from conmim.reference import ema_update_reference_, patch_contrast_loss_reference
 from tests.conftest import requires_gpu
+from tests.native_cases import assert_close_to, inputs, loss_tol_dtype, pair_id, reference
 from tests.test_patch_contrast import MASKS, assert_matches, make_inputs, make_mask
 
 pytestmark = [pytest.mark.cuda, requires_gpu]
@@ -124,3 +125,17 @@ def test_torch_compile_fullgraph_step():
     out.backward()
     ref = step(x, mask)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pair", [(s, t) for s in DTYPES for t in DTYPES], ids=pair_id)
+def test_cuda_launchers_every_dtype_pair(pair):
+    # Each input read in its own dtype, each gradient in its input's dtype, against the float64 reference.
+    _loss_backend("cuda")
+    s, t, grad, pos = inputs(3, 197, 96, pair, seed=1, positive=True)
+    mask = make_mask("ragged", 3, 197)
+    loss, lse = native.patch_contrast_forward_cuda(*_cuda(s, t, mask, pos), 0.1, True)
+    ds, dt = native.patch_contrast_backward_cuda(*_cuda(grad, s, t, mask, pos, lse), 0.1, True, True)
+    want_loss, want_ds, want_dt = reference(s, t, mask, pos, 0.1, True, grad)
+    assert_close_to(loss.cpu(), want_loss, loss_tol_dtype(pair), "loss", "loss")
+    assert_close_to(ds.cpu(), want_ds, pair[0], "grad", "d_student")
+    assert_close_to(dt.cpu(), want_dt, pair[1], "grad", "d_teacher")

@@ -61,9 +61,9 @@ void ema_update(const std::vector<int64_t>& teacher, const std::vector<int>& tea
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (size_t c = 0; c < chunks.size(); ++c) {
     const Chunk& ch = chunks[c];
-    dispatch_storage(teacher_dtype[ch.tensor], [&](auto ttag) {
+    dispatch<HostTypes>(teacher_dtype[ch.tensor], "ema_update_cpu", [&](auto ttag) {
       using TT = decltype(ttag);
-      dispatch_storage(student_dtype[ch.tensor], [&](auto stag) {
+      dispatch<HostTypes>(student_dtype[ch.tensor], "ema_update_cpu", [&](auto stag) {
         using TS = decltype(stag);
         using A = typename std::conditional<std::is_same<TT, double>::value, double, float>::type;
         lerp_chunk<TT, TS, A>(reinterpret_cast<TT*>(teacher[ch.tensor]) + ch.begin,

@@ -10,6 +10,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -51,14 +52,19 @@ static inline VF vexp(VF x) {
   return p * scale;
 }
 
-// sum_j exp(x[j] * a - m), j < N. Rows are padded to a multiple of the vector width, so the last vector is
-// read whole and its lanes at j >= N are dropped.
+// Softmax rows are computed from differences of unscaled logits, x[j] - max, scaled by a = 1/tau afterwards: the
+// largest term is exp(0) = 1 exactly (so the loss is never negative) and nothing of size a * |x| is ever
+// subtracted (so small temperatures and large unnormalised features keep fp32 accuracy, and 1/tau up to the
+// largest float gives finite values).
+
+// sum_j exp((x[j] - m) * a), j < N. Rows are padded to a multiple of the vector width, so the last vector is read
+// whole and its lanes at j >= N are dropped.
 static inline float sum_exp(const float* x, ptrdiff_t N, float a, float m) {
   VI lane;
   for (int v = 0; v < kW; ++v) lane[v] = v;
   VF acc = VF{};
   for (ptrdiff_t j = 0; j < N; j += kW) {
-    const VF e = vexp(*reinterpret_cast<const UF*>(x + j) * a - m);
+    const VF e = vexp((*reinterpret_cast<const UF*>(x + j) - m) * a);
     acc += (lane + static_cast<int32_t>(j)) < static_cast<int32_t>(N) ? e : VF{};
   }
   float sum = 0.f;
@@ -67,19 +73,35 @@ static inline float sum_exp(const float* x, ptrdiff_t N, float a, float m) {
 }
 static inline double sum_exp(const double* x, ptrdiff_t N, double a, double m) {
   double sum = 0;
-  for (ptrdiff_t j = 0; j < N; ++j) sum += std::exp(x[j] * a - m);
+  for (ptrdiff_t j = 0; j < N; ++j) sum += std::exp((x[j] - m) * a);
   return sum;
 }
 
-// x[j] <- g * exp(x[j] * a - l) for j < N, whole vectors (padded lanes get values the caller then zeroes).
-static inline void scaled_exp(float* x, ptrdiff_t N, float a, float l, float g) {
+// x[j] <- exp((x[j] - m) * a) for j < N, whole vectors (padded lanes get values the caller then zeroes).
+static inline void shifted_exp(float* x, ptrdiff_t N, float a, float m) {
   for (ptrdiff_t j = 0; j < N; j += kW) {
     UF* p = reinterpret_cast<UF*>(x + j);
-    *p = vexp(*p * a - l) * g;
+    *p = vexp((*p - m) * a);
   }
 }
-static inline void scaled_exp(double* x, ptrdiff_t N, double a, double l, double g) {
-  for (ptrdiff_t j = 0; j < N; ++j) x[j] = g * std::exp(x[j] * a - l);
+static inline void shifted_exp(double* x, ptrdiff_t N, double a, double m) {
+  for (ptrdiff_t j = 0; j < N; ++j) x[j] = std::exp((x[j] - m) * a);
+}
+
+template <typename A>
+static inline A row_max(const A* x, ptrdiff_t N) {
+  A mx = -std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (ptrdiff_t j = 0; j < N; ++j) mx = std::max(mx, x[j]);
+  return mx;
+}
+
+template <typename A>
+static inline A row_sum(const A* x, ptrdiff_t N) {
+  A sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (ptrdiff_t j = 0; j < N; ++j) sum += x[j];
+  return sum;
 }
 
 // Npad: columns of the logits (multiple of Tile::NR) and rows of the key buffers, which the G^T Q product walks
@@ -186,36 +208,29 @@ static ptrdiff_t block_logits(const View3<T>& s, ptrdiff_t b, const ptrdiff_t* r
   return Rpad;
 }
 
-// Row logsumexp of x[0:N] * inv_tau.
-template <typename A>
-static inline A row_lse(const A* x, ptrdiff_t N, A inv_tau) {
-  A mx = -std::numeric_limits<A>::infinity();
-#pragma omp simd reduction(max : mx)
-  for (ptrdiff_t j = 0; j < N; ++j) mx = std::max(mx, x[j] * inv_tau);
-  return mx + std::log(sum_exp(x, N, inv_tau, mx));
-}
-
-template <typename T, typename A>
-static void forward_image(const View3<T>& s, const View3<T>& t, const PatchContrastArgs& a, ptrdiff_t b,
+template <typename TS, typename TT, typename A>
+static void forward_image(const View3<TS>& s, const View3<TT>& t, const LossCall& a, ptrdiff_t b,
                           const Dims<A>& dm, Scratch<A>& sc, A* loss, A* lse) {
   const uint8_t* mask = reinterpret_cast<const uint8_t*>(a.mask);
-  const int64_t* pos = reinterpret_cast<const int64_t*>(a.pos);
-  masked_rows(mask, a.mask_sb, a.mask_sn, b, dm.N, sc.rows);
+  const int64_t* pos = reinterpret_cast<const int64_t*>(a.positive_index);
+  masked_rows(mask, a.mask_stride[0], a.mask_stride[1], b, dm.N, sc.rows);
   std::fill(loss + b * dm.N, loss + (b + 1) * dm.N, A(0));
   std::fill(lse + b * dm.N, lse + (b + 1) * dm.N, A(0));
   if (sc.rows.empty()) return;
-  load_keys<T, A>(t, b, dm, a.normalize, sc);
+  load_keys<TT, A>(t, b, dm, a.normalize, sc);
   const A inv_tau = static_cast<A>(a.inv_tau);
   const ptrdiff_t M = static_cast<ptrdiff_t>(sc.rows.size());
   for (ptrdiff_t r0 = 0; r0 < M; r0 += kRowBlock) {
     const ptrdiff_t R = std::min<ptrdiff_t>(kRowBlock, M - r0);
-    block_logits<T, A>(s, b, sc.rows.data() + r0, R, dm, a.normalize, sc);
+    block_logits<TS, A>(s, b, sc.rows.data() + r0, R, dm, a.normalize, sc);
     for (ptrdiff_t r = 0; r < R; ++r) {
       const ptrdiff_t i = sc.rows[r0 + r];
       const A* x = sc.s.data() + r * dm.Npad;
-      const A l = row_lse<A>(x, dm.N, inv_tau);
-      lse[b * dm.N + i] = l;
-      loss[b * dm.N + i] = l - x[positive_of(pos, a.pos_sb, a.pos_sn, b, i)] * inv_tau;
+      const A mx = row_max<A>(x, dm.N);
+      const A log_sum = std::log(sum_exp(x, dm.N, inv_tau, mx));  // >= 0: the largest term is 1
+      const A xp = x[positive_of(pos, a.positive_stride[0], a.positive_stride[1], b, i)];
+      lse[b * dm.N + i] = mx * inv_tau + log_sum;
+      loss[b * dm.N + i] = (mx - xp) * inv_tau + log_sum;
     }
   }
 }
@@ -242,40 +257,47 @@ static inline void normalize_backward(const A* q, A nrm, bool normalize, ptrdiff
   for (ptrdiff_t c = 0; c < D; ++c) dq[c] = (dq[c] - q[c] * dot) * inv;
 }
 
-template <typename T, typename A>
-static void backward_image(const View3<T>& s, const View3<T>& t, const PatchContrastArgs& a, ptrdiff_t b,
-                           const Dims<A>& dm, Scratch<A>& sc, const A* lse, const A* grad, ptrdiff_t g_sb,
-                           ptrdiff_t g_sn, T* ds, T* dt) {
+template <typename TS, typename TT, typename A>
+static void backward_image(const View3<TS>& s, const View3<TT>& t, const LossCall& a, ptrdiff_t b,
+                           const Dims<A>& dm, Scratch<A>& sc, const A* grad, TS* ds, TT* dt) {
   const uint8_t* mask = reinterpret_cast<const uint8_t*>(a.mask);
-  const int64_t* pos = reinterpret_cast<const int64_t*>(a.pos);
-  masked_rows(mask, a.mask_sb, a.mask_sn, b, dm.N, sc.rows);
+  const int64_t* pos = reinterpret_cast<const int64_t*>(a.positive_index);
+  const ptrdiff_t g_sb = a.grad_stride[0], g_sn = a.grad_stride[1];
+  masked_rows(mask, a.mask_stride[0], a.mask_stride[1], b, dm.N, sc.rows);
   const ptrdiff_t N = dm.N, D = dm.D;
-  const T zero = from_float<T>(0.0);
-  std::fill(ds + b * N * D, ds + (b + 1) * N * D, zero);
+  std::fill(ds + b * N * D, ds + (b + 1) * N * D, from_float<TS>(0.0));
   if (sc.rows.empty()) {
-    if (dt) std::fill(dt + b * N * D, dt + (b + 1) * N * D, zero);
+    if (dt) std::fill(dt + b * N * D, dt + (b + 1) * N * D, from_float<TT>(0.0));
     return;
   }
   const bool want_dk = dt != nullptr;
-  load_keys<T, A>(t, b, dm, a.normalize, sc);
+  load_keys<TT, A>(t, b, dm, a.normalize, sc);
   if (want_dk) std::fill(sc.dk.begin(), sc.dk.end(), A(0));
   const A inv_tau = static_cast<A>(a.inv_tau);
   const ptrdiff_t M = static_cast<ptrdiff_t>(sc.rows.size());
   for (ptrdiff_t r0 = 0; r0 < M; r0 += kRowBlock) {
     const ptrdiff_t R = std::min<ptrdiff_t>(kRowBlock, M - r0);
-    const ptrdiff_t Rpad = block_logits<T, A>(s, b, sc.rows.data() + r0, R, dm, a.normalize, sc);
+    const ptrdiff_t Rpad = block_logits<TS, A>(s, b, sc.rows.data() + r0, R, dm, a.normalize, sc);
     for (ptrdiff_t r = 0; r < Rpad; ++r) {
       A* x = sc.s.data() + r * dm.Npad;
       if (r >= R) {
         std::fill(x, x + dm.Npad, A(0));
         continue;
       }
+      // G = g (softmax - onehot(pos)) / tau, the softmax recomputed from the row (not from the saved lse, whose
+      // fp32 rounding is a relative error of eps * |lse| in every probability), and the positive's entry
+      // -g (1 - p_pos) / tau taken as the sum of the other terms, without the cancellation of p_pos - 1.
       const ptrdiff_t i = sc.rows[r0 + r];
-      const A l = lse[b * N + i];
-      const A g = grad[b * g_sb + i * g_sn] * inv_tau;
-      scaled_exp(x, N, inv_tau, l, g);
+      const ptrdiff_t p = positive_of(pos, a.positive_stride[0], a.positive_stride[1], b, i);
+      shifted_exp(x, N, inv_tau, row_max<A>(x, N));
       for (ptrdiff_t j = N; j < dm.Npad; ++j) x[j] = A(0);
-      x[positive_of(pos, a.pos_sb, a.pos_sn, b, i)] -= g;
+      const A e_pos = x[p];
+      x[p] = A(0);
+      const A others = row_sum<A>(x, N);
+      const A scale = grad[b * g_sb + i * g_sn] * inv_tau / (others + e_pos);
+#pragma omp simd
+      for (ptrdiff_t j = 0; j < N; ++j) x[j] *= scale;
+      x[p] = -others * scale;
     }
     // dQ = G K
     gemm_padded<A>(Rpad, dm.Dpad, dm.Npad, sc.s.data(), dm.Npad, 1, sc.k.data(), dm.Dpad, sc.dq.data(), dm.Dpad,
@@ -287,27 +309,27 @@ static void backward_image(const View3<T>& s, const View3<T>& t, const PatchCont
     for (ptrdiff_t r = 0; r < R; ++r) {
       A* dqr = sc.dq.data() + r * dm.Dpad;
       normalize_backward<A>(sc.q.data() + r * dm.Dpad, sc.qnrm[r], a.normalize, D, dqr);
-      write_row<T, A>(ds + (b * N + sc.rows[r0 + r]) * D, dqr, D);
+      write_row<TS, A>(ds + (b * N + sc.rows[r0 + r]) * D, dqr, D);
     }
   }
   if (want_dk) {
     for (ptrdiff_t j = 0; j < N; ++j) {
       A* dkr = sc.dk.data() + j * dm.Dpad;
       normalize_backward<A>(sc.k.data() + j * dm.Dpad, sc.knrm[j], a.normalize, D, dkr);
-      write_row<T, A>(dt + (b * N + j) * D, dkr, D);
+      write_row<TT, A>(dt + (b * N + j) * D, dkr, D);
     }
   }
 }
 
 template <typename A>
-static Dims<A> make_dims(const PatchContrastArgs& a) {
+static Dims<A> make_dims(const LossCall& a) {
   ptrdiff_t npad = round_up(a.N, Tile<A>::NR);
   while (npad < round_up(a.N, Tile<A>::MR)) npad += Tile<A>::NR;
   return Dims<A>{a.N, a.D, npad, round_up(a.D, Tile<A>::NR)};
 }
 
 template <typename T>
-static View3<T> view(int64_t ptr, const int64_t* st) {
+static View3<T> view(int64_t ptr, const std::array<int64_t, 3>& st) {
   return View3<T>{reinterpret_cast<const T*>(ptr), st[0], st[1], st[2]};
 }
 
@@ -316,42 +338,43 @@ using AccOf = typename std::conditional<std::is_same<T, double>::value, double, 
 
 }  // namespace
 
-void patch_contrast_forward(const PatchContrastArgs& a, int64_t loss_ptr, int64_t lse_ptr, int nthreads) {
-  dispatch_storage(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using A = AccOf<T>;
-    const auto s = view<T>(a.student, a.s_stride), t = view<T>(a.teacher, a.t_stride);
+void patch_contrast_forward(const LossCall& a) {
+  dispatch_pair<HostTypes>(a.student_dtype, a.teacher_dtype, "patch_contrast_fwd_cpu", [&](auto s_tag, auto t_tag) {
+    using TS = decltype(s_tag);
+    using TT = decltype(t_tag);
+    using A = AccOf<TS>;
+    const auto s = view<TS>(a.student, a.student_stride);
+    const auto t = view<TT>(a.teacher, a.teacher_stride);
     const Dims<A> dm = make_dims<A>(a);
-    A* loss = reinterpret_cast<A*>(loss_ptr);
-    A* lse = reinterpret_cast<A*>(lse_ptr);
-#pragma omp parallel num_threads(nthreads)
+    A* loss = reinterpret_cast<A*>(a.loss);
+    A* lse = reinterpret_cast<A*>(a.lse);
+#pragma omp parallel num_threads(a.nthreads)
     {
       Scratch<A> sc;
       sc.init(dm, false, false);
 #pragma omp for schedule(dynamic, 1)
-      for (ptrdiff_t b = 0; b < a.B; ++b) forward_image<T, A>(s, t, a, b, dm, sc, loss, lse);
+      for (ptrdiff_t b = 0; b < a.B; ++b) forward_image<TS, TT, A>(s, t, a, b, dm, sc, loss, lse);
     }
   });
 }
 
-void patch_contrast_backward(const PatchContrastArgs& a, int64_t lse_ptr, int64_t grad_ptr, int64_t grad_sb,
-                             int64_t grad_sn, int64_t ds_ptr, int64_t dt_ptr, int nthreads) {
-  dispatch_storage(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using A = AccOf<T>;
-    const auto s = view<T>(a.student, a.s_stride), t = view<T>(a.teacher, a.t_stride);
+void patch_contrast_backward(const LossCall& a) {
+  dispatch_pair<HostTypes>(a.student_dtype, a.teacher_dtype, "patch_contrast_bwd_cpu", [&](auto s_tag, auto t_tag) {
+    using TS = decltype(s_tag);
+    using TT = decltype(t_tag);
+    using A = AccOf<TS>;
+    const auto s = view<TS>(a.student, a.student_stride);
+    const auto t = view<TT>(a.teacher, a.teacher_stride);
     const Dims<A> dm = make_dims<A>(a);
-    const A* lse = reinterpret_cast<const A*>(lse_ptr);
-    const A* grad = reinterpret_cast<const A*>(grad_ptr);
-    T* ds = reinterpret_cast<T*>(ds_ptr);
-    T* dt = reinterpret_cast<T*>(dt_ptr);
-#pragma omp parallel num_threads(nthreads)
+    const A* grad = reinterpret_cast<const A*>(a.grad);
+    TS* ds = reinterpret_cast<TS*>(a.d_student);
+    TT* dt = reinterpret_cast<TT*>(a.d_teacher);
+#pragma omp parallel num_threads(a.nthreads)
     {
       Scratch<A> sc;
       sc.init(dm, true, dt != nullptr);
 #pragma omp for schedule(dynamic, 1)
-      for (ptrdiff_t b = 0; b < a.B; ++b)
-        backward_image<T, A>(s, t, a, b, dm, sc, lse, grad, grad_sb, grad_sn, ds, dt);
+      for (ptrdiff_t b = 0; b < a.B; ++b) backward_image<TS, TT, A>(s, t, a, b, dm, sc, grad, ds, dt);
     }
   });
 }

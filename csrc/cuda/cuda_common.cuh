@@ -1,16 +1,32 @@
-// Device-side helpers shared by the CUDA kernels: fp32 conversion of the storage types and dtype dispatch.
+// Device-side helpers shared by the CUDA kernels: fp32 conversion of the storage types, the device type table of
+// the dtype dispatcher (common.h), and the two points where a kernel meets its launcher (launch, dynamic_smem),
+// which the CPU executor of the tests (tests/cuda_on_cpu/) provides itself when CONMIM_CUDA_ON_CPU is defined.
 #pragma once
 
+#ifdef CONMIM_CUDA_ON_CPU
+#include "cuda_on_cpu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
 
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "common.h"
 
 namespace conmim {
 namespace cuda {
+
+// Storage types of the device kernels; float64 is not supported on the device.
+struct DeviceTypes {
+  using f32 = float;
+  using bf16 = __nv_bfloat16;
+  using f16 = __half;
+  using f64 = void;
+};
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -31,24 +47,19 @@ __device__ __forceinline__ __half from_f<__half>(float x) {
   return __float2half_rn(x);
 }
 
-// Calls f(T{}) with T the CUDA storage type of a float32 / bfloat16 / float16 tag; `who` names the caller in the
-// error for any other tag.
-template <typename F>
-inline void dispatch_cuda(int tag, const char* who, F&& f) {
-  switch (tag) {
-    case kFloat32:
-      f(float{});
-      break;
-    case kBFloat16:
-      f(__nv_bfloat16{});
-      break;
-    case kFloat16:
-      f(__half{});
-      break;
-    default:
-      throw std::invalid_argument(std::string("conmim._C.") + who + ": unsupported dtype " + dtype_name(tag));
-  }
+#ifndef CONMIM_CUDA_ON_CPU
+// The block's dynamic shared memory (the launch's smem bytes), as T.
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+  extern __shared__ __align__(128) unsigned char conmim_dynamic_smem[];
+  return reinterpret_cast<T*>(conmim_dynamic_smem);
 }
+
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+  kernel<<<grid, block, smem, stream>>>(std::forward<A>(args)...);
+}
+#endif
 
 }  // namespace cuda
 }  // namespace conmim

@@ -2,10 +2,6 @@
 // one launch; the tensor table travels as a __grid_constant__ kernel parameter (CUDA >= 12.1 allows 32 KB), so
 // nothing is copied to the device and the launch can be captured in a CUDA graph. Aligned chunks use 4-element
 // vector accesses (16 bytes for fp32); the tail and misaligned tensors take a scalar path.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -77,14 +73,7 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(const __grid_constant__ E
   for (int64_t i = done + threadIdx.x; i < n; i += kThreads) t[i] = from_f<TT>(lerp_f(to_f(t[i]), to_f(s[i]), w));
 }
 
-template <typename TT, typename TS>
-void launch(EmaTable& table, int blocks, cudaStream_t stream) {
-  ema_kernel<TT, TS><<<blocks, kThreads, 0, stream>>>(table);
-}
-
 }  // namespace
-
-int max_tensors_per_launch() { return kMaxTensors; }
 
 void ema_update(const std::vector<int64_t>& teacher, int teacher_dtype, const std::vector<int64_t>& student,
                 int student_dtype, const std::vector<int64_t>& numel, double momentum, int64_t momentum_ptr,
@@ -115,9 +104,10 @@ void ema_update(const std::vector<int64_t>& teacher, int teacher_dtype, const st
     table->momentum_ptr = reinterpret_cast<const float*>(momentum_ptr);
     table->momentum = static_cast<float>(momentum);
     auto st = reinterpret_cast<cudaStream_t>(stream);
-    dispatch_cuda(teacher_dtype, "ema_update_cuda", [&](auto tt) {
-      dispatch_cuda(student_dtype, "ema_update_cuda",
-                    [&](auto ts) { launch<decltype(tt), decltype(ts)>(*table, blocks, st); });
+    dispatch<DeviceTypes>(teacher_dtype, "ema_update_cuda", [&](auto tt) {
+      dispatch<DeviceTypes>(student_dtype, "ema_update_cuda", [&](auto ts) {
+        launch(ema_kernel<decltype(tt), decltype(ts)>, dim3(blocks), dim3(kThreads), 0, st, *table);
+      });
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess)

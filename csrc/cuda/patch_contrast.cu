@@ -1,4 +1,6 @@
 // CUDA kernels for the ConMIM patch-contrast loss: same contract as the Triton kernels (kernels/patch_contrast.py).
+// Student and teacher may differ in dtype: each is read in its own, staged in shared memory in a common type
+// (theirs when they agree, else float32), and each gradient is written in its input's dtype.
 //
 // Work is indexed by a device-side order (each image's masked patches first) and per-image counts, so no launch
 // depends on a host-side count. A block owns kTile (32) rows of one image and streams the image's keys in tiles
@@ -7,18 +9,20 @@
 //   fp32 inputs; logits = S / (|q| |k|) / tau with norms accumulated in fp32;
 // - forward: an online logsumexp per row (one warp per row, one lane per key), the positive's logit picked on
 //   the fly; writes loss and lse (0 on unmasked rows);
-// - backward (queries): the tile is recomputed, G = g (softmax - onehot) / tau stays fp32, dQ accumulates in
-//   shared memory (fp32 FMA), then the L2 Jacobian; every row of d(student) written (0 on unmasked rows);
+// - backward (queries): the tile is recomputed, the softmax kept exact with a running max (online_tile), dQ
+//   accumulates in shared memory (fp32 FMA), then the positive's term and the L2 Jacobian; every row of
+//   d(student) written (0 on unmasked rows);
 // - backward (keys, only when asked): one block per key tile loops over the masked query tiles, dK in shared
 //   memory, then the L2 Jacobian.
 // Scratch is O(tile x d) per block: never B x N x N.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#ifndef CONMIM_CUDA_ON_CPU
 #include <mma.h>
+#endif
 
+#include <atomic>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common.h"
 #include "cuda/cuda_common.cuh"
@@ -33,15 +37,22 @@ constexpr int kChunk = 32;    // feature-dim chunk staged in shared memory
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kPad = 8;       // shared-memory row padding (keeps WMMA's ldm a multiple of 8 elements)
 constexpr int kMaxDim = 1024;
+constexpr int kMaxDynamicSmem = sizeof(float) * kTile * kMaxDim;  // the backward's [kTile][D] fp32 accumulator
+static_assert(kMaxDim % kChunk == 0, "the accumulator rows are padded to whole chunks");
 constexpr int64_t kMaxGridY = 65535;  // images go on grid.y
 constexpr float kNormEps = 1e-12f;
 
+// The type both operands are staged in: theirs when they agree (tensor-core MMA for bf16/fp16), else float32.
+template <typename TS, typename TT>
+using Staged = typename std::conditional<std::is_same<TS, TT>::value, TS, float>::type;
+
 struct Args {
-  const void* s;
-  const void* t;
+  const void* s;  // student, TS
+  const void* t;  // teacher, TT
   const int64_t* order;
   const int* counts;
   const int64_t* pos;
+  float* stats;  // [B, N, 3]: each masked row's (m, s, rest), written by bwd_q, read by bwd_k (see online_tile)
   int64_t s_sb, s_sn, s_sd, t_sb, t_sn, t_sd, p_sb, p_sn;
   int N, D;
   float inv_tau;
@@ -72,24 +83,87 @@ struct Tiles {
   bool q_ok[kTile];
 };
 
-// Loads rows [rows] of one feature chunk of a [B, N, D] tensor into dst (zero outside).
-template <typename T>
-__device__ void load_chunk(T (*dst)[kChunk + kPad], const T* base, int64_t sb, int64_t sn, int64_t sd, int64_t b,
+// Loads rows [rows] of one feature chunk of a [B, N, D] tensor of Src into dst as T (zero outside).
+template <typename T, typename Src>
+__device__ void load_chunk(T (*dst)[kChunk + kPad], const Src* base, int64_t sb, int64_t sn, int64_t sd, int64_t b,
                            const int64_t* rows, const bool* ok, int d0, int D) {
   for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
     const int r = e / kChunk, c = e % kChunk;
     T v = from_f<T>(0.f);
-    if (ok[r] && d0 + c < D) v = base[b * sb + rows[r] * sn + static_cast<int64_t>(d0 + c) * sd];
+    if (ok[r] && d0 + c < D) {
+      const Src x = base[b * sb + rows[r] * sn + static_cast<int64_t>(d0 + c) * sd];
+      if constexpr (std::is_same<T, Src>::value)
+        v = x;
+      else
+        v = from_f<T>(to_f(x));
+    }
     dst[r][c] = v;
   }
 }
 
-// S[32][32] = Q K^T over the full feature dim, plus the rows' squared norms (qsq when want_q).
+// The backward's products G K and G^T Q on tensor cores (bf16/fp16 inputs): G (fp32) as the sum of two TF32 parts,
+// hi + lo (about 21 significant bits), times the features of one chunk, which bf16 and fp16 hold exactly in TF32.
+struct GradMma {
+  alignas(32) float hi[kTile][kTile + 4];
+  alignas(32) float lo[kTile][kTile + 4];
+  alignas(32) float x[kTile][kChunk + kPad];  // one feature chunk of the other operand, as float
+};
+
+// Backward accumulators ([kTile][ld] fp32 in dynamic shared memory) have rows padded to whole feature chunks, so
+// the MMA path's 16 x 16 blocks stay aligned.
+__host__ __device__ constexpr int padded_dim(int D) { return (D + kChunk - 1) / kChunk * kChunk; }
+
 template <typename T>
+constexpr bool kMmaType = !std::is_same<T, float>::value;
+
+// Splits v into the TF32 parts of a G tile entry.
+__device__ __forceinline__ void split_tf32(GradMma& mm, int i, int j, float v) {
+  const float hi = nvcuda::wmma::__float_to_tf32(v);
+  mm.hi[i][j] = hi;
+  mm.lo[i][j] = nvcuda::wmma::__float_to_tf32(v - hi);
+}
+
+// acc[0:32][d0:d0+32] += (hi + lo) x on tensor cores (TF32 m16n16k8, fp32 accumulate); warp w owns the 16 x 16
+// block (w / 2, w % 2). acc rows have ld floats.
+__device__ void mma_chunk(float* acc, int ld, int d0, const GradMma& mm) {
+  using namespace nvcuda;
+  const int warp = threadIdx.x / 32;
+  const int br = (warp / 2) * 16, bc = (warp % 2) * 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> c;
+  float* out = acc + br * ld + d0 + bc;
+  wmma::load_matrix_sync(c, out, ld, wmma::mem_row_major);
+#pragma unroll
+  for (int k = 0; k < kTile; k += 8) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a_hi, a_lo;
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b;
+    wmma::load_matrix_sync(a_hi, &mm.hi[br][k], kTile + 4);
+    wmma::load_matrix_sync(a_lo, &mm.lo[br][k], kTile + 4);
+    wmma::load_matrix_sync(b, &mm.x[k][bc], kChunk + kPad);
+    wmma::mma_sync(c, a_lo, b, c);
+    wmma::mma_sync(c, a_hi, b, c);
+  }
+  wmma::store_matrix_sync(out, c, ld, wmma::mem_row_major);
+}
+
+// acc[32][ld] += (hi + lo) X over the whole feature dim, X = rows `rows` of the [B, N, D] tensor `src` (zero where
+// not ok), one chunk at a time.
+template <typename Src>
+__device__ void mma_rows(float* acc, int ld, GradMma& mm, const Src* src, int64_t sb, int64_t sn, int64_t sd,
+                         int64_t b, const int64_t* rows, const bool* ok, int D) {
+  for (int d0 = 0; d0 < D; d0 += kChunk) {
+    load_chunk<float, Src>(mm.x, src, sb, sn, sd, b, rows, ok, d0, D);
+    __syncthreads();
+    mma_chunk(acc, ld, d0, mm);
+    __syncthreads();
+  }
+}
+
+// S[32][32] = Q K^T over the full feature dim, plus the rows' squared norms (qsq when want_q).
+template <typename TS, typename TT, typename T = Staged<TS, TT>>
 __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_t* k_rows, const bool* k_ok,
                             bool want_q) {
-  const T* s = static_cast<const T*>(a.s);
-  const T* t = static_cast<const T*>(a.t);
+  const TS* s = static_cast<const TS*>(a.s);
+  const TT* t = static_cast<const TT*>(a.t);
   constexpr bool kMma = !std::is_same<T, float>::value;
   const int warp = threadIdx.x / 32;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
@@ -106,21 +180,30 @@ __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_
   }
   for (int d0 = 0; d0 < a.D; d0 += kChunk) {
     __syncthreads();
-    load_chunk<T>(sh.q, s, a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, d0, a.D);
-    load_chunk<T>(sh.k, t, a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, d0, a.D);
+    load_chunk<T, TS>(sh.q, s, a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, d0, a.D);
+    load_chunk<T, TT>(sh.k, t, a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, d0, a.D);
     __syncthreads();
-    if (threadIdx.x < kTile) {
+    {  // the rows' squared norms, over all warps: four lanes per row, a quarter of the chunk each
+      static_assert(kThreads == 4 * kTile && kChunk % 4 == 0, "four threads per row of the tile");
+      const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * (kChunk / 4);
       float kk = 0.f, qq = 0.f;
-      for (int c = 0; c < kChunk; ++c) {
-        const float kv = to_f(sh.k[threadIdx.x][c]);
+#pragma unroll 1
+      for (int c = c0; c < c0 + kChunk / 4; ++c) {
+        const float kv = to_f(sh.k[r][c]);
         kk += kv * kv;
         if (want_q) {
-          const float qv = to_f(sh.q[threadIdx.x][c]);
+          const float qv = to_f(sh.q[r][c]);
           qq += qv * qv;
         }
       }
-      sh.ksq[threadIdx.x] += kk;
-      if (want_q) sh.qsq[threadIdx.x] += qq;
+      for (int o = 1; o < 4; o <<= 1) {
+        kk += __shfl_xor_sync(0xffffffffu, kk, o);
+        qq += __shfl_xor_sync(0xffffffffu, qq, o);
+      }
+      if (threadIdx.x % 4 == 0) {
+        sh.ksq[r] += kk;
+        if (want_q) sh.qsq[r] += qq;
+      }
     }
     if constexpr (kMma) {
       // warp w owns the 16 x 16 output block (w / 2, w % 2); A = Q rows, B = K^T (K rows read column-major).
@@ -171,8 +254,9 @@ __device__ void query_rows(Tiles<T>& sh, const Args& a, int64_t b, int m0, int c
   }
 }
 
-template <typename T>
+template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss, float* lse) {
+  using T = Staged<TS, TT>;
   __shared__ Tiles<T> sh;
   __shared__ float m_i[kTile], l_i[kTile], pos_logit[kTile];
   __shared__ int64_t k_rows[kTile];
@@ -195,7 +279,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
         k_ok[threadIdx.x] = n0 + threadIdx.x < a.N;
       }
       __syncthreads();
-      logits_tile<T>(sh, a, b, k_rows, k_ok, n0 == 0);
+      logits_tile<TS, TT>(sh, a, b, k_rows, k_ok, n0 == 0);
       for (int r = warp; r < kTile; r += kThreads / 32) {
         if (!sh.q_ok[r]) continue;
         const int col = n0 + lane;
@@ -215,36 +299,101 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
   if (threadIdx.x < kTile && m0 + static_cast<int>(threadIdx.x) < a.N) {
     const int r = threadIdx.x;
     const int64_t o = b * a.N + sh.q_row[r];
-    const float l = sh.q_ok[r] ? m_i[r] + logf(l_i[r]) : 0.f;
-    loss[o] = sh.q_ok[r] ? l - pos_logit[r] : 0.f;
-    lse[o] = l;
+    // loss = (max - positive) + log(sum exp(x - max)): no difference of two large numbers, and >= 0 (the
+    // largest term is exp(0) = 1).
+    const float log_sum = sh.q_ok[r] ? logf(l_i[r]) : 0.f;
+    loss[o] = sh.q_ok[r] ? (m_i[r] - pos_logit[r]) + log_sum : 0.f;
+    lse[o] = sh.q_ok[r] ? m_i[r] + log_sum : 0.f;
   }
 }
 
-// The upstream gradient and saved logsumexp of the block's query rows (0 for rows that are not masked).
+// The upstream gradient of the block's query rows (0 for rows that are not masked).
 template <typename T>
-__device__ void row_grads(const Tiles<T>& sh, const Args& a, int64_t b, const float* lse, const float* grad,
-                          int64_t g_sb, int64_t g_sn, float* g, float* lse_r) {
-  if (threadIdx.x < kTile) {
-    const int64_t row = sh.q_row[threadIdx.x];
-    const bool ok = sh.q_ok[threadIdx.x];
-    g[threadIdx.x] = ok ? grad[b * g_sb + row * g_sn] : 0.f;
-    lse_r[threadIdx.x] = ok ? lse[b * a.N + row] : 0.f;
-  }
+__device__ void row_grads(const Tiles<T>& sh, int64_t b, const float* grad, int64_t g_sb, int64_t g_sn, float* g) {
+  if (threadIdx.x < kTile) g[threadIdx.x] = sh.q_ok[threadIdx.x] ? grad[b * g_sb + sh.q_row[threadIdx.x] * g_sn] : 0.f;
 }
 
-// Shared helper of both backward kernels: turns the logits tile into G (fp32) in place.
-// G[r][j] = g_r / tau * (softmax_rj - [key j == pos_r]), zero outside the valid rows / keys.
+// The backward never uses the saved fp32 logsumexp (its rounding, eps * |lse|, would be a relative error in every
+// probability) nor p - 1 for the positive (which loses its digits when the softmax saturates). Instead bwd_q keeps
+// per query row, across the key tiles, the running max m of the logits, s = sum_j exp(x_j - m) and rest = the part
+// of s over the keys other than the positive, so softmax_j = exp(x_j - m) / s and 1 - softmax_pos = rest / s, and
+// leaves (m, s, rest) in Args::stats for bwd_k.
+
+// bwd_q: folds one key tile into the rows' (m, s, rest) and turns the tile into E[r][j] = exp(x_rj - m_r) for the
+// keys other than the positive (0 at the positive and outside the valid rows / keys), relative to the updated max;
+// scale[r] = exp(m_old - m_new) rescales what was accumulated before. One warp per row, the lanes are the keys.
 template <typename T>
-__device__ void grad_tile(Tiles<T>& sh, const Args& a, const float* g, const float* lse_r, const int64_t* k_rows,
-                          const bool* k_ok) {
+__device__ void online_tile(Tiles<T>& sh, const Args& a, const int64_t* k_rows, const bool* k_ok, float* m, float* s,
+                            float* rest, float* scale) {
+  static_assert(kTile == 32, "one warp per row of the tile: the lanes are the keys");
+  const int warp = threadIdx.x / 32, j = threadIdx.x % 32;
+  for (int r = warp; r < kTile; r += kThreads / 32) {
+    const bool valid = sh.q_ok[r] && k_ok[j];
+    const float x = valid ? sh.s[r][j] * sh.inv_q[r] * sh.inv_k[j] * a.inv_tau : -INFINITY;
+    const float m_new = fmaxf(m[r], warp_max(x));
+    const float e = valid ? __expf(x - m_new) : 0.f;
+    const float other = k_rows[j] == sh.pos[r] ? 0.f : e;
+    const float e_sum = warp_sum(e), o_sum = warp_sum(other);
+    sh.s[r][j] = other;
+    if (j == 0 && sh.q_ok[r]) {
+      const float f = __expf(m[r] - m_new);  // 0 on the first tile (m = -inf)
+      scale[r] = f;
+      s[r] = s[r] * f + e_sum;
+      rest[r] = rest[r] * f + o_sum;
+      m[r] = m_new;
+    }
+  }
+  __syncthreads();
+}
+
+// bwd_q, after the last key tile: dq_r <- g_r / tau * (dq_r - rest_r k_hat[pos_r]) / s_r, where dq_r holds
+// sum_{j != pos} exp(x_rj - m_r) k_hat_j; and the rows' (m, s, rest) go to Args::stats. One warp per row.
+template <typename TT>
+__device__ void finish_rows(float* dq, int ld, const Args& a, int64_t b, const int64_t* q_row, const int64_t* pos,
+                            const bool* ok, const float* g, const float* m, const float* s, const float* rest) {
+  const TT* t = static_cast<const TT*>(a.t);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < kTile; r += kThreads / 32) {
+    if (!ok[r]) continue;
+    const TT* key = t + b * a.t_sb + pos[r] * a.t_sn;
+    float sq = 0.f;
+    if (a.normalize) {
+      for (int d = lane; d < a.D; d += 32) {
+        const float x = to_f(key[static_cast<int64_t>(d) * a.t_sd]);
+        sq += x * x;
+      }
+      sq = warp_sum(sq);
+    }
+    const float inv = a.normalize ? 1.f / fmaxf(sqrtf(sq), kNormEps) : 1.f;
+    const float c = g[r] * a.inv_tau / s[r];
+    const float c_pos = c * rest[r] * inv;
+    for (int d = lane; d < a.D; d += 32)
+      dq[r * ld + d] = c * dq[r * ld + d] - c_pos * to_f(key[static_cast<int64_t>(d) * a.t_sd]);
+    if (lane == 0) {
+      float* st = a.stats + (b * a.N + q_row[r]) * 3;
+      st[0] = m[r];
+      st[1] = s[r];
+      st[2] = rest[r];
+    }
+  }
+  __syncthreads();
+}
+
+// bwd_k: turns the logits tile into G (fp32) in place from the rows' (m, s, rest) that bwd_q left:
+// G[r][j] = g_r / tau * exp(x_rj - m_r) / s_r, and at the positive -g_r / tau * rest_r / s_r; zero outside the
+// valid rows / keys.
+template <typename T>
+__device__ void grad_tile(Tiles<T>& sh, const Args& a, const float* g, const float* m, const float* s,
+                          const float* rest, const int64_t* k_rows, const bool* k_ok) {
   for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
     const int r = e / kTile, j = e % kTile;
     float v = 0.f;
     if (sh.q_ok[r] && k_ok[j]) {
-      const float x = sh.s[r][j] * sh.inv_q[r] * sh.inv_k[j] * a.inv_tau;
-      const float p = __expf(x - lse_r[r]);
-      v = g[r] * a.inv_tau * (p - (k_rows[j] == sh.pos[r] ? 1.f : 0.f));
+      const float c = g[r] * a.inv_tau / s[r];
+      if (k_rows[j] == sh.pos[r])
+        v = -c * rest[r];
+      else
+        v = c * __expf(sh.s[r][j] * sh.inv_q[r] * sh.inv_k[j] * a.inv_tau - m[r]);
     }
     sh.s[r][j] = v;
   }
@@ -287,56 +436,78 @@ __device__ void normalize_and_store(const float* acc, int ld, const T* src, int6
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const float* lse, const float* grad,
-                                                         int64_t g_sb, int64_t g_sn, T* ds) {
-  extern __shared__ float dq[];  // [kTile][D]
+template <typename TS, typename TT>
+__global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const float* grad, int64_t g_sb, int64_t g_sn,
+                                                         TS* ds) {
+  using T = Staged<TS, TT>;
+  const int ld = padded_dim(a.D);
+  float* dq = dynamic_smem<float>();  // [kTile][ld]
   __shared__ Tiles<T> sh;
-  __shared__ float g[kTile], lse_r[kTile];
+  __shared__ GradMma mm;
+  __shared__ float g[kTile], m[kTile], s[kTile], rest[kTile], scale[kTile];
   __shared__ int64_t k_rows[kTile];
   __shared__ bool k_ok[kTile], in_range[kTile];
   const int64_t b = blockIdx.y;
   const int m0 = blockIdx.x * kTile;
   const int cnt = a.counts[b];
   query_rows<T>(sh, a, b, m0, cnt);
-  if (threadIdx.x < kTile) in_range[threadIdx.x] = m0 + static_cast<int>(threadIdx.x) < a.N;
-  for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) dq[e] = 0.f;
+  if (threadIdx.x < kTile) {
+    in_range[threadIdx.x] = m0 + static_cast<int>(threadIdx.x) < a.N;
+    m[threadIdx.x] = -INFINITY;
+    s[threadIdx.x] = 0.f;
+    rest[threadIdx.x] = 0.f;
+    scale[threadIdx.x] = 1.f;
+  }
+  for (int e = threadIdx.x; e < kTile * ld; e += kThreads) dq[e] = 0.f;
   __syncthreads();
-  row_grads<T>(sh, a, b, lse, grad, g_sb, g_sn, g, lse_r);
+  row_grads<T>(sh, b, grad, g_sb, g_sn, g);
   if (m0 < cnt) {
-    const T* t = static_cast<const T*>(a.t);
+    const TT* t = static_cast<const TT*>(a.t);
     for (int n0 = 0; n0 < a.N; n0 += kTile) {
       if (threadIdx.x < kTile) {
         k_rows[threadIdx.x] = n0 + threadIdx.x;
         k_ok[threadIdx.x] = n0 + threadIdx.x < a.N;
       }
       __syncthreads();
-      logits_tile<T>(sh, a, b, k_rows, k_ok, n0 == 0);
-      grad_tile<T>(sh, a, g, lse_r, k_rows, k_ok);
-      // dq[r][d] += sum_j G[r][j] * k_hat[j][d]
-      for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) {
-        const int r = e / a.D, d = e % a.D;
-        if (!sh.q_ok[r]) continue;
-        float acc = 0.f;
-        for (int j = 0; j < kTile; ++j) {
-          if (!k_ok[j]) break;
-          acc += sh.s[r][j] * sh.inv_k[j] * to_f(t[b * a.t_sb + k_rows[j] * a.t_sn + static_cast<int64_t>(d) * a.t_sd]);
+      logits_tile<TS, TT>(sh, a, b, k_rows, k_ok, n0 == 0);
+      online_tile<T>(sh, a, k_rows, k_ok, m, s, rest, scale);
+      // dq[r][d] <- dq[r][d] * scale[r] + sum_j E[r][j] * k_hat[j][d]
+      if constexpr (kMmaType<T>) {
+        for (int e = threadIdx.x; e < kTile * kTile; e += kThreads)
+          split_tf32(mm, e / kTile, e % kTile, sh.s[e / kTile][e % kTile] * sh.inv_k[e % kTile]);
+        for (int e = threadIdx.x; e < kTile * ld; e += kThreads) dq[e] *= scale[e / ld];
+        __syncthreads();
+        mma_rows<TT>(dq, ld, mm, t, a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, a.D);
+      } else {
+        for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) {
+          const int r = e / a.D, d = e % a.D;
+          if (!sh.q_ok[r]) continue;
+          float acc = 0.f;
+          for (int j = 0; j < kTile; ++j) {
+            if (!k_ok[j]) break;
+            acc += sh.s[r][j] * sh.inv_k[j] *
+                   to_f(t[b * a.t_sb + k_rows[j] * a.t_sn + static_cast<int64_t>(d) * a.t_sd]);
+          }
+          dq[r * ld + d] = dq[r * ld + d] * scale[r] + acc;
         }
-        dq[e] += acc;
+        __syncthreads();
       }
-      __syncthreads();
     }
+    finish_rows<TT>(dq, ld, a, b, sh.q_row, sh.pos, sh.q_ok, g, m, s, rest);
   }
-  normalize_and_store<T>(dq, a.D, static_cast<const T*>(a.s), a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, in_range,
-                         sh.inv_q, a.normalize, a.D, ds, a.N);
+  normalize_and_store<TS>(dq, ld, static_cast<const TS*>(a.s), a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, in_range,
+                          sh.inv_q, a.normalize, a.D, ds, a.N);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const float* lse, const float* grad,
-                                                         int64_t g_sb, int64_t g_sn, T* dt) {
-  extern __shared__ float dk[];  // [kTile][D]
+template <typename TS, typename TT>
+__global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const float* grad, int64_t g_sb, int64_t g_sn,
+                                                         TT* dt) {
+  using T = Staged<TS, TT>;
+  const int ld = padded_dim(a.D);
+  float* dk = dynamic_smem<float>();  // [kTile][ld]
   __shared__ Tiles<T> sh;
-  __shared__ float g[kTile], lse_r[kTile], inv_k_keep[kTile];
+  __shared__ GradMma mm;
+  __shared__ float g[kTile], m[kTile], s_r[kTile], rest[kTile], inv_k_keep[kTile];
   __shared__ int64_t k_rows[kTile];
   __shared__ bool k_ok[kTile];
   const int64_t b = blockIdx.y;
@@ -347,45 +518,59 @@ __global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const flo
     k_ok[threadIdx.x] = n0 + threadIdx.x < a.N;
     inv_k_keep[threadIdx.x] = 1.f;
   }
-  for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) dk[e] = 0.f;
+  for (int e = threadIdx.x; e < kTile * ld; e += kThreads) dk[e] = 0.f;
   __syncthreads();
-  const T* s = static_cast<const T*>(a.s);
+  const TS* s = static_cast<const TS*>(a.s);
   for (int m0 = 0; m0 < cnt; m0 += kTile) {
     query_rows<T>(sh, a, b, m0, cnt);
     __syncthreads();
-    row_grads<T>(sh, a, b, lse, grad, g_sb, g_sn, g, lse_r);
-    logits_tile<T>(sh, a, b, k_rows, k_ok, true);
-    if (threadIdx.x < kTile) inv_k_keep[threadIdx.x] = sh.inv_k[threadIdx.x];
-    grad_tile<T>(sh, a, g, lse_r, k_rows, k_ok);
-    // dk[j][d] += sum_r G[r][j] * q_hat[r][d]
-    for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) {
-      const int j = e / a.D, d = e % a.D;
-      if (!k_ok[j]) continue;
-      float acc = 0.f;
-      for (int r = 0; r < kTile; ++r) {
-        if (!sh.q_ok[r]) break;
-        acc += sh.s[r][j] * sh.inv_q[r] * to_f(s[b * a.s_sb + sh.q_row[r] * a.s_sn + static_cast<int64_t>(d) * a.s_sd]);
-      }
-      dk[e] += acc;
+    row_grads<T>(sh, b, grad, g_sb, g_sn, g);
+    if (threadIdx.x < kTile && sh.q_ok[threadIdx.x]) {
+      const float* st = a.stats + (b * a.N + sh.q_row[threadIdx.x]) * 3;
+      m[threadIdx.x] = st[0];
+      s_r[threadIdx.x] = st[1];
+      rest[threadIdx.x] = st[2];
     }
-    __syncthreads();
+    logits_tile<TS, TT>(sh, a, b, k_rows, k_ok, true);
+    if (threadIdx.x < kTile) inv_k_keep[threadIdx.x] = sh.inv_k[threadIdx.x];
+    grad_tile<T>(sh, a, g, m, s_r, rest, k_rows, k_ok);
+    // dk[j][d] += sum_r G[r][j] * q_hat[r][d]
+    if constexpr (kMmaType<T>) {
+      for (int e = threadIdx.x; e < kTile * kTile; e += kThreads)  // G^T, scaled by the query norms
+        split_tf32(mm, e % kTile, e / kTile, sh.s[e / kTile][e % kTile] * sh.inv_q[e / kTile]);
+      __syncthreads();
+      mma_rows<TS>(dk, ld, mm, s, a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, a.D);
+    } else {
+      for (int e = threadIdx.x; e < kTile * a.D; e += kThreads) {
+        const int j = e / a.D, d = e % a.D;
+        if (!k_ok[j]) continue;
+        float acc = 0.f;
+        for (int r = 0; r < kTile; ++r) {
+          if (!sh.q_ok[r]) break;
+          acc += sh.s[r][j] * sh.inv_q[r] *
+                 to_f(s[b * a.s_sb + sh.q_row[r] * a.s_sn + static_cast<int64_t>(d) * a.s_sd]);
+        }
+        dk[j * ld + d] += acc;
+      }
+      __syncthreads();
+    }
   }
   if (cnt == 0 && threadIdx.x < kTile) {  // norms of the keys for the Jacobian when no tile ran
     float sq = 0.f;
     if (k_ok[threadIdx.x])
       for (int d = 0; d < a.D; ++d) {
-        const float x = to_f(static_cast<const T*>(a.t)[b * a.t_sb + k_rows[threadIdx.x] * a.t_sn +
+        const float x = to_f(static_cast<const TT*>(a.t)[b * a.t_sb + k_rows[threadIdx.x] * a.t_sn +
                                                         static_cast<int64_t>(d) * a.t_sd]);
         sq += x * x;
       }
     inv_k_keep[threadIdx.x] = a.normalize ? 1.f / fmaxf(sqrtf(sq), kNormEps) : 1.f;
   }
   __syncthreads();
-  normalize_and_store<T>(dk, a.D, static_cast<const T*>(a.t), a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, k_ok,
-                         inv_k_keep, a.normalize, a.D, dt, a.N);
+  normalize_and_store<TT>(dk, ld, static_cast<const TT*>(a.t), a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, k_ok,
+                          inv_k_keep, a.normalize, a.D, dt, a.N);
 }
 
-Args make(const PatchContrastCudaArgs& p) {
+Args make(const LossCall& p) {
   if (p.D < 1 || p.D > kMaxDim)
     throw std::invalid_argument("conmim._C.patch_contrast_cuda: feature dim must lie in [1, " +
                                 std::to_string(kMaxDim) + "], got " + std::to_string(p.D));
@@ -398,10 +583,11 @@ Args make(const PatchContrastCudaArgs& p) {
   a.t = reinterpret_cast<const void*>(p.teacher);
   a.order = reinterpret_cast<const int64_t*>(p.order);
   a.counts = reinterpret_cast<const int*>(p.counts);
-  a.pos = reinterpret_cast<const int64_t*>(p.pos);
-  a.s_sb = p.s_sb, a.s_sn = p.s_sn, a.s_sd = p.s_sd;
-  a.t_sb = p.t_sb, a.t_sn = p.t_sn, a.t_sd = p.t_sd;
-  a.p_sb = p.p_sb, a.p_sn = p.p_sn;
+  a.pos = reinterpret_cast<const int64_t*>(p.positive_index);
+  a.stats = reinterpret_cast<float*>(p.row_stats);
+  a.s_sb = p.student_stride[0], a.s_sn = p.student_stride[1], a.s_sd = p.student_stride[2];
+  a.t_sb = p.teacher_stride[0], a.t_sn = p.teacher_stride[1], a.t_sd = p.teacher_stride[2];
+  a.p_sb = p.positive_stride[0], a.p_sn = p.positive_stride[1];
   a.N = static_cast<int>(p.N);
   a.D = static_cast<int>(p.D);
   a.inv_tau = static_cast<float>(p.inv_tau);
@@ -415,54 +601,58 @@ void check(const char* what) {
     throw std::runtime_error(std::string("conmim._C.") + what + ": launch failed: " + cudaGetErrorString(err));
 }
 
-// Opts a backward kernel into `smem` bytes of dynamic shared memory (128 * D; a kernel must opt in to use more
-// than 48 KiB); a GPU with less shared memory per block than that gets an error naming D.
-template <typename Kernel>
-void allow_smem(Kernel kernel, size_t smem, int D) {
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem));
+// Opts a backward kernel into the dynamic shared memory of the largest feature dim (a kernel must opt in to use
+// more than 48 KiB), once per kernel and device rather than on every call.
+template <auto Kernel>
+void opt_in_smem() {
+  static std::atomic<uint64_t> done{0};  // bit i: device i
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) dev = 63;
+  const uint64_t bit = uint64_t{1} << dev;
+  if (done.load(std::memory_order_relaxed) & bit) return;
+  const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxDynamicSmem);
   if (err != cudaSuccess)
     throw std::runtime_error("conmim._C.patch_contrast_backward_cuda: this GPU cannot give " +
-                             std::to_string(smem) + " bytes of shared memory per block, which feature dim " +
-                             std::to_string(D) + " needs (" + cudaGetErrorString(err) +
+                             std::to_string(kMaxDynamicSmem) + " bytes of shared memory per block, which feature "
+                             "dims up to " + std::to_string(kMaxDim) + " need (" + cudaGetErrorString(err) +
                              "); use backend='triton'");
+  done.fetch_or(bit, std::memory_order_relaxed);
 }
 
+dim3 grid_of(const Args& a, int64_t B) { return dim3((a.N + kTile - 1) / kTile, static_cast<unsigned>(B)); }
 
 }  // namespace
 
-int patch_contrast_max_dim() { return kMaxDim; }
-
-void patch_contrast_forward(const PatchContrastCudaArgs& p, int64_t loss, int64_t lse, int64_t stream) {
+void patch_contrast_forward(const LossCall& p) {
   const Args a = make(p);
   if (p.B == 0) return;
-  const dim3 grid((a.N + kTile - 1) / kTile, static_cast<unsigned>(p.B));
-  auto st = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_cuda(p.dtype, "patch_contrast_cuda", [&](auto tag) {
-    using T = decltype(tag);
-    fwd_kernel<T><<<grid, kThreads, 0, st>>>(a, reinterpret_cast<float*>(loss), reinterpret_cast<float*>(lse));
+  auto st = reinterpret_cast<cudaStream_t>(p.stream);
+  dispatch_pair<DeviceTypes>(p.student_dtype, p.teacher_dtype, "patch_contrast_fwd_cuda", [&](auto s, auto t) {
+    launch(fwd_kernel<decltype(s), decltype(t)>, grid_of(a, p.B), dim3(kThreads), 0, st, a,
+           reinterpret_cast<float*>(p.loss), reinterpret_cast<float*>(p.lse));
   });
-  check("patch_contrast_forward_cuda");
+  check("patch_contrast_fwd_cuda");
 }
 
-void patch_contrast_backward(const PatchContrastCudaArgs& p, int64_t lse, int64_t grad, int64_t g_sb, int64_t g_sn,
-                             int64_t ds, int64_t dt, int64_t stream) {
+void patch_contrast_backward(const LossCall& p) {
   const Args a = make(p);
   if (p.B == 0) return;
-  const dim3 grid((a.N + kTile - 1) / kTile, static_cast<unsigned>(p.B));
-  const size_t smem = sizeof(float) * kTile * static_cast<size_t>(a.D);
-  auto st = reinterpret_cast<cudaStream_t>(stream);
-  const float* lse_p = reinterpret_cast<const float*>(lse);
-  const float* grad_p = reinterpret_cast<const float*>(grad);
-  dispatch_cuda(p.dtype, "patch_contrast_cuda", [&](auto tag) {
-    using T = decltype(tag);
-    allow_smem(bwd_q_kernel<T>, smem, a.D);
-    bwd_q_kernel<T><<<grid, kThreads, smem, st>>>(a, lse_p, grad_p, g_sb, g_sn, reinterpret_cast<T*>(ds));
-    check("patch_contrast_backward_cuda (student gradient)");
-    if (dt != 0) {
-      allow_smem(bwd_k_kernel<T>, smem, a.D);
-      bwd_k_kernel<T><<<grid, kThreads, smem, st>>>(a, lse_p, grad_p, g_sb, g_sn, reinterpret_cast<T*>(dt));
-      check("patch_contrast_backward_cuda (teacher gradient)");
+  const size_t smem = sizeof(float) * kTile * static_cast<size_t>(padded_dim(a.D));
+  auto st = reinterpret_cast<cudaStream_t>(p.stream);
+  const float* grad = reinterpret_cast<const float*>(p.grad);
+  const int64_t g_sb = p.grad_stride[0], g_sn = p.grad_stride[1];
+  dispatch_pair<DeviceTypes>(p.student_dtype, p.teacher_dtype, "patch_contrast_bwd_cuda", [&](auto s, auto t) {
+    using TS = decltype(s);
+    using TT = decltype(t);
+    opt_in_smem<bwd_q_kernel<TS, TT>>();
+    launch(bwd_q_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, grad, g_sb, g_sn,
+           reinterpret_cast<TS*>(p.d_student));
+    check("patch_contrast_bwd_cuda (student gradient)");
+    if (p.d_teacher != 0) {
+      opt_in_smem<bwd_k_kernel<TS, TT>>();
+      launch(bwd_k_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, grad, g_sb, g_sn,
+             reinterpret_cast<TT*>(p.d_teacher));
+      check("patch_contrast_bwd_cuda (teacher gradient)");
     }
   });
 }
