@@ -13,7 +13,8 @@ from conmim._validate import (
     check_reduction,
     check_temperature,
 )
-from conmim.ops import patch_contrast_backend, patch_contrast_op
+from conmim.ops import GPU_BACKENDS, patch_contrast_backend, patch_contrast_op
+from conmim.order import work_order
 
 
 def _host_checks_allowed(t: torch.Tensor) -> bool:
@@ -63,8 +64,9 @@ def patch_contrast_loss(
     if positive_index is not None and _host_checks_allowed(positive_index):
         check_positive_index_range(positive_index, mask, N)
     name = patch_contrast_backend(student, teacher, backends.requested_backend(backend))
+    order, counts = work_order(mask) if name in GPU_BACKENDS else (None, None)  # once: forward and backward
     row_loss, _ = patch_contrast_op(
-        student, teacher, mask, positive_index, float(temperature), normalize, name
+        student, teacher, mask, positive_index, float(temperature), normalize, name, order, counts
     )
     if reduction == "none":
         return row_loss[mask]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from conmim import _ext
-from conmim.masking import work_order
+from conmim.order import work_order
 
 
 def _threads() -> int:
@@ -114,10 +114,10 @@ def ema_update_cuda_(teacher, student, momentum) -> None:
     )
 
 
-def _cuda_loss_args(student, teacher, mask, positive_index, temperature, normalize):
-    """(LossCall with the work order of ``mask`` and the current stream, (order, counts)): the caller keeps the
-    order alive until the launch is queued."""
-    order, counts = work_order(mask)
+def _cuda_loss_args(student, teacher, mask, positive_index, temperature, normalize, work=None):
+    """(LossCall with the work order of ``mask`` (``work`` = (order, counts) from the forward, or None to compute
+    it) and the current stream, (order, counts)): the caller keeps the order alive until the launch is queued."""
+    order, counts = work if work is not None else work_order(mask)
     call = _loss_call(
         student, teacher, positive_index, temperature, normalize,
         order=order.data_ptr(), counts=counts.data_ptr(), stream=_stream(student),
@@ -125,13 +125,13 @@ def _cuda_loss_args(student, teacher, mask, positive_index, temperature, normali
     return call, (order, counts)
 
 
-def patch_contrast_forward_cuda(student, teacher, mask, positive_index, temperature, normalize):
+def patch_contrast_forward_cuda(student, teacher, mask, positive_index, temperature, normalize, work=None):
     """CUDA kernels; inputs as for the CPU launcher but on one GPU (float32/bfloat16/float16, any pair, d <= 1024).
     Returns (loss, lse): float32 [B, N], zero on unmasked rows."""
     B, N, _ = student.shape
     loss = torch.empty(B, N, device=student.device, dtype=torch.float32)
     lse = torch.empty_like(loss)
-    call, keep = _cuda_loss_args(student, teacher, mask, positive_index, temperature, normalize)
+    call, keep = _cuda_loss_args(student, teacher, mask, positive_index, temperature, normalize, work)
     call.loss, call.lse = loss.data_ptr(), lse.data_ptr()
     _ext.get().patch_contrast_fwd_cuda(call)
     del keep  # the work order stays alive until the launch is queued; the stream orders its reuse
@@ -139,13 +139,13 @@ def patch_contrast_forward_cuda(student, teacher, mask, positive_index, temperat
 
 
 def patch_contrast_backward_cuda(
-    grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
+    grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher, work=None
 ):
     """Returns (d_student, d_teacher or None): contiguous [B, N, D] in each input's dtype, every element written."""
     grad = grad.to(torch.float32)  # lse is unused, as for the CPU kernel
     ds = torch.empty(student.shape, device=student.device, dtype=student.dtype)
     dt = torch.empty(teacher.shape, device=teacher.device, dtype=teacher.dtype) if need_teacher else None
-    call, keep = _cuda_loss_args(student, teacher, mask, positive_index, temperature, normalize)
+    call, keep = _cuda_loss_args(student, teacher, mask, positive_index, temperature, normalize, work)
     call.grad, call.grad_stride = grad.data_ptr(), list(grad.stride())
     call.d_student, call.d_teacher = ds.data_ptr(), _ptr(dt)
     stats = torch.empty(*student.shape[:2], 3, device=student.device, dtype=torch.float32)

@@ -23,6 +23,7 @@ MAX_TRITON_D = 2048  # bf16/fp16; one [BLOCK, d] tile of each operand stays in s
 MAX_TRITON_D_FP32 = 1024  # fp32 at d = 2048 needs ~394 KB of shared memory, above the H200's 227 KB
 MAX_CUDA_D = 1024
 MAX_GPU_BATCH = 65535  # the GPU kernels put images on grid.y
+GPU_BACKENDS = ("triton", "cuda")  # their launchers take the work order (conmim.order.work_order)
 
 
 _NO_KERNELS = (
@@ -207,6 +208,11 @@ def _reference_backward(grad, student, teacher, mask, positive_index, temperatur
     return ds.to(student.dtype).contiguous(), dt
 
 
+def _work(order, counts):
+    """The GPU launchers' ``work`` argument: (order, counts) from the forward, or None to compute it there."""
+    return None if order is None else (order, counts)
+
+
 @torch.library.custom_op("conmim::patch_contrast", mutates_args=())
 def patch_contrast_op(
     student: torch.Tensor,
@@ -216,32 +222,27 @@ def patch_contrast_op(
     temperature: float,
     normalize: bool,
     backend: str,
+    order: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position loss and logsumexp, each [B, N] float32 (float64 for float64 inputs), 0 where not masked.
-    student and teacher may differ in dtype (float32 / bfloat16 / float16); each is read in its own."""
+    student and teacher may differ in dtype (float32 / bfloat16 / float16); each is read in its own.
+    ``order``, ``counts``: conmim.order.work_order(mask) for the GPU backends, computed once by the caller and
+    reused by the backward (None: the launcher computes them)."""
     name = patch_contrast_backend(student, teacher, backend)
+    args = (student, teacher, mask, positive_index, temperature, normalize)
     with _on_device(student):
-        return _patch_contrast_forward(name, student, teacher, mask, positive_index, temperature, normalize)
-
-
-def _patch_contrast_forward(name, student, teacher, mask, positive_index, temperature, normalize):
-    if name == "cpu":
-        return native.patch_contrast_forward_cpu(
-            student, teacher, mask, positive_index, temperature, normalize
-        )
-    if name == "triton":
-        return _triton_module("patch_contrast").patch_contrast_forward(
-            student, teacher, mask, positive_index, temperature, normalize
-        )
-    if name == "cuda":
-        return native.patch_contrast_forward_cuda(
-            student, teacher, mask, positive_index, temperature, normalize
-        )
-    return _reference_rows(student, teacher, mask, positive_index, temperature, normalize)
+        if name == "cpu":
+            return native.patch_contrast_forward_cpu(*args)
+        if name == "triton":
+            return _triton_module("patch_contrast").patch_contrast_forward(*args, work=_work(order, counts))
+        if name == "cuda":
+            return native.patch_contrast_forward_cuda(*args, work=_work(order, counts))
+    return _reference_rows(*args)
 
 
 @patch_contrast_op.register_fake
-def _(student, teacher, mask, positive_index, temperature, normalize, backend):
+def _(student, teacher, mask, positive_index, temperature, normalize, backend, order=None, counts=None):
     B, N, _ = student.shape
     acc = acc_dtype(student.dtype)
     return student.new_empty(B, N, dtype=acc), student.new_empty(B, N, dtype=acc)
@@ -259,36 +260,35 @@ def patch_contrast_backward_op(
     normalize: bool,
     need_teacher: bool,
     backend: str,
+    order: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_student [B, N, d] in student.dtype, d_teacher [B, N, d] in teacher.dtype or an empty tensor when
-    ``need_teacher`` is False). ``backend`` is the one the forward ran (autograd passes it; "auto" is resolved
-    the same way as there)."""
+    ``need_teacher`` is False). ``backend``, ``order`` and ``counts`` are the forward's (autograd passes them;
+    "auto" is resolved the same way as there)."""
     # autograd passes the backend the forward ran, whose reasons were checked there: no second dispatch
     name = backend if backend != "auto" else patch_contrast_backend(student, teacher, backend)
+    args = (grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher)
     with _on_device(student):
-        ds, dt = _patch_contrast_backward(
-            name, grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
-        )
+        if name == "cpu":
+            ds, dt = native.patch_contrast_backward_cpu(*args)
+        elif name == "triton":
+            ds, dt = _triton_module("patch_contrast").patch_contrast_backward(
+                *args, work=_work(order, counts)
+            )
+        elif name == "cuda":
+            ds, dt = native.patch_contrast_backward_cuda(*args, work=_work(order, counts))
+        else:
+            ds, dt = _reference_backward(
+                grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher
+            )
     return ds, (dt if dt is not None else teacher.new_empty(0))
 
 
-def _patch_contrast_backward(
-    name, grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
-):
-    args = (grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher)
-    if name == "cpu":
-        return native.patch_contrast_backward_cpu(*args)
-    if name == "triton":
-        return _triton_module("patch_contrast").patch_contrast_backward(*args)
-    if name == "cuda":
-        return native.patch_contrast_backward_cuda(*args)
-    return _reference_backward(
-        grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher
-    )
-
-
 @patch_contrast_backward_op.register_fake
-def _(grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher, backend):
+def _(
+    grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher, backend, *work
+):
     B, N, D = student.shape
     ds = student.new_empty(B, N, D)
     dt = teacher.new_empty(B, N, D) if need_teacher else teacher.new_empty(0)
@@ -296,16 +296,16 @@ def _(grad, student, teacher, mask, positive_index, lse, temperature, normalize,
 
 
 def _pc_setup_context(ctx, inputs, output):
-    student, teacher, mask, positive_index, temperature, normalize, backend = inputs
+    student, teacher, mask, positive_index, temperature, normalize, backend, order, counts = inputs
     _, lse = output
-    ctx.save_for_backward(student, teacher, mask, positive_index, lse)
+    ctx.save_for_backward(student, teacher, mask, positive_index, lse, order, counts)
     ctx.temperature, ctx.normalize = temperature, normalize
     # the forward's backend: already concrete when called through conmim.patch_contrast_loss
     ctx.backend = backend if backend != "auto" else patch_contrast_backend(student, teacher, backend)
 
 
 def _pc_backward(ctx, grad_loss, grad_lse):
-    student, teacher, mask, positive_index, lse = ctx.saved_tensors
+    student, teacher, mask, positive_index, lse, order, counts = ctx.saved_tensors
     need_teacher = ctx.needs_input_grad[1]
     ds, dt = patch_contrast_backward_op(
         grad_loss,
@@ -318,16 +318,10 @@ def _pc_backward(ctx, grad_loss, grad_lse):
         ctx.normalize,
         need_teacher,
         ctx.backend,
+        order,
+        counts,
     )
-    return (
-        (ds if ctx.needs_input_grad[0] else None),
-        (dt if need_teacher else None),
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return (ds if ctx.needs_input_grad[0] else None), (dt if need_teacher else None), *([None] * 7)
 
 
 patch_contrast_op.register_autograd(_pc_backward, setup_context=_pc_setup_context)

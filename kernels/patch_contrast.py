@@ -351,15 +351,16 @@ def _common(student, teacher, positive_index, temperature, normalize):
     return pos, p_sb, p_sn, 1.0 / float(temperature), flags
 
 
-def patch_contrast_forward(student, teacher, mask, positive_index, temperature, normalize):
+def patch_contrast_forward(student, teacher, mask, positive_index, temperature, normalize, work=None):
     """Launch the forward kernel. student/teacher: [B, N, D] fp32/bf16/fp16 on one GPU (any strides); mask: bool
-    [B, N]; positive_index: int64 [B, N] or None. Returns (loss, lse): fp32 [B, N], zero on unmasked rows."""
+    [B, N]; positive_index: int64 [B, N] or None; work: (order, counts) from work_order(mask), or None to compute
+    it here. Returns (loss, lse): fp32 [B, N], zero on unmasked rows."""
     B, N, D = student.shape
     loss = torch.empty(B, N, device=student.device, dtype=torch.float32)
     lse = torch.empty_like(loss)
     if B == 0:
         return loss, lse
-    order, counts = work_order(mask)
+    order, counts = work if work is not None else work_order(mask)
     pos, p_sb, p_sn, inv_tau, flags = _common(student, teacher, positive_index, temperature, normalize)
     bm, bn, bd, warps = _blocks(D, N)
     grid = (triton.cdiv(N, bm), B)
@@ -389,16 +390,17 @@ def patch_contrast_forward(student, teacher, mask, positive_index, temperature, 
 
 
 def patch_contrast_backward(
-    grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher
+    grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher, work=None
 ):
-    """Launch the backward kernels. grad: [B, N] float (any strides, expanded allowed); lse from the forward.
+    """Launch the backward kernels. grad: [B, N] float (any strides, expanded allowed); lse and work (or None)
+    from the forward.
     Returns (d_student [B, N, D] contiguous in the input dtype, d_teacher likewise or None)."""
     B, N, D = student.shape
     ds = torch.empty(B, N, D, device=student.device, dtype=student.dtype)
     dt = torch.empty_like(ds) if need_teacher else None
     if B == 0:
         return ds, dt
-    order, counts = work_order(mask)
+    order, counts = work if work is not None else work_order(mask)
     pos, p_sb, p_sn, inv_tau, flags = _common(student, teacher, positive_index, temperature, normalize)
     bm, bn, bd, warps = _blocks(D, N)
     args = (

@@ -13,6 +13,7 @@ import torch
 import conmim
 from conmim import _ext, backends, ops
 from conmim.backends import Kind, Why
+from tests.conftest import triton_runs_here
 
 
 def test_forced_backend_names_every_reason_and_the_inputs_it_saw():
@@ -111,7 +112,7 @@ def test_backward_runs_the_forwards_backend_without_dispatching_again(backend, m
         return real_choose(op, requested, reasons, inputs)
 
     def recording_bwd(*args):
-        backward_backends.append(args[-1])
+        backward_backends.append(args[9])  # the backend argument
         return real_bwd(*args)
 
     monkeypatch.setattr(backends, "choose", counting_choose)
@@ -123,3 +124,47 @@ def test_backward_runs_the_forwards_backend_without_dispatching_again(backend, m
     want = "cpu" if backend == "auto" else backend
     assert requests.count("auto") == (1 if backend == "auto" else 0)  # auto is resolved once, in the forward
     assert backward_backends == [want]
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here (no GPU, no interpreter)")
+def test_work_order_is_computed_once_for_forward_and_backward(monkeypatch):
+    import conmim.kernels.patch_contrast as kernels_pc
+    from conmim import loss, order
+
+    calls = []
+
+    def counting(mask):
+        calls.append(mask.shape)
+        return order.work_order(mask)
+
+    monkeypatch.setattr(loss, "work_order", counting)
+    monkeypatch.setattr(kernels_pc, "work_order", counting)
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 9, 16, generator=g), torch.randn(2, 9, 16, generator=g)
+    mask = torch.rand(2, 9, generator=g) < 0.5
+    a, b = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    conmim.patch_contrast_loss(a, b, mask, backend="triton").backward()
+    assert len(calls) == 1
+    ra, rb = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    conmim.patch_contrast_loss(ra, rb, mask, backend="reference").backward()
+    torch.testing.assert_close(a.grad, ra.grad, atol=2e-6, rtol=2e-4)
+    torch.testing.assert_close(b.grad, rb.grad, atol=2e-6, rtol=2e-4)
+
+
+def test_opcheck_with_a_work_order():
+    from conmim.order import work_order
+
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 7, 8, generator=g), torch.randn(2, 7, 8, generator=g)
+    mask = torch.rand(2, 7, generator=g) < 0.5
+    args = (
+        s.requires_grad_(True),
+        t.requires_grad_(True),
+        mask,
+        None,
+        0.1,
+        True,
+        "reference",
+        *work_order(mask),
+    )
+    torch.library.opcheck(torch.ops.conmim.patch_contrast.default, args)
