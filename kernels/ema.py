@@ -20,6 +20,7 @@ import triton.language as tl
 from conmim.kernels import interpreting
 
 BLOCK = 4096
+NUM_WARPS = 4
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _tables: OrderedDict = OrderedDict()
 _MAX_TABLES = 16
@@ -145,5 +146,5 @@ def ema_update_(teacher, student, momentum) -> None:
         S_DTYPE=_TL[student[0].dtype],
         HAS_MPTR=has_mptr,
         BLOCK=BLOCK,
-        num_warps=4 if not interpreting() else 1,
+        num_warps=NUM_WARPS if not interpreting() else 1,
     )
