@@ -215,6 +215,37 @@ def test_triton_backend_positive_index_normalize_off_and_student_only():
     torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
+MIXED = [(a, b) for a in DTYPES for b in DTYPES if a != b]
+
+
+@triton_only
+@pytest.mark.parametrize("s_dtype,t_dtype", MIXED, ids=str)
+def test_triton_entry_points_accept_mixed_dtypes(s_dtype, t_dtype):
+    """The backend reads student and teacher each in its own dtype and writes each gradient in its input's
+    dtype; values match the float64 reference within the tolerance of the lower-precision input."""
+    from conmim.kernels import patch_contrast as kpc
+
+    B, N, d, tau = 3, 37, 24, 0.1
+    s, _ = make_inputs(B, N, d, s_dtype, seed=11)
+    _, t = make_inputs(B, N, d, t_dtype, seed=12)
+    mask = make_mask("ragged", B, N, seed=3)
+    grad = torch.randn(B, N, generator=torch.Generator().manual_seed(5))
+    loss, lse = kpc.patch_contrast_forward(s, t, mask, None, tau, True)
+    ds, dt = kpc.patch_contrast_backward(grad, s, t, mask, None, lse, tau, True, True)
+    s64, t64 = s.double().requires_grad_(True), t.double().requires_grad_(True)
+    ref = patch_contrast_loss_reference(s64, t64, mask, tau, "none")
+    ref_ds, ref_dt = torch.autograd.grad(ref, [s64, t64], grad.double()[mask])
+    worst = max((s_dtype, t_dtype), key=lambda dt_: TOL[dt_]["grad"][1])
+    atol, rtol = TOL[worst]["loss"]
+    assert loss.dtype == torch.float32 and bool((loss[~mask] == 0).all())
+    torch.testing.assert_close(loss[mask].double(), ref, atol=atol, rtol=rtol)
+    gatol, grtol = TOL[worst]["grad"]
+    for got, want, dtype in ((ds, ref_ds, s_dtype), (dt, ref_dt, t_dtype)):
+        assert got.dtype == dtype
+        err = (got.double() - want).abs().max().item()
+        assert err <= gatol + grtol * want.abs().max().item(), f"gradient error {err:.3g}"
+
+
 # ------------------------------------------------------------------------------- op registration and dispatch
 def test_opcheck_patch_contrast():
     s, t = make_inputs(2, 11, 16, torch.float32, seed=3)
