@@ -7,14 +7,17 @@ of d) and streams the image's keys in tiles of BLOCK_N:
 
 - forward: logits = (s . t) / (|s| |t|) / tau tile by tile, an online logsumexp, the positive's logit picked on
   the fly; writes loss and lse for its rows (zeros for rows that are not masked);
-- backward (queries): recompute each tile, G = g (softmax - onehot) / tau, dq += G t_hat, then the L2
+- backward (queries): recompute each tile, G = g softmax / tau over the negatives, dq += G t_hat, and sum the
+  negatives' probabilities: the positive's term g (p - 1) / tau is -g / tau times that sum (no cancellation
+  when p ~ 1), applied with the positive's row after the loop and saved for the keys' kernel; then the L2
   Jacobian; writes every row of d(student) (zeros for unmasked rows);
 - backward (keys, only when the teacher needs a gradient): one program per BLOCK_N keys loops over the masked
   query tiles of its image and accumulates dk += G^T s_hat, then the L2 Jacobian.
 
 Arithmetic is fp32 (logsumexp and accumulators always). bf16/fp16 tiles go to tl.dot in their own dtype on a
-GPU (tensor cores, fp32 accumulate); fp32 tiles use IEEE fp32 dots; under TRITON_INTERPRET everything is cast
-to fp32 first (the interpreter's low-precision arithmetic is wrong).
+GPU (tensor cores, fp32 accumulate; the fp32 gradient tile as a high part plus residual in that dtype); fp32 tiles,
+and a student and teacher of different dtypes, use IEEE fp32 dots; under TRITON_INTERPRET everything is cast to
+fp32 first (the interpreter's low-precision arithmetic is wrong).
 """
 
 from __future__ import annotations
@@ -103,22 +106,26 @@ def _dot(a, b, F32_DOTS: tl.constexpr):
 
 
 @triton.jit
-def _dot_grad(g, x, F32_DOTS: tl.constexpr):
-    # The gradient tile stays fp32 (its positive entry, g (p - 1), must not be rounded to bf16); on the
-    # low-precision path the features are widened and the product runs as TF32 (10-bit mantissa).
+def _dot_grad(acc, g, x, F32_DOTS: tl.constexpr):
+    """acc + g x for an fp32 gradient tile g. Its positive entries carry most of the gradient, so g is not
+    rounded to the features' dtype: on tensor cores it is split into a high part and the residual, both in that
+    dtype (16 bits of mantissa together for bf16, 22 for fp16), two MMAs on the same feature tile."""
     if F32_DOTS:
-        return tl.dot(g, x, input_precision="ieee")
+        return tl.dot(g, x, acc=acc, input_precision="ieee")
     else:
-        return tl.dot(g, x.to(tl.float32), input_precision="tf32")
+        hi = g.to(x.dtype)
+        lo = (g - hi.to(tl.float32)).to(x.dtype)
+        return tl.dot(lo, x, acc=tl.dot(hi, x, acc=acc))
 
 
 @triton.jit
-def _softmax_grad(q, k, row_scale, inv_kn, lse, g, pos, offs_n, F32_DOTS: tl.constexpr):
-    """G = g / tau (softmax - onehot) for one tile, recomputed from the saved logsumexp (g carries 1 / tau)."""
+def _negatives(q, k, row_scale, inv_kn, lse, pos, offs_n, ok, F32_DOTS: tl.constexpr):
+    """(softmax of one tile, recomputed from the saved logsumexp, with each row's positive and the tile's
+    invalid entries zeroed; where the positive is)."""
     logits = _dot(q, tl.trans(k), F32_DOTS) * row_scale[:, None] * inv_kn[None, :]
     p = tl.exp(logits - lse[:, None])
     onehot = offs_n[None, :] == pos[:, None]
-    return g[:, None] * (p - tl.where(onehot, 1.0, 0.0))
+    return tl.where(ok & ~onehot, p, 0.0), onehot
 
 
 @triton.jit
@@ -211,6 +218,7 @@ def _patch_contrast_bwd_q_kernel(
     g_ptr,
     g_sb,
     g_sn,
+    rest_ptr,
     ds_ptr,
     N,
     D,
@@ -243,17 +251,29 @@ def _patch_contrast_bwd_q_kernel(
         g = tl.load(g_ptr + b * g_sb + row_idx * g_sn, mask=valid, other=0.0).to(tl.float32)
         g = tl.where(valid, g, 0.0) * inv_tau
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        rest = tl.zeros([BLOCK_M], dtype=tl.float32)  # 1 - p_pos, summed over the negatives
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             col_ok = offs_n < N
             k, _kn, inv_kn = _rows_with_norms(
                 t_ptr, t_sb, t_sn, t_sd, b, offs_n, col_ok, offs_d, D, eps, NORMALIZE, F32_DOTS
             )
-            gl = _softmax_grad(q, k, row_scale, inv_kn, lse, g, pos, offs_n, F32_DOTS)
-            gl = tl.where(col_ok[None, :], gl, 0.0) * inv_kn[None, :]
-            dq += _dot_grad(gl, k, F32_DOTS)
-        # dq is the gradient w.r.t. q_hat = q / |q|; apply the Jacobian of the normalisation.
+            p, _onehot = _negatives(q, k, row_scale, inv_kn, lse, pos, offs_n, col_ok[None, :], F32_DOTS)
+            rest += tl.sum(p, axis=1)
+            dq = _dot_grad(dq, g[:, None] * p * inv_kn[None, :], k, F32_DOTS)
+        # The positive's term g (p_pos - 1) / tau is -g / tau times the sum of the other probabilities: exact
+        # where p_pos ~ 1, unlike 1 - exp(logit - lse) with lse rounded to fp32 (issue 13, item 4).
+        kp, _kpn, inv_kpn = _rows_with_norms(
+            t_ptr, t_sb, t_sn, t_sd, b, pos, valid, offs_d, D, eps, NORMALIZE, F32_DOTS
+        )
+        dq -= (g * rest * inv_kpn)[:, None] * kp.to(tl.float32)
+        tl.store(rest_ptr + b * N + row_idx, rest, mask=valid)
+        # dq is the gradient w.r.t. q_hat = q / |q|; apply the Jacobian of the normalisation. The rows are read
+        # again (from L2) rather than kept in registers across the key loop.
         if NORMALIZE:
+            q, qn, inv_qn = _rows_with_norms(
+                s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, offs_d, D, eps, NORMALIZE, F32_DOTS
+            )
             dq = _normalize_backward(q, dq, qn, inv_qn, eps)
         dq = tl.where(valid[:, None], dq, 0.0)
         tl.store(out_ptrs, dq.to(ds_ptr.dtype.element_ty), mask=out_mask)
@@ -278,6 +298,7 @@ def _patch_contrast_bwd_k_kernel(
     g_ptr,
     g_sb,
     g_sn,
+    rest_ptr,
     dt_ptr,
     N,
     D,
@@ -311,10 +332,15 @@ def _patch_contrast_bwd_k_kernel(
         lse = tl.load(lse_ptr + b * N + row_idx, mask=valid, other=0.0)
         g = tl.load(g_ptr + b * g_sb + row_idx * g_sn, mask=valid, other=0.0).to(tl.float32)
         g = tl.where(valid, g, 0.0) * inv_tau
-        gl = _softmax_grad(q, k, inv_qn * inv_tau, inv_kn, lse, g, pos, offs_n, F32_DOTS)
-        gl = tl.where(valid[:, None] & col_ok[None, :], gl, 0.0) * inv_qn[:, None]
-        dk += _dot_grad(tl.trans(gl), q, F32_DOTS)
-    if NORMALIZE:
+        rest = tl.load(rest_ptr + b * N + row_idx, mask=valid, other=0.0)  # 1 - p_pos, from bwd_q
+        ok = valid[:, None] & col_ok[None, :]
+        p, onehot = _negatives(q, k, inv_qn * inv_tau, inv_kn, lse, pos, offs_n, ok, F32_DOTS)
+        gl = g[:, None] * tl.where(onehot & ok, -rest[:, None], p) * inv_qn[:, None]
+        dk = _dot_grad(dk, tl.trans(gl), q, F32_DOTS)
+    if NORMALIZE:  # the key rows are read again (from L2) rather than kept in registers across the loop
+        k, kn, inv_kn = _rows_with_norms(
+            t_ptr, t_sb, t_sn, t_sd, b, offs_n, col_ok, offs_d, D, eps, NORMALIZE, F32_DOTS
+        )
         dk = _normalize_backward(k, dk, kn, inv_kn, eps)
     out_ptrs = dt_ptr + (b * N + offs_n[:, None]) * D + offs_d[None, :]
     tl.store(out_ptrs, dk.to(dt_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
@@ -327,18 +353,27 @@ class Tiles(NamedTuple):
 
 
 # Tiles per kernel and product precision, by BLOCK_D (the feature width rounded up to a power of two; every
-# program holds full-width rows). First row whose bound covers BLOCK_D wins.
+# program holds full-width rows). First row whose bound covers BLOCK_D wins. Chosen from the sm_90 static profile
+# (python -m benchmarks static): a [rows, BLOCK_D] fp32 accumulator over 4 warps costs rows * BLOCK_D / 128
+# registers per thread, so the backward's accumulating kernels take fewer rows than the forward.
 _TILES = {
-    # (BLOCK_D bound, {kernel: Tiles})
     "low": (
-        (128, dict(fwd=Tiles(64, 64, 4), bwd_q=Tiles(64, 64, 4), bwd_k=Tiles(64, 64, 4))),
-        (256, dict(fwd=Tiles(64, 32, 4), bwd_q=Tiles(64, 32, 4), bwd_k=Tiles(64, 32, 4))),
-        (512, dict(fwd=Tiles(32, 32, 8), bwd_q=Tiles(32, 32, 8), bwd_k=Tiles(32, 32, 8))),
+        (128, dict(fwd=Tiles(64, 64, 4), bwd_q=Tiles(32, 16, 4), bwd_k=Tiles(16, 32, 4))),
+        # fwd: 64-row wgmma per warpgroup, 80 registers; bwd_q: 32 x 256 accumulator (64 registers) plus the
+        # positive's row and the query rows in the epilogue fit 255 without spills; bwd_k: 32 keys x 256.
+        (256, dict(fwd=Tiles(64, 32, 4), bwd_q=Tiles(32, 16, 4), bwd_k=Tiles(16, 32, 4))),
+        # 64-row forward tiles need 131 KB of shared memory here (one block per SM): 32 rows over 8 warps keep
+        # 16 warps resident. The backward spills in its epilogue at any tile (issue 13: tile the feature dim).
+        (512, dict(fwd=Tiles(32, 32, 8), bwd_q=Tiles(16, 16, 4), bwd_k=Tiles(16, 16, 4))),
+        # Full-width rows do not fit the register file: spills and replicated warps until the feature
+        # dimension is tiled (issue 13, item 3, open).
         (2048, dict(fwd=Tiles(16, 16, 8), bwd_q=Tiles(16, 16, 8), bwd_k=Tiles(16, 16, 8))),
     ),
     "f32": (
         (128, dict(fwd=Tiles(64, 64, 4), bwd_q=Tiles(64, 64, 4), bwd_k=Tiles(64, 64, 4))),
-        (256, dict(fwd=Tiles(64, 32, 4), bwd_q=Tiles(64, 32, 4), bwd_k=Tiles(64, 32, 4))),
+        # IEEE fp32 products run as FFMA with both operands in registers: small tiles; 8 warps in the backward
+        # halve each thread's share of the accumulator (bwd_q spill-free; bwd_k still spills, open).
+        (256, dict(fwd=Tiles(32, 32, 4), bwd_q=Tiles(16, 16, 8), bwd_k=Tiles(16, 16, 8))),
         (512, dict(fwd=Tiles(32, 32, 8), bwd_q=Tiles(32, 32, 8), bwd_k=Tiles(32, 32, 8))),
         (2048, dict(fwd=Tiles(16, 16, 8), bwd_q=Tiles(16, 16, 8), bwd_k=Tiles(16, 16, 8))),
     ),
@@ -434,6 +469,7 @@ def patch_contrast_backward(
         lse,
         grad,
         *grad.stride(),
+        torch.empty(B, N, device=student.device, dtype=torch.float32),  # 1 - p_pos: written by bwd_q
     )
     kernels = ("bwd_q", "bwd_k") if need_teacher else ("bwd_q",)
     for kernel, out in zip(kernels, (ds, dt)):
