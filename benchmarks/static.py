@@ -497,6 +497,13 @@ def summary(payload: dict) -> list[str]:
     recs = payload["tritons"][0]["records"]
     floor = 25e-6
     lines = []
+    for tri in payload["tritons"]:
+        rs = tri["records"]
+        lines.append(
+            f"- Triton {tri['triton']}: {len(rs)} kernel configurations; with spill stores or stack: "
+            f"{sum(1 for r in rs if r['spill_stores'] or r['stack_bytes'])}; below 8 resident warps/SM: "
+            f"{sum(1 for r in rs if r['resident_warps'] < 8)}."
+        )
     for teacher in (False, True):
         t = loss_total(recs, "bf16", 256, teacher)
         lines.append(
@@ -555,10 +562,19 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: min(8, CPUs))")
     p.add_argument("--no-save", action="store_true", help="print only; write no results file")
     p.add_argument("--readme", action="store_true", help="also render the table into README.md")
+    p.add_argument(
+        "--render", metavar="JSON", help="render a results file (README with --readme); no compiling"
+    )
     p.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         _worker(args.worker, args.jobs or 1)
+        return 0
+    if args.render:
+        text = render(json.loads(Path(args.render).read_text()))
+        print(text)
+        if args.readme:
+            write_readme(text)
         return 0
     payload = run(args.jobs)
     path = RESULTS / f"static-sm90-{payload['date']}.json"
