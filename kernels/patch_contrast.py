@@ -358,10 +358,11 @@ class Tiles(NamedTuple):
 # registers per thread, so the backward's accumulating kernels take fewer rows than the forward.
 _TILES = {
     "low": (
-        (128, dict(fwd=Tiles(64, 64, 4), bwd_q=Tiles(32, 16, 4), bwd_k=Tiles(16, 32, 4))),
-        # fwd: 64-row wgmma per warpgroup, 80 registers; bwd_q: 32 x 256 accumulator (64 registers) plus the
-        # positive's row and the query rows in the epilogue fit 255 without spills; bwd_k: 32 keys x 256.
-        (256, dict(fwd=Tiles(64, 32, 4), bwd_q=Tiles(32, 16, 4), bwd_k=Tiles(16, 32, 4))),
+        (128, dict(fwd=Tiles(64, 64, 4), bwd_q=Tiles(16, 16, 4), bwd_k=Tiles(16, 32, 4))),
+        # fwd: 64-row wgmma per warpgroup, 80 registers; bwd_q: a 16 x 256 accumulator (32 registers) leaves
+        # room for the positive's row and the query rows in the epilogue (~170 registers, 32 rows spill with
+        # fp16); bwd_k: 32 keys x 256 (233 registers), 16 queries per step.
+        (256, dict(fwd=Tiles(64, 32, 4), bwd_q=Tiles(16, 16, 4), bwd_k=Tiles(16, 32, 4))),
         # 64-row forward tiles need 131 KB of shared memory here (one block per SM): 32 rows over 8 warps keep
         # 16 warps resident. The backward spills in its epilogue at any tile (issue 13: tile the feature dim).
         (512, dict(fwd=Tiles(32, 32, 8), bwd_q=Tiles(16, 16, 4), bwd_k=Tiles(16, 16, 4))),
