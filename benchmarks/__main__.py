@@ -1,6 +1,7 @@
 """``python -m benchmarks [--suite quick|full] [--ops loss,ema] [--device cpu|cuda]`` runs the suite, prints tables
 and writes benchmarks/results/<device>-<date>.json; ``python -m benchmarks report`` regenerates the README's
-performance table from every committed results file."""
+performance table from every committed results file; ``python -m benchmarks static`` writes the sm_90 static
+profile (compiled, not run; see benchmarks/static.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import time
 
 import torch
 
-from benchmarks import bench_data, bench_ema, bench_patch_contrast, bench_train_step, harness, report
+from benchmarks import bench_data, bench_ema, bench_patch_contrast, bench_train_step, harness, report, static
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         return report.main(argv[1:])
+    if argv[:1] == ["static"]:
+        return static.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--suite", choices=("quick", "full"), default="quick")
     p.add_argument(

@@ -12,10 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-# kernels/patch_contrast.py and conmim/native.py import work_order from here until they switch to conmim.order
-# (at merge); then this re-export goes.
-from conmim.order import work_order  # noqa: F401
-
 
 def _is_int(x) -> bool:
     """A Python or NumPy integer (not a bool)."""

@@ -19,7 +19,10 @@ import triton.language as tl
 
 from conmim.kernels import interpreting
 
+# 4096 elements over 8 warps: 16 per thread, four 16-byte vectors of fp32 per operand, few registers, so many
+# programs stay resident to keep loads in flight.
 BLOCK = 4096
+NUM_WARPS = 8
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _tables: OrderedDict = OrderedDict()
 _MAX_TABLES = 16
@@ -40,6 +43,22 @@ def _momentum(momentum, momentum_ptr, HAS_MPTR: tl.constexpr):
 
 
 @triton.jit
+def _lerp(t_ptrs, s_ptrs, w, ok, T_DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        t = tl.load(t_ptrs, mask=ok, other=0.0).to(tl.float32)
+        s = tl.load(s_ptrs, mask=ok, other=0.0).to(tl.float32)
+    else:  # a mask that varies along the chunk would split every access into scalars
+        t = tl.load(t_ptrs).to(tl.float32)
+        s = tl.load(s_ptrs).to(tl.float32)
+    # torch.lerp's formula, so results match torch._foreach_lerp_.
+    new = tl.where(w < 0.5, t + w * (s - t), s - (s - t) * (1.0 - w))
+    if MASKED:
+        tl.store(t_ptrs, new.to(T_DTYPE), mask=ok)
+    else:
+        tl.store(t_ptrs, new.to(T_DTYPE))
+
+
+@triton.jit
 def _ema_update_kernel(
     t_addr_ptr,
     s_addr_ptr,
@@ -51,6 +70,7 @@ def _ema_update_kernel(
     T_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr,
     HAS_MPTR: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -59,14 +79,18 @@ def _ema_update_kernel(
     n = tl.load(numel_ptr + ti)
     t_base = tl.load(t_addr_ptr + ti).to(tl.pointer_type(T_DTYPE))
     s_base = tl.load(s_addr_ptr + ti).to(tl.pointer_type(S_DTYPE))
+    if ALIGNED:
+        # Pointers made from integers carry no alignment; every base address is 16-byte aligned (checked by the
+        # launcher) and chunks start at multiples of BLOCK, so the accesses can be 16-byte vectors.
+        t_base = tl.multiple_of(t_base, 16)
+        s_base = tl.multiple_of(s_base, 16)
+        start = tl.multiple_of(start, BLOCK)
     w = 1.0 - _momentum(momentum, momentum_ptr, HAS_MPTR)
     offs = start + tl.arange(0, BLOCK)
-    ok = offs < n
-    t = tl.load(t_base + offs, mask=ok, other=0.0).to(tl.float32)
-    s = tl.load(s_base + offs, mask=ok, other=0.0).to(tl.float32)
-    # torch.lerp's formula, so results match torch._foreach_lerp_.
-    new = tl.where(w < 0.5, t + w * (s - t), s - (s - t) * (1.0 - w))
-    tl.store(t_base + offs, new.to(T_DTYPE), mask=ok)
+    if start + BLOCK <= n:
+        _lerp(t_base + offs, s_base + offs, w, offs < n, T_DTYPE, False)
+    else:
+        _lerp(t_base + offs, s_base + offs, w, offs < n, T_DTYPE, True)
 
 
 def _table(teacher, student, device):
@@ -105,6 +129,7 @@ def _table(teacher, student, device):
         dev(numel),
         dev(chunk_tensor),
         dev(chunk_offset),
+        all(x.data_ptr() % 16 == 0 for x in (*teacher, *student)),  # the kernel may use 16-byte vectors
     )
     _tables[key] = table
     evictable = [k for k in _tables if k not in _pinned]
@@ -123,7 +148,7 @@ def ema_update_(teacher, student, momentum) -> None:
     if not teacher:
         return
     device = teacher[0].device
-    t_addr, s_addr, numel, chunk_tensor, chunk_offset = _table(teacher, student, device)
+    t_addr, s_addr, numel, chunk_tensor, chunk_offset, aligned = _table(teacher, student, device)
     if chunk_tensor.numel() == 0:
         return
     has_mptr = isinstance(momentum, torch.Tensor)
@@ -144,6 +169,7 @@ def ema_update_(teacher, student, momentum) -> None:
         T_DTYPE=_TL[teacher[0].dtype],
         S_DTYPE=_TL[student[0].dtype],
         HAS_MPTR=has_mptr,
+        ALIGNED=aligned,
         BLOCK=BLOCK,
-        num_warps=4 if not interpreting() else 1,
+        num_warps=NUM_WARPS if not interpreting() else 1,
     )

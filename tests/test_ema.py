@@ -207,3 +207,24 @@ def test_triton_ema_address_tables_under_graph_capture(monkeypatch):
         torch.testing.assert_close(x, torch.full_like(x, 0.75))
     for tt, _ in keep:
         torch.testing.assert_close(tt[0], torch.full_like(tt[0], 0.5))
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here (no GPU, no interpreter)")
+@pytest.mark.parametrize("offset", [0, 1, 3], ids=lambda o: f"offset{o}")
+@pytest.mark.parametrize(
+    "t_dtype,s_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)]
+)
+def test_triton_ema_full_and_partial_chunks_aligned_or_not(offset, t_dtype, s_dtype):
+    """Base addresses off 16 bytes (offset elements into a buffer) take the unhinted path; numel past a chunk
+    boundary exercises the full (unmasked) and the tail (masked) chunk."""
+    from conmim.kernels import ema as kema
+
+    g = torch.Generator().manual_seed(offset)
+    n = kema.BLOCK + 37
+    t_buf, s_buf = torch.randn(n + offset, generator=g), torch.randn(n + offset, generator=g)
+    teacher, student = [t_buf.to(t_dtype)[offset:]], [s_buf.to(s_dtype)[offset:]]
+    want = [teacher[0].clone()]
+    kema.ema_update_(teacher, student, 0.9)
+    ema_update_reference_(want, student, 0.9)
+    assert kema._tables[next(reversed(kema._tables))][-1] == (offset == 0)
+    torch.testing.assert_close(teacher[0].float(), want[0].float(), atol=_tol(t_dtype), rtol=_tol(t_dtype))

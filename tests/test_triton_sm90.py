@@ -1,117 +1,118 @@
-"""Every Triton kernel compiles for an H200 (sm_90) here, without a GPU, so GPU-only compile errors (layout or
-type mismatches the interpreter never sees) are caught before a GPU session.
+"""Every Triton kernel compiles for an H200 (sm_90) here, without a GPU, and its binary meets the budgets of
+issue 13: no spill stores and no stack, at least 8 resident warps per SM, shared memory within 227 KB, every
+product over bf16/fp16 features on tensor cores (the backward's too), at most 25% of the issued MMA work spent
+on padding at N=196 unless the kernel stays memory-bound with it, and the EMA moving 16-byte vectors.
 
-Runs in a subprocess: under TRITON_INTERPRET=1 (set by conftest when no GPU is present) kernels are not compilable.
-The installed Triton is always checked. CONMIM_EXTRA_TRITON names more Triton installs (folders made with
-``pip install --target DIR triton==X``, separated by os.pathsep) to compile with as well: .ci/run adds the Triton
-that the GPU machine has (3.6), so a kernel that only an older Triton rejects is caught here too.
+The binaries come from benchmarks/static.py (one compile pass, in a subprocess with TRITON_INTERPRET=0; Triton's
+cache shares it with ``python -m benchmarks static``). The installed Triton is always checked; CONMIM_EXTRA_TRITON
+names more Triton installs (folders made with ``pip install --target DIR triton==X``, separated by os.pathsep):
+.ci/run adds the GPU machine's (3.6), so a kernel that only an older Triton rejects, or spills with, fails too.
+Each test is parametrized by kernel and configuration, so a failure names both.
 """
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
+from benchmarks import static
+
 pytest.importorskip("triton", reason="triton is not installed")
 
-SCRIPT = textwrap.dedent(
-    r"""
-    import json, sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from conmim.kernels import ema, patch_contrast as pc
-
-    target = GPUTarget("cuda", 90, 32)
-    PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
-
-    def pc_sig(fn, dt, const, N, D):
-        # As the JIT specialises a call on contiguous [B, N, D] inputs: ints equal to 1 become constants, small
-        # ints are i32, pointers and ints divisible by 16 carry that hint (it changes vector widths and the
-        # pipeliner's staging, hence the shared memory this test checks).
-        ints = dict(s_sb=N * D, s_sn=D, s_sd=1, t_sb=N * D, t_sn=D, t_sd=1, p_sb=N, p_sn=1, g_sb=N, g_sn=1,
-                    N=N, D=D)
-        sig, attrs, cx = {}, {}, dict(const)
-        for i, n in enumerate(fn.arg_names):
-            if n in const:
-                sig[n] = "constexpr"
-                continue
-            if n in ("s_ptr", "t_ptr", "ds_ptr", "dt_ptr"):
-                sig[n] = PTR[dt]
-            elif n in ("order_ptr", "pos_ptr"):
-                sig[n] = "*i64"
-            elif n == "counts_ptr":
-                sig[n] = "*i32"
-            elif n.endswith("_ptr"):
-                sig[n] = "*fp32"
-            elif n in ("inv_tau", "eps"):
-                sig[n] = "fp32"
-                continue
-            elif ints[n] == 1:
-                sig[n] = "constexpr"
-                cx[n] = 1
-                continue
-            else:
-                sig[n] = "i32"
-                if ints[n] % 16:
-                    continue
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        return sig, cx, attrs
-
-    results = []
-    kernels = [pc._patch_contrast_fwd_kernel, pc._patch_contrast_bwd_q_kernel, pc._patch_contrast_bwd_k_kernel]
-    cases = [("fp32", 256, True, False), ("bf16", 256, True, False), ("fp16", 256, True, True),
-             ("bf16", 16, False, True), ("bf16", 768, True, True), ("fp32", 1024, True, False),
-             ("bf16", 2048, True, False)]
-    for fn in kernels:
-        for dt, D, normalize, has_pos in cases:
-            bm, bn, bd, warps = pc._blocks(D, 196)
-            const = dict(HAS_POS=has_pos, NORMALIZE=normalize, DOT_FP32=dt == "fp32", IEEE=dt == "fp32",
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-            sig, cx, attrs = pc_sig(fn, dt, const, 196, D)
-            src = ASTSource(fn, sig, constexprs=cx, attrs=attrs)
-            k = triton.compile(src, target=target, options={"num_warps": warps})
-            results.append([fn.__name__, dt, D, k.metadata.shared])
-    import triton.language as tl
-    for t_dt, s_dt in (("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "fp16")):
-        fn = ema._ema_update_kernel
-        const = dict(T_DTYPE=getattr(tl, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[t_dt]),
-                     S_DTYPE=getattr(tl, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[s_dt]),
-                     HAS_MPTR=True, BLOCK=ema.BLOCK)
-        sig = {n: ("constexpr" if n in const else ("*i64" if n.endswith("_ptr") and n != "momentum_ptr"
-               else ("*fp32" if n == "momentum_ptr" else "fp32"))) for n in fn.arg_names}
-        k = triton.compile(ASTSource(fn, sig, constexprs=const), target=target, options={"num_warps": 4})
-        results.append([fn.__name__, t_dt + "/" + s_dt, 0, k.metadata.shared])
-    print(json.dumps({"triton": triton.__version__, "file": triton.__file__, "kernels": results}))
-    """
-)
+EXTRA = static.extra_tritons()
+CASES = static.cases()
+LOSS = [c for c in CASES if c.kernel != "ema"]
+LOW_PRECISION = [c for c in LOSS if c.dtype != "fp32"]
+EMA = [c for c in CASES if c.kernel == "ema"]
 
 
-EXTRA = [p for p in os.environ.get("CONMIM_EXTRA_TRITON", "").split(os.pathsep) if p]
+def _open_spills(c) -> bool:
+    """Configurations that still spill (issue 13, item 3, open): full-width rows at BLOCK_D >= 512 overflow the
+    register file until the feature dimension is tiled; at d = 256 the fp32 bwd_k and, with Triton 3.6, the fp32
+    forward."""
+    if c.kernel == "fwd":
+        return c.d == 2048 or (c.d == 256 and c.dtype == "fp32")
+    return c.d >= 384 or (c.kernel == "bwd_k" and c.dtype == "fp32")
 
 
-@pytest.mark.parametrize("triton_dir", [None, *EXTRA], ids=lambda p: "installed" if p is None else p)
-def test_all_triton_kernels_compile_for_sm90(triton_dir):
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    if triton_dir is not None:
-        if not os.path.isdir(os.path.join(triton_dir, "triton")):
-            raise FileNotFoundError(f"CONMIM_EXTRA_TRITON entry {triton_dir!r} holds no triton package")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_dir, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900
+def _open_padding(c) -> bool:
+    """Configurations whose issued work is over 25% padding and compute-bound by the estimate (open): 16-row
+    tiles with 8 replicating warps at d >= 768, and the fp32 forward on FFMA."""
+    return c.d >= 768 or (c.dtype == "fp32" and c.kernel == "fwd")
+
+
+def _params(cases, is_open=None):
+    """One parameter per case, named by it; a case that does not meet the budget yet is an expected failure
+    (non-strict: it may pass with one Triton and not the other), so every other case guards against
+    regressions."""
+    mark = pytest.mark.xfail(
+        reason="issue 13 item 3: not met yet (see the README's static table)", strict=False
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    if triton_dir is not None:
-        assert os.path.realpath(out["file"]).startswith(os.path.realpath(triton_dir)), (
-            f"compiled with {out['file']}, not the Triton in {triton_dir}"
+    return [pytest.param(c, id=c.id, marks=mark if is_open and is_open(c) else ()) for c in cases]
+
+
+@pytest.fixture(scope="module", params=[None, *EXTRA], ids=lambda p: "installed" if p is None else p)
+def profile(request):
+    """{case id: record with estimate} for one Triton install."""
+    out = static.profile_triton(request.param)
+    if request.param is not None:
+        assert os.path.realpath(out["triton_file"]).startswith(os.path.realpath(request.param)), (
+            f"compiled with {out['triton_file']}, not the Triton in {request.param}"
         )
-    results = out["kernels"]
-    assert len(results) == 3 * 7 + 3
-    for name, dt, D, shared in results:
-        assert shared <= 227 * 1024, (
-            f"{name} {dt} (triton {out['triton']}) D={D} needs {shared} bytes of shared memory"
-        )
+    records = static.with_estimates(out["records"])
+    return {r["id"]: r | {"triton": out["triton"]} for r in records}
+
+
+def test_every_case_compiled(profile):
+    assert sorted(profile) == sorted(c.id for c in CASES)
+
+
+@pytest.mark.parametrize("case", _params(CASES, _open_spills))
+def test_no_spills_and_no_stack(profile, case):
+    r = profile[case.id]
+    assert (r["spill_stores"], r["stack_bytes"], r["local_bytes"]) == (0, 0, 0), (
+        f"{case.id} (triton {r['triton']}, {r['registers']} registers): {r['spill_stores']} spill stores, "
+        f"{r['stack_bytes']} B stack, {r['local_bytes']} B local memory"
+    )
+
+
+@pytest.mark.parametrize("case", _params(CASES))
+def test_shared_memory_fits_and_at_least_8_warps_resident(profile, case):
+    r = profile[case.id]
+    assert r["shared_bytes"] <= 227 * 1024, f"{case.id}: {r['shared_bytes']} B of shared memory"
+    assert r["resident_warps"] >= 8, (
+        f"{case.id} (triton {r['triton']}): {r['resident_warps']} resident warps per SM "
+        f"({r['warps']} warps, {r['registers']} registers, {r['shared_bytes']} B shared)"
+    )
+
+
+@pytest.mark.parametrize("case", _params(LOW_PRECISION))
+def test_every_product_on_tensor_cores(profile, case):
+    """Each key-loop iteration issues MMA work for all of the kernel's products (one in the forward, two in
+    the backward): an iteration whose MMA FLOPs fall short of the tiles' has a product on FFMA."""
+    r = profile[case.id]
+    rep = r["estimate"]["replication"]
+    assert rep is not None and rep >= 1.0, (
+        f"{case.id} (triton {r['triton']}): MMA {r['mma']}, loop MMA FLOPs {r['loop_mma_flops']} cover "
+        f"{rep} of the {static.PRODUCTS[case.kernel]} product(s) per iteration"
+    )
+
+
+@pytest.mark.parametrize("case", _params(LOSS, _open_padding))
+def test_padding_at_most_a_quarter_or_memory_bound(profile, case):
+    """Issued MMA (or FFMA) work counts padded tiles and warps that repeat each other's work."""
+    r = profile[case.id]
+    e = r["estimate"]
+    assert e["padding"] <= 0.25 or e["memory_bound"], (
+        f"{case.id} (triton {r['triton']}): {100 * e['padding']:.0f}% of issued work is padding and the "
+        f"kernel is compute-bound by the estimate ({e['compute_s'] * 1e6:.1f} us compute vs "
+        f"{e['memory_s'] * 1e6:.1f} us memory)"
+    )
+
+
+@pytest.mark.parametrize("case", _params(EMA))
+def test_ema_moves_16_byte_vectors(profile, case):
+    r = profile[case.id]
+    assert r["ldg_128"] >= 2 and r["stg_128"] >= 1, (
+        f"{case.id} (triton {r['triton']}): {r['ldg_128']} of {r['ldg']} loads and {r['stg_128']} of "
+        f"{r['stg']} stores are 16-byte vectors"
+    )
