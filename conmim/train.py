@@ -240,16 +240,24 @@ def loss_plot(out: Path) -> Path | None:
 
 
 def check_compatible(out: Path, cfg: Config) -> None:
-    """Refuse an output folder that holds another run's configuration (a different network). Reads only."""
+    """Refuse an output folder that holds another run's configuration (a different network), or only checkpoints
+    of the other strategy (which this one would not resume from). Reads only."""
     saved = out / "config.yaml"
     if not saved.exists():
         return
     old = cfgmod.read_file(saved)
     diff = [k for k, v in cfg.arch().items() if old.get(k) != v]
-    if diff and checkpoints(out):
+    found = {name: kind.checkpoints(out) for name, kind in STRATEGIES.items()}
+    if diff and any(found.values()):
         what = ", ".join(f"{k}: {old.get(k)!r} there vs {getattr(cfg, k)!r} here" for k in diff)
         raise TrainingError(
             f"output folder {str(out)!r} holds checkpoints of another run ({what}); choose another --out"
+        )
+    other = next((name for name, ckpts in found.items() if ckpts and name != cfg.strategy), None)
+    if other is not None and not found[cfg.strategy]:
+        raise TrainingError(
+            f"output folder {str(out)!r} holds checkpoints of strategy {other} ({found[other][0].name}), "
+            f"not {cfg.strategy}: resume with --strategy {other} or choose another --out"
         )
 
 
@@ -443,11 +451,14 @@ class Sharded:
         """Nothing to compare: the ranks hold different shards by design."""
 
 
+STRATEGIES = {"ddp": Replicated, "fsdp": Sharded}  # config key strategy -> its class
+
+
 def wrap_model(student: nn.Module, cfg: Config, device: torch.device, world: int, total_steps: int):
     """The parallel strategy (``cfg.strategy``), chosen here alone: ``Replicated`` (DDP) or ``Sharded`` (FSDP),
     which also builds the teacher; then torch.compile when asked. Returns (the strategy, the module to call).
     Build the optimizer afterwards: FSDP replaces the student's parameters by their shards."""
-    parallel = (Sharded if cfg.strategy == "fsdp" else Replicated)(student, cfg, device, world, total_steps)
+    parallel = STRATEGIES[cfg.strategy](student, cfg, device, world, total_steps)
     return parallel, torch.compile(parallel.model) if cfg.compile else parallel.model
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conmim import evaluate as E
 from conmim import export as X
 from conmim import fsdp
 from conmim import train as T
@@ -102,6 +103,9 @@ def test_export_reads_an_fsdp_run_folder(two_rank_runs, tmp_path):
         assert torch.equal(v, teacher[f"backbone.{k}"]), k
     model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **meta["kwargs"])
     model.load_state_dict(weights)
+    evaluated, _ = E.load_backbone(str(run))  # conmim-eval's reader
+    for k, v in weights.items():
+        assert torch.equal(evaluated.state_dict()[k], v), k
 
 
 @pytest.mark.slow
@@ -204,5 +208,15 @@ def test_eval_data_is_checked_before_anything_is_written(digits, tmp_path):
 def test_bad_strategy_is_refused():
     from conmim import config as cfgmod
 
+    assert tuple(T.STRATEGIES) == cfgmod.CHOICES["strategy"]
     with pytest.raises(cfgmod.ConfigError, match="'strategy' must be one of \\('ddp', 'fsdp'\\)"):
         cfgmod.resolve("tiny_demo", {"strategy": "zero3"})
+
+
+def test_a_run_folder_of_the_other_strategy_is_refused(digits, tmp_path):
+    out = tmp_path / "run"
+    T.train(tiny(digits, out, epochs=1, max_steps=1))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(T.TrainingError, match=r"checkpoints of strategy ddp .*resume with --strategy ddp"):
+        T.train(tiny(digits, out, epochs=1, strategy="fsdp"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
