@@ -2,11 +2,12 @@
 
 Thin by design: the loss (conmim.loss), the teacher (conmim.teacher), masks and views (conmim.data) and the
 network (conmim.models) come from the package; this file wires them into a loop with a schedule, mixed
-precision, checkpoints that survive a kill, logging, and torchrun/DDP.
+precision, checkpoints that survive a kill, logging, an optional k-NN monitor, and torchrun with DDP or FSDP.
 
     conmim-train --config tiny_demo                      # CPU demo on the bundled digits
     conmim-train --config vit_b --data /imagenet/train --out runs/vit_b
     torchrun --nproc_per_node 8 -m conmim.train --config vit_b --data ... --out ...
+    torchrun --nproc_per_node 8 -m conmim.train --config vit_l --strategy fsdp --data ... --out ...
 """
 
 from __future__ import annotations
@@ -636,6 +637,8 @@ def restore(run: Run, state: RunState) -> None:
     per_step = run.cfg.batch_size * run.world * run.cfg.accum_steps
     images = saved.get("images", state.batch * run.cfg.batch_size * run.world)  # older checkpoints: batches
     state.batch = images // per_step * run.cfg.accum_steps
+    if state.batch >= run.steps_per_epoch * run.cfg.accum_steps:  # fewer steps per epoch here: it is over
+        state.epoch, state.batch = state.epoch + 1, 0
 
 
 def monitor(run: Run, state: RunState) -> None:

@@ -220,3 +220,22 @@ def test_a_run_folder_of_the_other_strategy_is_refused(digits, tmp_path):
     with pytest.raises(T.TrainingError, match=r"checkpoints of strategy ddp .*resume with --strategy ddp"):
         T.train(tiny(digits, out, epochs=1, strategy="fsdp"))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "accum", "images", "want"),
+    [
+        (8, 1, 16, (0, 2)),  # the same layout: the same batch
+        (8, 2, 16, (0, 2)),  # one rank doing two ranks' work with accum_steps 2
+        (8, 2, 24, (0, 2)),  # mid-step at this layout: back to the step's start (8 images read again)
+        (12, 1, 28, (1, 0)),  # 2 batches of 12 per epoch here: the epoch is over
+    ],
+)
+def test_resume_position_is_counted_in_images(digits, tmp_path, monkeypatch, batch_size, accum, images, want):
+    cfg = tiny(digits, tmp_path / "run", batch_size=batch_size, accum_steps=accum)
+    run = T.build_run(cfg, 0, 1, torch.device("cpu"), tmp_path / "run")
+    saved = {**T.RunState(batch=99, step=3).state_dict(), "images": images, "scaler": run.scaler.state_dict()}
+    monkeypatch.setattr(run.parallel, "load", lambda run: saved)
+    state = T.RunState()
+    T.restore(run, state)
+    assert (state.epoch, state.batch, state.step) == (*want, 3)
