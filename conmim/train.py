@@ -354,6 +354,10 @@ class Replicated:
     def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(device.type, enabled=enabled)
 
+    @staticmethod
+    def fused_adamw(scaled: bool) -> bool:
+        return True
+
     def no_sync(self, last_micro_batch: bool):
         """DDP all-reduces gradients on the last micro-batch of an accumulation only."""
         return self.ddp.no_sync() if self.ddp is not None and not last_micro_batch else nullcontext()
@@ -411,6 +415,13 @@ class Sharded:
     def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
         """Each rank sees its gradient shards only: the sharded scaler agrees on overflow across ranks."""
         return ShardedGradScaler(device.type, enabled=enabled)
+
+    @staticmethod
+    def fused_adamw(scaled: bool) -> bool:
+        """Not with the sharded gradient scaler (fp16): its overflow flag has shape [1], which the fused AdamW
+        cannot subtract from its step counters of shape [] (torch 2.14); the foreach AdamW then skips an
+        overflowing step after one host read of that flag."""
+        return not scaled
 
     @contextmanager
     def no_sync(self, last_micro_batch: bool):
@@ -502,11 +513,14 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device, out: Pat
         cfg.model, cfg.head_hidden, cfg.head_out, img_size=cfg.image_size, patch_size=cfg.patch_size
     ).to(device)
     parallel, model = wrap_model(student, cfg, device, world, total_steps)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     # fused: skips an update on the device when told to (found_inf), with no host read
     opt = torch.optim.AdamW(
-        param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
+        param_groups(student, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=parallel.fused_adamw(scaled=low is torch.float16),
     )
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     return Run(
         cfg=cfg,
         device=device,

@@ -2,6 +2,7 @@
 ranks, an FSDP run resumed at another world size, its run folder exported, activation checkpointing under DDP,
 and `eval_every` writing the teacher's k-NN to metrics.jsonl."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from conmim import evaluate as E
 from conmim import export as X
@@ -239,3 +241,20 @@ def test_resume_position_is_counted_in_images(digits, tmp_path, monkeypatch, bat
     state = T.RunState()
     T.restore(run, state)
     assert (state.epoch, state.batch, state.step) == (*want, 3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fsdp_steps_under_low_precision(digits, tmp_path, precision, single_process_group):
+    cfg = tiny(digits, tmp_path / "run", strategy="fsdp", precision=precision)
+    run = T.build_run(cfg, 0, 1, torch.device("cpu"), tmp_path / "run")
+    # fp16: the sharded gradient scaler, whose overflow flag the fused AdamW cannot take (see Sharded)
+    assert isinstance(run.scaler, ShardedGradScaler) and run.scaler.is_enabled() == (precision == "fp16")
+    assert run.opt.defaults["fused"] == (precision == "bf16")
+    before = [p.detach().to_local().clone() for p in run.student.parameters()]
+    run.loader.set_epoch(0)
+    state, meter = T.RunState(), T.Meter(run.device)
+    for batch in itertools.islice(run.loader, 3):
+        T.train_step(run, state, [batch], meter)
+    assert state.step == 3 and meter.sums[1] == 3  # three finite losses
+    assert all(torch.isfinite(p.to_local()).all() for p in run.student.parameters())
+    assert any(not torch.equal(a, p.detach().to_local()) for a, p in zip(before, run.student.parameters()))
