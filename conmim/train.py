@@ -356,6 +356,7 @@ class Replicated:
 
     @staticmethod
     def fused_adamw(scaled: bool) -> bool:
+        """Always: the fused AdamW takes the GradScaler's overflow flag on the device."""
         return True
 
     def no_sync(self, last_micro_batch: bool):
