@@ -20,7 +20,7 @@ CHOICES = {
     "precision": ("bf16", "fp16", "fp32"),
     "mask": ("block", "cell"),
     "device": ("auto", "cpu", "cuda"),
-    "strategy": ("ddp",),
+    "strategy": ("ddp", "fsdp"),
 }
 # Keys that define the network: a run folder's checkpoints only fit a configuration with the same values.
 ARCH_KEYS = ("model", "image_size", "patch_size", "head_hidden", "head_out")
@@ -69,6 +69,8 @@ class Config:
     seed: int
     device: str
     strategy: str
+    reshard_after_forward: bool
+    grad_checkpointing: bool
     log_every: int
     checkpoint_every: int
     keep_last: int
@@ -76,6 +78,8 @@ class Config:
     max_bad_steps: int
     progress: bool
     record_samples: bool
+    eval_every: int
+    eval_data: str
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -168,6 +172,8 @@ def _check_ranges(cfg: Config) -> None:
 
     if cfg.model not in MODELS:
         raise ConfigError(f"unknown model {cfg.model!r}; expected one of {sorted(MODELS)}")
+    if cfg.eval_every < 0:
+        raise ConfigError(f"config key 'eval_every' must be >= 0, got {cfg.eval_every}")
     if cfg.data is None:
         raise ConfigError("config key 'data' is required: an image folder, samples:photos or samples:mnist")
 

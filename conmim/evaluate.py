@@ -65,7 +65,7 @@ def load_backbone(
         from conmim.models import model_spec
         from conmim.train import load_latest
 
-        cfg = cfgmod._read_yaml((src / "config.yaml").read_text(), str(src / "config.yaml"))
+        cfg = cfgmod.read_file(src / "config.yaml")
         name, kwargs = model_spec(cfg["model"])
         kwargs.update(img_size=cfg["image_size"], patch_size=cfg["patch_size"])
         quiet = lambda m: None

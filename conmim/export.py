@@ -61,7 +61,7 @@ def export(run_dir, out_file, which: str = "teacher") -> tuple[Path, dict]:
     state = fsdp.load_latest_state_dict(run, log) or load_latest(run, log)  # an FSDP run's DCP folders first
     if state is None:
         raise FileNotFoundError(f"run folder {str(run)!r} holds no loadable checkpoint")
-    cfg = cfgmod._read_yaml((run / "config.yaml").read_text(), str(run / "config.yaml"))
+    cfg = cfgmod.read_file(run / "config.yaml")
     timm_name, kwargs = model_spec(cfg["model"])
     kwargs.update(img_size=cfg["image_size"], patch_size=cfg["patch_size"])
     weights = backbone_state(state[which])

@@ -2,11 +2,12 @@
 
 Thin by design: the loss (conmim.loss), the teacher (conmim.teacher), masks and views (conmim.data) and the
 network (conmim.models) come from the package; this file wires them into a loop with a schedule, mixed
-precision, checkpoints that survive a kill, logging, and torchrun/DDP.
+precision, checkpoints that survive a kill, logging, an optional k-NN monitor, and torchrun with DDP or FSDP.
 
     conmim-train --config tiny_demo                      # CPU demo on the bundled digits
     conmim-train --config vit_b --data /imagenet/train --out runs/vit_b
     torchrun --nproc_per_node 8 -m conmim.train --config vit_b --data ... --out ...
+    torchrun --nproc_per_node 8 -m conmim.train --config vit_l --strategy fsdp --data ... --out ...
 """
 
 from __future__ import annotations
@@ -16,19 +17,23 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor
 
 from conmim import config as cfgmod
+from conmim import fsdp
 from conmim.config import Config
-from conmim.data import MaskConfig, ViewConfig, build_loader, samples
-from conmim.data.scan import BAD_FILES_NAME
+from conmim.data import MaskConfig, ViewConfig, build_loader, samples, write_bad_files
+from conmim.evaluate import knn_monitor, labelled_split
 from conmim.loss import FusedPatchContrastLoss
 from conmim.models import build_encoder, no_weight_decay
 from conmim.teacher import MomentumTeacher
@@ -94,22 +99,33 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(out.glob(CKPT_GLOB), key=lambda p: p.name, reverse=True)
 
 
-def save_checkpoint(out: Path, state: dict, epoch: int, step: int, keep_last: int, keep_every: int) -> Path:
-    """Write atomically (temp file, fsync, rename), then prune: the newest ``keep_last`` plus every checkpoint
-    that ends an epoch divisible by ``keep_every``."""
-    path = out / f"ckpt-e{epoch:04d}-s{step:08d}.pt"
+def checkpoint_name(epoch: int, step: int) -> str:
+    """A checkpoint's name without its suffix (.pt: one file; .dcp: an FSDP folder)."""
+    return f"ckpt-e{epoch:04d}-s{step:08d}"
+
+
+def write_checkpoint(path: Path, state: dict) -> Path:
+    """``torch.save`` atomically: temp file, fsync, rename."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
         torch.save(state, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    return path
+
+
+def prune(out: Path, found: list[Path], keep_last: int, keep_every: int) -> None:
+    """Remove the checkpoints in ``found`` (newest first) but the newest ``keep_last`` and every one that ends
+    an epoch divisible by ``keep_every``; a checkpoint may be a file or (FSDP) a folder."""
     ends = _epoch_ends(out)
-    for old in checkpoints(out)[keep_last:]:
+    for old in found[keep_last:]:
         epoch_of = int(old.stem.split("-")[1][1:])  # ckpt-e<epoch>-s<step>
         if not (old.name in ends and keep_every > 0 and epoch_of % keep_every == 0):
-            old.unlink(missing_ok=True)
-    return path
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
 
 
 def _epoch_ends(out: Path) -> set[str]:
@@ -225,16 +241,24 @@ def loss_plot(out: Path) -> Path | None:
 
 
 def check_compatible(out: Path, cfg: Config) -> None:
-    """Refuse an output folder that holds another run's configuration (a different network). Reads only."""
+    """Refuse an output folder that holds another run's configuration (a different network), or only checkpoints
+    of the other strategy (which this one would not resume from). Reads only."""
     saved = out / "config.yaml"
     if not saved.exists():
         return
     old = cfgmod.read_file(saved)
     diff = [k for k, v in cfg.arch().items() if old.get(k) != v]
-    if diff and checkpoints(out):
+    found = {name: kind.checkpoints(out) for name, kind in STRATEGIES.items()}
+    if diff and any(found.values()):
         what = ", ".join(f"{k}: {old.get(k)!r} there vs {getattr(cfg, k)!r} here" for k in diff)
         raise TrainingError(
             f"output folder {str(out)!r} holds checkpoints of another run ({what}); choose another --out"
+        )
+    other = next((name for name, ckpts in found.items() if ckpts and name != cfg.strategy), None)
+    if other is not None and not found[cfg.strategy]:
+        raise TrainingError(
+            f"output folder {str(out)!r} holds checkpoints of strategy {other} ({found[other][0].name}), "
+            f"not {cfg.strategy}: resume with --strategy {other} or choose another --out"
         )
 
 
@@ -295,10 +319,10 @@ class Run:
     loader: object  # conmim.data.TwoViewLoader
     student: nn.Module
     model: nn.Module  # the student as called: wrapped by the parallel strategy, maybe compiled
-    ddp: nn.parallel.DistributedDataParallel | None
-    teacher: MomentumTeacher
+    parallel: Replicated | Sharded
+    teacher: MomentumTeacher | fsdp.ShardedTeacher
     opt: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    scaler: torch.amp.GradScaler  # a ShardedGradScaler under FSDP
     loss_fn: nn.Module
     autocast: object
     steps_per_epoch: int
@@ -307,23 +331,148 @@ class Run:
     log: Logger | None = None
     progress: object = None
 
+
+# ------------------------------------------------------------------------------------------ parallel strategies
+# What differs between strategies, behind one small interface; the step, the log and the checkpoint schedule
+# are the same functions for both.
+class Replicated:
+    """``strategy: ddp``: the whole student, teacher and optimizer state on every rank, gradients all-reduced by
+    DDP under torchrun (one process trains the student as is); single-file checkpoints written by rank 0."""
+
+    def __init__(self, student: nn.Module, cfg: Config, device: torch.device, world: int, total_steps: int):
+        if cfg.grad_checkpointing:
+            fsdp.checkpoint_blocks(student)
+        self.teacher = MomentumTeacher(student, cfg.base_momentum, cfg.final_momentum, max(1, total_steps))
+        self.ddp = None
+        self.model = student
+        if world > 1:
+            self.ddp = self.model = nn.parallel.DistributedDataParallel(
+                student, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+    @staticmethod
+    def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+
+    @staticmethod
+    def fused_adamw(scaled: bool) -> bool:
+        """Always: the fused AdamW takes the GradScaler's overflow flag on the device."""
+        return True
+
     def no_sync(self, last_micro_batch: bool):
         """DDP all-reduces gradients on the last micro-batch of an accumulation only."""
         return self.ddp.no_sync() if self.ddp is not None and not last_micro_batch else nullcontext()
 
+    @staticmethod
+    def checkpoints(out: Path) -> list[Path]:
+        return checkpoints(out)
 
-def wrap_model(student: nn.Module, cfg: Config, device: torch.device, world: int):
-    """The parallel strategy (``cfg.strategy``), chosen here alone: on one process the student as is; on several,
-    DDP. Then torch.compile when asked. Returns (the module to call, the DDP wrapper or None)."""
-    ddp = None
-    model = student
-    if world > 1 and cfg.strategy == "ddp":
-        ddp = model = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg.compile:
-        model = torch.compile(model)
-    return model, ddp
+    @staticmethod
+    def save(run: Run, blob: dict, stem: Path) -> Path:
+        """Rank 0 adds the weights and the optimizer state to ``blob`` and writes ``stem``.pt."""
+        path = stem.with_name(stem.name + ".pt")
+        if run.rank == 0:
+            blob.update(
+                student=run.student.state_dict(),
+                teacher=run.teacher.module.state_dict(),
+                optimizer=run.opt.state_dict(),
+            )
+            write_checkpoint(path, blob)
+        return path
+
+    @staticmethod
+    def load(run: Run) -> dict | None:
+        """The newest loadable checkpoint into the student, teacher and optimizer; returns it (None: none)."""
+        saved = load_latest(run.out, run.log.msg)
+        if saved is not None:
+            run.student.load_state_dict(saved["student"])
+            run.teacher.module.load_state_dict(saved["teacher"])
+            run.opt.load_state_dict(saved["optimizer"])
+        return saved
+
+    @staticmethod
+    def eval_model(run: Run) -> nn.Module | None:
+        """The teacher to evaluate, on rank 0 (None elsewhere)."""
+        return run.teacher if run.rank == 0 else None
+
+    @staticmethod
+    def finish(run: Run) -> None:
+        """Replicas must end identical: compare them (several ranks)."""
+        if run.world > 1:
+            check_ranks_in_sync(run.student, run.teacher, run.out, run.rank, run.world, run.log)
+
+
+class Sharded:
+    """``strategy: fsdp`` (:mod:`conmim.fsdp`): student, teacher and AdamW state sharded over the ranks by FSDP2;
+    every rank writes its shards of each checkpoint (a ``.dcp`` folder), which loads at any world size."""
+
+    def __init__(self, student: nn.Module, cfg: Config, device: torch.device, world: int, total_steps: int):
+        options = fsdp.FSDPOptions(cfg.precision, cfg.reshard_after_forward, cfg.grad_checkpointing)
+        mesh = fsdp.device_mesh(device)
+        schedule = (cfg.base_momentum, cfg.final_momentum, max(1, total_steps))
+        self.model, self.teacher = fsdp.prepare(student, mesh, options, *schedule)
+
+    @staticmethod
+    def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+        """Each rank sees its gradient shards only: the sharded scaler agrees on overflow across ranks."""
+        return ShardedGradScaler(device.type, enabled=enabled)
+
+    @staticmethod
+    def fused_adamw(scaled: bool) -> bool:
+        """Not with the sharded gradient scaler (fp16): its overflow flag has shape [1], which the fused AdamW
+        cannot subtract from its step counters of shape [] (torch 2.14); the foreach AdamW then skips an
+        overflowing step after one host read of that flag."""
+        return not scaled
+
+    @contextmanager
+    def no_sync(self, last_micro_batch: bool):
+        """FSDP reduce-scatters gradients on the last micro-batch of an accumulation only."""
+        self.model.set_requires_gradient_sync(last_micro_batch)
+        yield
+
+    @staticmethod
+    def checkpoints(out: Path) -> list[Path]:
+        return fsdp.checkpoints(out)
+
+    @staticmethod
+    def save(run: Run, blob: dict, stem: Path) -> Path:
+        """Every rank writes its shards to ``stem``.dcp, with ``blob`` (rank 0's) as the run state."""
+        return fsdp.save(stem.with_name(stem.name + ".dcp"), run.student, run.teacher, run.opt, blob)
+
+    @staticmethod
+    def load(run: Run) -> dict | None:
+        """The newest loadable checkpoint, resharded to this world size (every rank); returns its run state."""
+        return fsdp.load_latest(run.out, run.student, run.teacher, run.opt, run.log.msg)
+
+    @staticmethod
+    def eval_model(run: Run) -> nn.Module | None:
+        """The teacher gathered whole into a plain encoder on rank 0 (None elsewhere); every rank calls it (the
+        gather is collective), then rank 0 alone evaluates."""
+        full = fsdp.full_state_dict(run.teacher.module)
+        if run.rank != 0:
+            return None
+        cfg = run.cfg
+        with torch.device("meta"):  # no initialisation: no time spent, no random numbers drawn
+            plain = build_encoder(
+                cfg.model, cfg.head_hidden, cfg.head_out, img_size=cfg.image_size, patch_size=cfg.patch_size
+            )
+        plain.load_state_dict(full, assign=True)
+        return plain.to(run.device)
+
+    @staticmethod
+    def finish(run: Run) -> None:
+        """Nothing to compare: the ranks hold different shards by design."""
+
+
+STRATEGIES = {"ddp": Replicated, "fsdp": Sharded}  # config key strategy -> its class
+
+
+def wrap_model(student: nn.Module, cfg: Config, device: torch.device, world: int, total_steps: int):
+    """The parallel strategy (``cfg.strategy``), chosen here alone: ``Replicated`` (DDP) or ``Sharded`` (FSDP),
+    which also builds the teacher; then torch.compile when asked. Returns (the strategy, the module to call).
+    Build the optimizer afterwards: FSDP replaces the student's parameters by their shards."""
+    parallel = STRATEGIES[cfg.strategy](student, cfg, device, world, total_steps)
+    return parallel, torch.compile(parallel.model) if cfg.compile else parallel.model
 
 
 def build_run(cfg: Config, rank: int, world: int, device: torch.device, out: Path) -> Run:
@@ -355,6 +504,8 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device, out: Pat
             f"fewer than accum_steps = {cfg.accum_steps}"
         )
     check_compatible(out, cfg)
+    if cfg.eval_every:
+        labelled_split(cfg.eval_data)  # the k-NN monitor's folder, checked before anything is written
     steps_per_epoch = batches // cfg.accum_steps
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
@@ -362,13 +513,15 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device, out: Pat
     student = build_encoder(
         cfg.model, cfg.head_hidden, cfg.head_out, img_size=cfg.image_size, patch_size=cfg.patch_size
     ).to(device)
-    teacher = MomentumTeacher(student, cfg.base_momentum, cfg.final_momentum, max(1, total_steps))
+    parallel, model = wrap_model(student, cfg, device, world, total_steps)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     # fused: skips an update on the device when told to (found_inf), with no host read
     opt = torch.optim.AdamW(
-        param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
+        param_groups(student, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=parallel.fused_adamw(scaled=low is torch.float16),
     )
-    model, ddp = wrap_model(student, cfg, device, world)
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     return Run(
         cfg=cfg,
         device=device,
@@ -378,10 +531,10 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device, out: Pat
         loader=loader,
         student=student,
         model=model,
-        ddp=ddp,
-        teacher=teacher,
+        parallel=parallel,
+        teacher=parallel.teacher,
         opt=opt,
-        scaler=torch.amp.GradScaler(device.type, enabled=low is torch.float16),
+        scaler=parallel.grad_scaler(device, enabled=low is torch.float16),
         loss_fn=FusedPatchContrastLoss(temperature=cfg.temperature),
         autocast=torch.autocast(device.type, dtype=low) if low is not None else nullcontext(),
         steps_per_epoch=steps_per_epoch,
@@ -400,7 +553,7 @@ def train_step(run: Run, state: RunState, micro_batches, meter: Meter) -> None:
         g["lr"] = lr
     bad = torch.zeros((), device=run.device)
     for i, (xs, xt, mask) in enumerate(micro_batches):
-        with run.no_sync(last_micro_batch=i == cfg.accum_steps - 1):
+        with run.parallel.no_sync(last_micro_batch=i == cfg.accum_steps - 1):
             with run.autocast:
                 feats = run.model(xs, mask)
                 with torch.no_grad():
@@ -415,6 +568,8 @@ def train_step(run: Run, state: RunState, micro_batches, meter: Meter) -> None:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     run.scaler.unscale_(run.opt)
     norm = nn.utils.clip_grad_norm_(run.student.parameters(), cfg.clip_grad or math.inf)
+    if isinstance(norm, DTensor):  # FSDP: the norm over every rank's shards, replicated
+        norm = norm.full_tensor()
     if run.scaler.is_enabled():
         run.scaler.step(run.opt)
         run.scaler.update()
@@ -467,21 +622,18 @@ def log_step(run: Run, state: RunState, meter: Meter) -> None:
 
 
 def save_run_checkpoint(run: Run, state: RunState, epoch_end: bool) -> None:
-    """Rank 0 writes the weights, optimizer and ``state``; every rank checks the bad-step streak first and then
-    meets the others."""
+    """Every rank checks the bad-step streak, then the strategy writes the weights, the optimizer and ``state``
+    (with the epoch's position in images, which resumes at any world size); rank 0 prunes, and the ranks meet."""
     blob = state.state_dict()  # reads the streak: a checkpoint step may read the device
     check_streak(run.cfg, blob["bad_streak"])
+    blob.update(
+        images=state.batch * run.cfg.batch_size * run.world,
+        scaler=run.scaler.state_dict(),
+        arch=run.cfg.arch(),
+    )
+    path = run.parallel.save(run, blob, run.out / checkpoint_name(state.epoch, state.step))
     if run.rank == 0:
-        blob.update(
-            student=run.student.state_dict(),
-            teacher=run.teacher.module.state_dict(),
-            optimizer=run.opt.state_dict(),
-            scaler=run.scaler.state_dict(),
-            arch=run.cfg.arch(),
-        )
-        path = save_checkpoint(
-            run.out, blob, state.epoch, state.step, run.cfg.keep_last, run.cfg.keep_every_epochs
-        )
+        prune(run.out, run.parallel.checkpoints(run.out), run.cfg.keep_last, run.cfg.keep_every_epochs)
         if epoch_end:
             _mark_epoch_end(run.out, path)
     if run.world > 1:
@@ -489,15 +641,30 @@ def save_run_checkpoint(run: Run, state: RunState, epoch_end: bool) -> None:
 
 
 def restore(run: Run, state: RunState) -> None:
-    """Load the newest loadable checkpoint of the run folder, if any, into ``run`` and ``state``."""
-    saved = load_latest(run.out, run.log.msg)
+    """Load the newest loadable checkpoint of the run folder, if any, into ``run`` and ``state``. The position
+    in the epoch is the saved count of images over this run's images per optimizer step (rounded down, so a run
+    resumed at another world size or ``accum_steps`` re-reads at most one step's images)."""
+    saved = run.parallel.load(run)
     if saved is None:
         return
-    run.student.load_state_dict(saved["student"])
-    run.teacher.module.load_state_dict(saved["teacher"])
-    run.opt.load_state_dict(saved["optimizer"])
     run.scaler.load_state_dict(saved["scaler"])
     state.load_state_dict(saved)
+    per_step = run.cfg.batch_size * run.world * run.cfg.accum_steps
+    images = saved.get("images", state.batch * run.cfg.batch_size * run.world)  # older checkpoints: batches
+    state.batch = images // per_step * run.cfg.accum_steps
+    if state.batch >= run.steps_per_epoch * run.cfg.accum_steps:  # fewer steps per epoch here: it is over
+        state.epoch, state.batch = state.epoch + 1, 0
+
+
+def monitor(run: Run, state: RunState) -> None:
+    """The teacher's k-NN top-1 on ``eval_data`` (:func:`conmim.evaluate.knn_monitor`), computed by rank 0 alone
+    (under FSDP every rank first joins the gather of the teacher), written to metrics.jsonl and the log."""
+    model = run.parallel.eval_model(run)
+    if model is None:
+        return
+    top1 = knn_monitor(model, data=run.cfg.eval_data)
+    run.log.metrics({"epoch": state.epoch, "step": state.step, "knn_top1": top1})
+    run.log.msg(f"{state.epoch} epochs done, step {state.step}: teacher k-NN top-1 {100 * top1:.2f}%")
 
 
 def _timed(run: Run, meter: Meter):
@@ -521,19 +688,13 @@ def _start(cfg: Config, out: Path, rank: int, world: int, device: torch.device) 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         cfgmod.dump(cfg, out / "config.yaml")
-        _write_bad_files(out, run.loader.folder.bad)
+        write_bad_files(out, run.loader.folder.bad)
     if world > 1:
         torch.distributed.barrier()
     run.log = Logger(out, rank)
     for path, why in run.loader.folder.bad:
         run.log.msg(f"excluding {path}: {why}")
     return run
-
-
-def _write_bad_files(out: Path, bad: list[tuple[str, str]]) -> None:
-    with open(out / BAD_FILES_NAME, "w") as fh:
-        fh.write("path\treason\n")
-        fh.writelines(f"{p}\t{why}\n" for p, why in bad)
 
 
 def train(cfg: Config) -> dict:
@@ -592,10 +753,11 @@ def _train(run: Run) -> dict:
             periodic = cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
             if epoch_end or finished or periodic:
                 save_run_checkpoint(run, state, epoch_end)
+            if epoch_end and cfg.eval_every and state.epoch % cfg.eval_every == 0:
+                monitor(run, state)
             if finished:
                 break
-    if run.world > 1:
-        check_ranks_in_sync(run.student, run.teacher, run.out, run.rank, run.world, run.log)
+    run.parallel.finish(run)
     plot = loss_plot(run.out) if run.rank == 0 else None
     run.log.msg(
         f"done: {state.step} steps; checkpoints in {run.out}" + (f"; loss curve {plot}" if plot else "")

@@ -71,7 +71,7 @@ def _accumulated_steps(rank: int, port: int, digits: str, accum: int, result: st
             reduces[0] += 1
             return allreduce_hook(None, bucket)
 
-        run.ddp.register_comm_hook(None, counting)
+        run.parallel.ddp.register_comm_hook(None, counting)
         grads = []  # the gradients each optimizer step applies
         run.opt.register_step_pre_hook(
             lambda opt, *_: grads.append([p.grad.clone() for p in run.student.parameters()])

@@ -1,0 +1,260 @@
+"""conmim-train's parallel strategies and its k-NN monitor: `--strategy fsdp` against `--strategy ddp` on 2 gloo
+ranks, an FSDP run resumed at another world size, its run folder exported, activation checkpointing under DDP,
+and `eval_every` writing the teacher's k-NN to metrics.jsonl."""
+
+import itertools
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+from conmim import evaluate as E
+from conmim import export as X
+from conmim import fsdp
+from conmim import train as T
+from conmim.models import build_encoder
+from tests.conftest import tiny
+from tests.test_scaleout import torchrun_cmd
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch(digits, out: Path, *extra: str, world: int = 2) -> subprocess.CompletedProcess:
+    """conmim-train under torchrun on ``world`` gloo ranks: the tiny model on the 32 digits, one log per step."""
+    cmd = torchrun_cmd(digits, out, "--log_every", "1", *extra)
+    cmd[cmd.index("--nproc_per_node") + 1] = str(world)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _weights(state: dict) -> dict:
+    """Parameters only: BatchNorm running statistics are each rank's own under FSDP (DDP broadcasts rank 0's)."""
+    return {k: v for k, v in state.items() if "running_" not in k and "num_batches_tracked" not in k}
+
+
+@pytest.fixture
+def single_process_group():
+    """An FSDP run on one process starts a one-rank process group: tear it down after the test."""
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(digits, tmp_path_factory) -> dict[str, Path]:
+    """The same 2-epoch run (4 optimizer steps) on 2 ranks under each strategy."""
+    base = tmp_path_factory.mktemp("strategies")
+    for strategy in ("ddp", "fsdp"):
+        launch(digits, base / strategy, "--epochs", "2", "--strategy", strategy)
+    return {s: base / s for s in ("ddp", "fsdp")}
+
+
+# ------------------------------------------------------------------------------------------- FSDP on 2 ranks
+@pytest.mark.slow
+def test_fsdp_on_two_ranks_trains_like_ddp(two_rank_runs):
+    ddp, fsdp_run = two_rank_runs["ddp"], two_rank_runs["fsdp"]
+    assert [p.name for p in fsdp.checkpoints(fsdp_run)] == [
+        "ckpt-e0002-s00000004.dcp",
+        "ckpt-e0001-s00000002.dcp",
+    ]
+    assert not T.checkpoints(fsdp_run) and not fsdp.checkpoints(ddp)
+    assert json.loads((fsdp_run / "epoch_ends.json").read_text()) == [
+        "ckpt-e0001-s00000002.dcp",
+        "ckpt-e0002-s00000004.dcp",
+    ]
+    want, got = losses(ddp), losses(fsdp_run)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:  # fp32 on both; only the gradient reduction order differs
+        assert got[step] == pytest.approx(want[step], rel=1e-4), step
+    sharded = fsdp.read_state_dict(fsdp.checkpoints(fsdp_run)[0])
+    replicated = torch.load(T.checkpoints(ddp)[0], weights_only=True)
+    assert sharded["step"] == replicated["step"] == 4 and sharded["epoch"] == replicated["epoch"] == 2
+    for which, atol in (("student", 2e-4), ("teacher", 2e-5)):
+        a, b = _weights(sharded[which]), _weights(replicated[which])
+        assert a.keys() == b.keys()
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=f"{which} {k}")
+    # DDP compares the replicas at the end; FSDP's ranks hold different shards, so it does not
+    assert (ddp / "rank_checksums.json").exists() and not (fsdp_run / "rank_checksums.json").exists()
+
+
+@pytest.mark.slow
+def test_export_reads_an_fsdp_run_folder(two_rank_runs, tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    run = two_rank_runs["fsdp"]
+    assert X.main([str(run), "--out", str(tmp_path / "t.safetensors")]) == 0
+    meta = json.loads((tmp_path / "t.safetensors.json").read_text())
+    assert meta["step"] == 4
+    weights = load_file(str(tmp_path / "t.safetensors"))
+    teacher = fsdp.read_state_dict(fsdp.checkpoints(run)[0])["teacher"]
+    assert weights.keys() == {k.removeprefix("backbone.") for k in teacher if k.startswith("backbone.")}
+    for k, v in weights.items():
+        assert torch.equal(v, teacher[f"backbone.{k}"]), k
+    model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **meta["kwargs"])
+    model.load_state_dict(weights)
+    evaluated, _ = E.load_backbone(str(run))  # conmim-eval's reader
+    for k, v in weights.items():
+        assert torch.equal(evaluated.state_dict()[k], v), k
+
+
+@pytest.mark.slow
+def test_a_two_rank_fsdp_run_resumes_on_one_rank(digits, tmp_path):
+    """Stopped mid-epoch on 2 ranks (step 3 of 4), continued on 1 rank with accum_steps 2 (the same global
+    batch): the step count goes on, and the second epoch reads every image once across the two world sizes."""
+    out = tmp_path / "run"
+    common = ("--epochs", "2", "--strategy", "fsdp", "--record_samples", "true")
+    launch(digits, out, *common, "--max_steps", "3")
+    assert fsdp.checkpoints(out)[0].name == "ckpt-e0001-s00000003.dcp"
+    r = launch(digits, out, *common, "--accum_steps", "2", world=1)
+    assert "resuming from ckpt-e0001-s00000003.dcp" in r.stderr
+    state = fsdp.read_state_dict(fsdp.checkpoints(out)[0])
+    assert (state["step"], state["epoch"], state["batch"]) == (4, 2, 0)
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    read = [int(i) for rank in (0, 1) for i in (out / f"samples-e0001-r{rank}.txt").read_text().split()]
+    assert sorted(read) == list(range(32))  # 16 on 2 ranks before the stop, the other 16 on 1 rank after
+
+
+# ----------------------------------------------------------------------------------------- in one process
+def test_fsdp_on_one_process_saves_dcp_and_resumes(digits, tmp_path, single_process_group):
+    out = tmp_path / "run"
+    T.train(tiny(digits, out, strategy="fsdp", epochs=1, max_steps=2, checkpoint_every=1))
+    assert [p.name for p in fsdp.checkpoints(out)] == ["ckpt-e0000-s00000002.dcp", "ckpt-e0000-s00000001.dcp"]
+    state = fsdp.read_state_dict(fsdp.checkpoints(out)[0])
+    assert (state["step"], state["batch"], state["images"]) == (2, 2, 16)
+    summary = T.train(tiny(digits, out, strategy="fsdp", epochs=1))
+    assert summary["steps"] == 4 and sorted(losses(out)) == [1, 2, 3, 4]
+    assert fsdp.checkpoints(out)[0].name == "ckpt-e0001-s00000004.dcp"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_grad_checkpointing_recomputes_the_blocks_under_either_strategy(
+    digits, tmp_path, strategy, single_process_group
+):
+    run = T.build_run(
+        tiny(digits, tmp_path / "run", strategy=strategy, grad_checkpointing=True),
+        0,
+        1,
+        torch.device("cpu"),
+        tmp_path / "run",
+    )
+    calls = []
+    run.student.backbone.blocks[0].attn.register_forward_hook(lambda *_: calls.append(1))
+    run.loader.set_epoch(0)
+    xs, xt, mask = next(iter(run.loader))
+    before = [p.detach().clone() for p in run.teacher.parameters()]
+    T.train_step(run, T.RunState(), [(xs, xt, mask)], T.Meter(run.device))
+    assert len(calls) == 2  # the forward, and its recomputation in the backward
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, run.teacher.parameters()))
+
+
+# --------------------------------------------------------------------------------------------- k-NN monitor
+@pytest.fixture(scope="module")
+def labelled(digits, tmp_path_factory) -> Path:
+    """The 32 digits as a labelled train/ and val/ split."""
+    data = tmp_path_factory.mktemp("labelled")
+    for split, files in (
+        ("train", sorted(Path(digits).rglob("*.png"))[::2]),
+        ("val", sorted(Path(digits).rglob("*.png"))[1::2]),
+    ):
+        for f in files:
+            (data / split / f.parent.name).mkdir(parents=True, exist_ok=True)
+            (data / split / f.parent.name / f.name).write_bytes(f.read_bytes())
+    return data
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_eval_every_logs_the_teachers_knn(digits, labelled, tmp_path, capsys, strategy, single_process_group):
+    from conmim.evaluate import knn_monitor
+
+    out = tmp_path / "run"
+    T.train(tiny(digits, out, strategy=strategy, epochs=3, eval_every=2, eval_data=str(labelled)))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in rows if "knn_top1" in r]
+    assert [(r["epoch"], r["step"]) for r in knn] == [(2, 8)] and set(knn[0]) == {"epoch", "step", "knn_top1"}
+    assert (
+        f"2 epochs done, step 8: teacher k-NN top-1 {100 * knn[0]['knn_top1']:.2f}%"
+        in capsys.readouterr().err
+    )
+    # the value is the k-NN of the teacher saved at that epoch's end
+    ckpt = next(p for p in [*T.checkpoints(out), *fsdp.checkpoints(out)] if p.name.startswith("ckpt-e0002"))
+    saved = (
+        fsdp.read_state_dict(ckpt)["teacher"]
+        if ckpt.suffix == ".dcp"
+        else torch.load(ckpt, weights_only=True)["teacher"]
+    )
+    model = build_encoder("vit_tiny_demo", 64, 32, img_size=32, patch_size=4)
+    model.load_state_dict(saved)
+    assert knn[0]["knn_top1"] == pytest.approx(knn_monitor(model, data=str(labelled)), abs=1e-6)
+
+
+def test_eval_data_is_checked_before_anything_is_written(digits, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="must hold train/ and val/"):
+        T.train(tiny(digits, out, eval_every=1, eval_data=str(digits)))
+    assert not out.exists()
+
+
+def test_bad_strategy_is_refused():
+    from conmim import config as cfgmod
+
+    assert tuple(T.STRATEGIES) == cfgmod.CHOICES["strategy"]
+    with pytest.raises(cfgmod.ConfigError, match="'strategy' must be one of \\('ddp', 'fsdp'\\)"):
+        cfgmod.resolve("tiny_demo", {"strategy": "zero3"})
+
+
+def test_a_run_folder_of_the_other_strategy_is_refused(digits, tmp_path):
+    out = tmp_path / "run"
+    T.train(tiny(digits, out, epochs=1, max_steps=1))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(T.TrainingError, match=r"checkpoints of strategy ddp .*resume with --strategy ddp"):
+        T.train(tiny(digits, out, epochs=1, strategy="fsdp"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "accum", "images", "want"),
+    [
+        (8, 1, 16, (0, 2)),  # the same layout: the same batch
+        (8, 2, 16, (0, 2)),  # one rank doing two ranks' work with accum_steps 2
+        (8, 2, 24, (0, 2)),  # mid-step at this layout: back to the step's start (8 images read again)
+        (12, 1, 28, (1, 0)),  # 2 batches of 12 per epoch here: the epoch is over
+    ],
+)
+def test_resume_position_is_counted_in_images(digits, tmp_path, monkeypatch, batch_size, accum, images, want):
+    cfg = tiny(digits, tmp_path / "run", batch_size=batch_size, accum_steps=accum)
+    run = T.build_run(cfg, 0, 1, torch.device("cpu"), tmp_path / "run")
+    saved = {**T.RunState(batch=99, step=3).state_dict(), "images": images, "scaler": run.scaler.state_dict()}
+    monkeypatch.setattr(run.parallel, "load", lambda run: saved)
+    state = T.RunState()
+    T.restore(run, state)
+    assert (state.epoch, state.batch, state.step) == (*want, 3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fsdp_steps_under_low_precision(digits, tmp_path, precision, single_process_group):
+    cfg = tiny(digits, tmp_path / "run", strategy="fsdp", precision=precision)
+    run = T.build_run(cfg, 0, 1, torch.device("cpu"), tmp_path / "run")
+    # fp16: the sharded gradient scaler, whose overflow flag the fused AdamW cannot take (see Sharded)
+    assert isinstance(run.scaler, ShardedGradScaler) and run.scaler.is_enabled() == (precision == "fp16")
+    assert run.opt.defaults["fused"] == (precision == "bf16")
+    before = [p.detach().to_local().clone() for p in run.student.parameters()]
+    run.loader.set_epoch(0)
+    state, meter = T.RunState(), T.Meter(run.device)
+    for batch in itertools.islice(run.loader, 3):
+        T.train_step(run, state, [batch], meter)
+    assert state.step == 3 and meter.sums[1] == 3  # three finite losses
+    assert all(torch.isfinite(p.to_local()).all() for p in run.student.parameters())
+    assert any(not torch.equal(a, p.detach().to_local()) for a, p in zip(before, run.student.parameters()))
