@@ -65,13 +65,12 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 
 def resolve_data(spec: str) -> Path:
-    """An image folder, or samples:photos / samples:mnist (built once under $CONMIM_SAMPLES or ~/.cache)."""
+    """An image folder, or samples:photos / samples:mnist (built once under ``samples.default_dest()``)."""
     if spec.startswith("samples:"):
         which = spec.split(":", 1)[1]
         if which not in ("photos", "mnist"):
             raise TrainingError(f"data {spec!r}: bundled sets are samples:photos and samples:mnist")
-        dest = Path(os.environ.get("CONMIM_SAMPLES", Path.home() / ".cache" / "conmim" / "samples"))
-        built = samples.build(dest, photos=which == "photos", mnist=which == "mnist")
+        built = samples.build(samples.default_dest(), photos=which == "photos", mnist=which == "mnist")
         return built["photos"] if which == "photos" else built["mnist_train"]
     return Path(spec).expanduser()
 
