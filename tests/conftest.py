@@ -4,11 +4,21 @@ Without a GPU, Triton kernels run on the CPU through its interpreter: TRITON_INT
 first imported, hence here, before anything imports conmim.kernels.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# Scan indexes, locks and the bundled samples go to a cache folder of this test session (subprocesses and ranks
+# inherit it), never to the user's ~/.cache/conmim.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="conmim-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _SESSION_CACHE
+os.environ.pop("CONMIM_SAMPLES", None)
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
