@@ -89,7 +89,7 @@ def reference() -> dict:
     for k in range(4):
         total, out["grad_norms"][k] = R.train_step(student, teacher, opt, k, range(R.MICRO), loss_fn)
         out["losses"][k], out["momenta"][k] = float(total) / R.MICRO, teacher.momentum(k)
-    return {**out, "student": student.state_dict(), "teacher": teacher.state_dict()}
+    return {**out, "student": student.state_dict(), "teacher": teacher.module.state_dict()}
 
 
 @pytest.fixture(scope="module")
