@@ -38,6 +38,19 @@ requires_gpu = pytest.mark.skipif(
 )
 
 
+def assert_within_rule(what: str, got, plain, exact, floor: float = 0.0, cap: float | None = None) -> None:
+    """DESIGN.md's tolerance rule, the one implementation the tests share: the fused result's error against the
+    float64 ``exact`` is at most 2x the error of ``plain`` (the plain torch computation in the same dtype) plus
+    ``floor`` (max norms, absolute). ``cap``, where given, also bounds it absolutely: used where plain torch
+    itself loses the digits under test (a saturated softmax), so that 2x plain alone would prove little."""
+    assert not torch.isnan(got).any(), f"{what}: NaN (an element left unwritten?)"
+    want = exact.double()
+    ours = (got.double() - want).abs().max().item() if want.numel() else 0.0
+    theirs = (plain.double() - want).abs().max().item() if want.numel() else 0.0
+    bound = (2 * theirs if cap is None else min(2 * theirs, cap)) + floor
+    assert ours <= bound, f"{what}: error {ours:.3g} vs plain torch {theirs:.3g} (bound {bound:.3g})"
+
+
 def triton_runs_here() -> bool:
     """Triton kernels can run: on a GPU, or on the CPU under TRITON_INTERPRET=1."""
     from conmim.kernels import interpreting, triton_status
@@ -81,3 +94,11 @@ def tiny(digits, out, **kw):
     from conmim import config as cfgmod
 
     return cfgmod.resolve("tiny_demo", over)
+
+
+def loss_backends_here() -> list:
+    """The loss backends that can run on this machine's CPU, as pytest params (Triton only under its interpreter)."""
+    skip = pytest.mark.skipif(
+        not triton_runs_here(), reason="Triton cannot run here (no GPU, no interpreter)"
+    )
+    return ["reference", "cpu", pytest.param("triton", marks=skip)]

@@ -7,21 +7,12 @@ from torch import nn
 
 import conmim
 from conmim.ops import patch_contrast_op
-from tests.conftest import TOL, triton_runs_here
+from tests.conftest import TOL, loss_backends_here
 from tests.test_patch_contrast import loss_and_grads, make_inputs, make_mask
 
 LOW = (torch.float32, torch.bfloat16, torch.float16)
 PAIRS = [(s, t) for s in LOW for t in LOW if s != t]
-BACKENDS = [
-    "reference",
-    "cpu",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(
-            not triton_runs_here(), reason="Triton cannot run here (no GPU, no interpreter)"
-        ),
-    ),
-]
+BACKENDS = loss_backends_here()
 
 
 def _looser(a: torch.dtype, b: torch.dtype) -> dict:
