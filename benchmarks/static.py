@@ -123,23 +123,29 @@ def mma_flops(opcode: str) -> tuple[str, int, bool] | None:
 
 def sass_stats(sass: str, warps: int | None) -> dict:
     """Instruction mix of one function's SASS. Loops are the address ranges closed by a backward branch; the MMA
-    FLOPs inside them are one iteration's work of one program (HMMA per warp, HGMMA per warpgroup)."""
+    FLOPs inside them are one iteration's work of one program (HMMA per warp, HGMMA per warpgroup), those in a
+    loop nested inside another (the loss kernels' loop over feature chunks) once per inner iteration."""
     insns = [(int(a, 16), op, rest) for a, op, rest in _INSN.findall(sass)]
-    loops = []
+    ends: dict[int, int] = {}  # loop head -> its last backward branch
     for addr, op, rest in insns:
         if op.startswith("BRA") and (t := re.search(r"0x[0-9a-f]+", rest)):
             target = int(t.group(0), 16)
             if target < addr:
-                loops.append((target, addr))
+                ends[target] = max(addr, ends.get(target, addr))
+    loops = list(ends.items())
+
+    def depth(addr: int) -> int:
+        return sum(lo <= addr <= hi for lo, hi in loops)
 
     def in_loop(addr: int) -> bool:
-        return any(lo <= addr <= hi for lo, hi in loops)
+        return depth(addr) > 0
 
     def count(pred) -> int:
         return sum(1 for _, op, _ in insns if pred(op))
 
     mma_kinds: dict[str, int] = {}
     loop_flops: dict[str, float] = {}
+    nested_flops: dict[str, float] = {}
     for addr, op, _ in insns:
         mma = mma_flops(op)
         if mma is None:
@@ -148,6 +154,8 @@ def sass_stats(sass: str, warps: int | None) -> dict:
         mma_kinds[kind] = mma_kinds.get(kind, 0) + 1
         if in_loop(addr) and warps:
             loop_flops[kind] = loop_flops.get(kind, 0) + flops * (warps / 4 if per_group else warps)
+        if depth(addr) > 1 and warps:
+            nested_flops[kind] = nested_flops.get(kind, 0) + flops * (warps / 4 if per_group else warps)
     return {
         "instructions": len(insns),
         "mma": mma_kinds,
@@ -166,6 +174,7 @@ def sass_stats(sass: str, warps: int | None) -> dict:
         "spill_stores_in_loops": sum(1 for a, op, _ in insns if op.startswith("STL") and in_loop(a)),
         "loops": len(loops),
         "loop_mma_flops": loop_flops,
+        "nested_mma_flops": nested_flops,
     }
 
 
@@ -272,7 +281,7 @@ def _compile_case(case: Case) -> dict:
         const, warps = pc.launch_meta(case.kernel, dt, dt, case.d, case.has_pos, True)
         sig, cx, attrs = _loss_signature(fn, case, const)
         src = ASTSource(fn, sig, constexprs=cx, attrs=attrs)
-        const = {k: v for k, v in const.items() if k.startswith("BLOCK")}
+        const = {k: v for k, v in const.items() if k.startswith(("BLOCK", "D_CHUNKS"))}
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
@@ -285,7 +294,7 @@ def _compile_case(case: Case) -> dict:
         **asdict(case),
         "source": "triton",
         "warps": warps,
-        "tiles": {k: v for k, v in const.items() if k.startswith("BLOCK")},
+        "tiles": {k: v for k, v in const.items() if k.startswith(("BLOCK", "D_CHUNKS"))},
         "registers": res["REG"],
         "stack_bytes": res["STACK"],
         "local_bytes": res["LOCAL"],
@@ -382,15 +391,22 @@ def estimate_loss(rec: dict) -> dict:
     """An estimate, not a measurement: max(bytes / HBM, issued MMA FLOPs / peak) for GRID, with waves."""
     B, N, M, d = GRID["B"], GRID["N"], GRID["masked"], rec["d"]
     bm, bn, bd = (rec["tiles"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D"))
+    chunks = rec["tiles"].get("D_CHUNKS", 1)
     if rec["kernel"] == "bwd_k":
         programs, iters = B * math.ceil(N / bn), math.ceil(M / bm)
     else:
         programs, iters = B * math.ceil(M / bm), math.ceil(N / bn)
-    tile_flops = PRODUCTS[rec["kernel"]] * 2 * bm * bn * bd
+    if rec["kernel"] != "fwd":
+        programs *= chunks  # one program per chunk of the gradient's columns
+    # one iteration: the logits over every feature chunk, the backward's gradient product over one
+    tile_flops = 2 * bm * bn * bd * (chunks + PRODUCTS[rec["kernel"]] - 1)
     useful = PRODUCTS[rec["kernel"]] * 2 * M * N * d * B
     peaks = dict(GPU.mma_flops_per_s)
-    if rec["loop_mma_flops"]:
-        issued = {k: v * programs * iters for k, v in rec["loop_mma_flops"].items()}
+    # one key-loop iteration of one program: the feature-chunk loop inside it runs `chunks` times
+    nested = rec.get("nested_mma_flops", {})
+    per_iter = {k: v + nested.get(k, 0) * (chunks - 1) for k, v in rec["loop_mma_flops"].items()}
+    if per_iter:
+        issued = {k: v * programs * iters for k, v in per_iter.items()}
         compute_s = sum(v / peaks[k] for k, v in issued.items())
         total_issued = sum(issued.values())
     else:  # no tensor cores: the products run as FFMA
@@ -404,7 +420,7 @@ def estimate_loss(rec: dict) -> dict:
         "issued_flops": total_issued,
         "useful_flops": useful,
         "padding": 1 - useful / total_issued,
-        "replication": (sum(rec["loop_mma_flops"].values()) / tile_flops) if rec["loop_mma_flops"] else None,
+        "replication": (sum(per_iter.values()) / tile_flops) if per_iter else None,
         "compute_s": compute_s,
         "memory_bound": memory_s >= compute_s,
         "programs": programs,

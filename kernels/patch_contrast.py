@@ -45,13 +45,83 @@ def _load_rows(ptr, row_idx, sb, sn, sd, b, offs_d, row_ok, D, F32_DOTS: tl.cons
 
 
 @triton.jit
-def _row_norm(x, NORMALIZE: tl.constexpr):
-    """Row L2 norms (fp32) of a tile, or ones when not normalising."""
+def _squares(x):
+    """Row sums of squares (fp32) of a tile."""
     xf = x.to(tl.float32)
+    return tl.sum(xf * xf, axis=1)
+
+
+@triton.jit
+def _norms(sq, eps, NORMALIZE: tl.constexpr):
+    """(row L2 norms, clamped inverse norms) from the rows' sums of squares, or ones when not normalising."""
     if NORMALIZE:
-        return tl.sqrt(tl.sum(xf * xf, axis=1))
+        nrm = tl.sqrt(sq)
+        return nrm, 1.0 / tl.maximum(nrm, eps)
     else:
-        return tl.sum(xf * 0.0, axis=1) + 1.0
+        one = sq * 0.0 + 1.0
+        return one, one
+
+
+@triton.jit
+def _row_norms(
+    ptr,
+    sb,
+    sn,
+    sd,
+    b,
+    row_idx,
+    ok,
+    D,
+    eps,
+    NORMALIZE: tl.constexpr,
+    F32_DOTS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+):
+    """(norms, clamped inverse norms) of full-width rows, read chunk by chunk."""
+    offs_d = tl.arange(0, BLOCK_D)
+    sq = tl.zeros(ok.shape, dtype=tl.float32)
+    if NORMALIZE:
+        for c in range(D_CHUNKS):
+            sq += _squares(_load_rows(ptr, row_idx, sb, sn, sd, b, c * BLOCK_D + offs_d, ok, D, F32_DOTS))
+    return _norms(sq, eps, NORMALIZE)
+
+
+@triton.jit
+def _products(
+    s_ptr,
+    s_sb,
+    s_sn,
+    s_sd,
+    q_rows,
+    q_ok,
+    t_ptr,
+    t_sb,
+    t_sn,
+    t_sd,
+    k_rows,
+    k_ok,
+    b,
+    D,
+    F32_DOTS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+):
+    """(q k^T [queries, keys] over full-width rows, the queries' and the keys' sums of squares), accumulated
+    over D_CHUNKS feature chunks of BLOCK_D, so no program holds more than one chunk of a row. The caller uses
+    one of the two sums of squares (the other side's norms are known before the loop); the compiler drops the
+    other."""
+    offs_d = tl.arange(0, BLOCK_D)
+    raw = tl.zeros([q_ok.shape[0], k_ok.shape[0]], dtype=tl.float32)
+    q_sq = tl.zeros(q_ok.shape, dtype=tl.float32)
+    k_sq = tl.zeros(k_ok.shape, dtype=tl.float32)
+    for c in range(D_CHUNKS):  # a loop, not unrolled: the pipeliner stages one chunk at a time
+        q = _load_rows(s_ptr, q_rows, s_sb, s_sn, s_sd, b, c * BLOCK_D + offs_d, q_ok, D, F32_DOTS)
+        k = _load_rows(t_ptr, k_rows, t_sb, t_sn, t_sd, b, c * BLOCK_D + offs_d, k_ok, D, F32_DOTS)
+        raw = _dot(q, tl.trans(k), raw, F32_DOTS)
+        q_sq += _squares(q)
+        k_sq += _squares(k)
+    return raw, q_sq, k_sq
 
 
 @triton.jit
@@ -68,27 +138,6 @@ def _query_block(order_ptr, counts_ptr, N, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _rows_with_norms(
-    s_ptr,
-    s_sb,
-    s_sn,
-    s_sd,
-    b,
-    row_idx,
-    valid,
-    offs_d,
-    D,
-    eps,
-    NORMALIZE: tl.constexpr,
-    F32_DOTS: tl.constexpr,
-):
-    """A tile of rows [rows, BLOCK_D] with its row norms and clamped inverse norms."""
-    q = _load_rows(s_ptr, row_idx, s_sb, s_sn, s_sd, b, offs_d, valid, D, F32_DOTS)
-    qn = _row_norm(q, NORMALIZE)
-    return q, qn, 1.0 / tl.maximum(qn, eps)
-
-
-@triton.jit
 def _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS: tl.constexpr):
     """Key index of each query's positive: positive_index[b, row] or the row itself."""
     if HAS_POS:
@@ -98,11 +147,11 @@ def _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, F32_DOTS: tl.constexpr):
+def _dot(a, b, acc, F32_DOTS: tl.constexpr):
     if F32_DOTS:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, acc=acc, input_precision="ieee")
     else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, acc=acc)
 
 
 @triton.jit
@@ -119,20 +168,19 @@ def _dot_grad(acc, g, x, F32_DOTS: tl.constexpr):
 
 
 @triton.jit
-def _negatives(q, k, row_scale, inv_kn, lse, pos, offs_n, ok, F32_DOTS: tl.constexpr):
+def _negatives(cos, inv_tau, lse, pos, offs_n, ok):
     """(softmax of one tile, recomputed from the saved logsumexp, with each row's positive and the tile's
     invalid entries zeroed; where the positive is)."""
-    logits = _dot(q, tl.trans(k), F32_DOTS) * row_scale[:, None] * inv_kn[None, :]
-    p = tl.exp(logits - lse[:, None])
+    p = tl.exp(cos * inv_tau - lse[:, None])
     onehot = offs_n[None, :] == pos[:, None]
     return tl.where(ok & ~onehot, p, 0.0), onehot
 
 
 @triton.jit
-def _normalize_backward(x, dxh, nrm, inv, eps):
-    """Gradient w.r.t. x of x / max(|x|, eps), given the gradient dxh w.r.t. the normalised rows."""
+def _normalize_backward(x, dxh, proj, nrm, inv, eps):
+    """Gradient w.r.t. x of x / max(|x|, eps), given the gradient dxh w.r.t. the normalised rows (one chunk of
+    them) and proj = x_hat . dxh over the full rows."""
     xh = x.to(tl.float32) * inv[:, None]
-    proj = tl.sum(xh * dxh, axis=1)
     keep = tl.where(nrm >= eps, 1.0, 0.0)
     return (dxh - xh * (proj * keep)[:, None]) * inv[:, None]
 
@@ -164,6 +212,7 @@ def _patch_contrast_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
 ):
     b, idle, in_n, row_idx, valid = _query_block(order_ptr, counts_ptr, N, BLOCK_M)
     out_off = b * N + row_idx
@@ -172,9 +221,8 @@ def _patch_contrast_fwd_kernel(
         tl.store(loss_ptr + out_off, zero, mask=in_n)
         tl.store(lse_ptr + out_off, zero, mask=in_n)
     else:
-        offs_d = tl.arange(0, BLOCK_D)
-        q, _qn, inv_qn = _rows_with_norms(
-            s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, offs_d, D, eps, NORMALIZE, F32_DOTS
+        _qn, inv_qn = _row_norms(
+            s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, D, eps, NORMALIZE, F32_DOTS, BLOCK_D, D_CHUNKS
         )
         row_scale = inv_qn * inv_tau
         pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
@@ -184,10 +232,11 @@ def _patch_contrast_fwd_kernel(
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             col_ok = offs_n < N
-            k, _kn, inv_kn = _rows_with_norms(
-                t_ptr, t_sb, t_sn, t_sd, b, offs_n, col_ok, offs_d, D, eps, NORMALIZE, F32_DOTS
-            )
-            raw = _dot(q, tl.trans(k), F32_DOTS)
+            raw, _q_sq, k_sq = _products(
+                s_ptr, s_sb, s_sn, s_sd, row_idx, valid, t_ptr, t_sb, t_sn, t_sd, offs_n, col_ok, b, D,
+                F32_DOTS, BLOCK_D, D_CHUNKS,
+            )  # fmt: skip
+            _kn, inv_kn = _norms(k_sq, eps, NORMALIZE)
             logits = raw * row_scale[:, None] * inv_kn[None, :]
             logits = tl.where(col_ok[None, :], logits, float("-inf"))
             pos_logit += tl.sum(tl.where(offs_n[None, :] == pos[:, None], logits, 0.0), axis=1)
@@ -230,9 +279,11 @@ def _patch_contrast_bwd_q_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
 ):
     b, idle, in_n, row_idx, valid = _query_block(order_ptr, counts_ptr, N, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    chunk = tl.program_id(2)  # this program writes feature columns [chunk * BLOCK_D, (chunk + 1) * BLOCK_D)
+    offs_d = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
     out_ptrs = ds_ptr + (b * N + row_idx[:, None]) * D + offs_d[None, :]
     out_mask = in_n[:, None] & (offs_d[None, :] < D)
     if idle:
@@ -242,39 +293,44 @@ def _patch_contrast_bwd_q_kernel(
             mask=out_mask,
         )
     else:
-        q, qn, inv_qn = _rows_with_norms(
-            s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, offs_d, D, eps, NORMALIZE, F32_DOTS
+        qn, inv_qn = _row_norms(
+            s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, D, eps, NORMALIZE, F32_DOTS, BLOCK_D, D_CHUNKS
         )
-        row_scale = inv_qn * inv_tau
         pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
         lse = tl.load(lse_ptr + b * N + row_idx, mask=valid, other=0.0)
         g = tl.load(g_ptr + b * g_sb + row_idx * g_sn, mask=valid, other=0.0).to(tl.float32)
         g = tl.where(valid, g, 0.0) * inv_tau
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         rest = tl.zeros([BLOCK_M], dtype=tl.float32)  # 1 - p_pos, summed over the negatives
+        proj = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of p cos over the negatives
+        pos_cos = tl.zeros([BLOCK_M], dtype=tl.float32)
+        pos_inv_kn = tl.zeros([BLOCK_M], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             col_ok = offs_n < N
-            k, _kn, inv_kn = _rows_with_norms(
-                t_ptr, t_sb, t_sn, t_sd, b, offs_n, col_ok, offs_d, D, eps, NORMALIZE, F32_DOTS
-            )
-            p, _onehot = _negatives(q, k, row_scale, inv_kn, lse, pos, offs_n, col_ok[None, :], F32_DOTS)
+            raw, _q_sq, k_sq = _products(
+                s_ptr, s_sb, s_sn, s_sd, row_idx, valid, t_ptr, t_sb, t_sn, t_sd, offs_n, col_ok, b, D,
+                F32_DOTS, BLOCK_D, D_CHUNKS,
+            )  # fmt: skip
+            _kn, inv_kn = _norms(k_sq, eps, NORMALIZE)
+            cos = raw * inv_qn[:, None] * inv_kn[None, :]
+            p, onehot = _negatives(cos, inv_tau, lse, pos, offs_n, col_ok[None, :])
             rest += tl.sum(p, axis=1)
+            proj += tl.sum(p * cos, axis=1)
+            pos_cos += tl.sum(tl.where(onehot, cos, 0.0), axis=1)
+            pos_inv_kn += tl.sum(tl.where(onehot, inv_kn[None, :], 0.0), axis=1)
+            k = _load_rows(t_ptr, offs_n, t_sb, t_sn, t_sd, b, offs_d, col_ok, D, F32_DOTS)  # from L1
             dq = _dot_grad(dq, g[:, None] * p * inv_kn[None, :], k, F32_DOTS)
         # The positive's term g (p_pos - 1) / tau is -g / tau times the sum of the other probabilities: exact
         # where p_pos ~ 1, unlike 1 - exp(logit - lse) with lse rounded to fp32 (issue 13, item 4).
-        kp, _kpn, inv_kpn = _rows_with_norms(
-            t_ptr, t_sb, t_sn, t_sd, b, pos, valid, offs_d, D, eps, NORMALIZE, F32_DOTS
-        )
-        dq -= (g * rest * inv_kpn)[:, None] * kp.to(tl.float32)
-        tl.store(rest_ptr + b * N + row_idx, rest, mask=valid)
-        # dq is the gradient w.r.t. q_hat = q / |q|; apply the Jacobian of the normalisation. The rows are read
-        # again (from L2) rather than kept in registers across the key loop.
+        kp = _load_rows(t_ptr, pos, t_sb, t_sn, t_sd, b, offs_d, valid, D, F32_DOTS)
+        dq -= (g * rest * pos_inv_kn)[:, None] * kp.to(tl.float32)
+        tl.store(rest_ptr + b * N + row_idx, rest, mask=valid & (chunk == 0))
+        # dq is this chunk of the gradient w.r.t. q_hat = q / |q|; apply the Jacobian of the normalisation,
+        # whose projection q_hat . dq_hat over the full row is g (sum of p cos over the negatives - rest cos_pos)
         if NORMALIZE:
-            q, qn, inv_qn = _rows_with_norms(
-                s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, offs_d, D, eps, NORMALIZE, F32_DOTS
-            )
-            dq = _normalize_backward(q, dq, qn, inv_qn, eps)
+            q = _load_rows(s_ptr, row_idx, s_sb, s_sn, s_sd, b, offs_d, valid, D, F32_DOTS)
+            dq = _normalize_backward(q, dq, g * (proj - rest * pos_cos), qn, inv_qn, eps)
         dq = tl.where(valid[:, None], dq, 0.0)
         tl.store(out_ptrs, dq.to(ds_ptr.dtype.element_ty), mask=out_mask)
 
@@ -310,38 +366,44 @@ def _patch_contrast_bwd_k_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(2)  # this program writes feature columns [chunk * BLOCK_D, (chunk + 1) * BLOCK_D)
     cnt = tl.load(counts_ptr + b)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < N
-    offs_d = tl.arange(0, BLOCK_D)
-    k, kn, inv_kn = _rows_with_norms(
-        t_ptr, t_sb, t_sn, t_sd, b, offs_n, col_ok, offs_d, D, eps, NORMALIZE, F32_DOTS
+    offs_d = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+    kn, inv_kn = _row_norms(
+        t_ptr, t_sb, t_sn, t_sd, b, offs_n, col_ok, D, eps, NORMALIZE, F32_DOTS, BLOCK_D, D_CHUNKS
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    proj = tl.zeros([BLOCK_N], dtype=tl.float32)  # k_hat . dk_hat: sum over queries of the weights times cos
     for m0 in range(0, cnt, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         valid = offs_m < cnt
         row_idx = tl.load(order_ptr + b * N + offs_m, mask=valid, other=0)
-        q, _qn, inv_qn = _rows_with_norms(
-            s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, offs_d, D, eps, NORMALIZE, F32_DOTS
-        )
+        raw, q_sq, _k_sq = _products(
+            s_ptr, s_sb, s_sn, s_sd, row_idx, valid, t_ptr, t_sb, t_sn, t_sd, offs_n, col_ok, b, D,
+            F32_DOTS, BLOCK_D, D_CHUNKS,
+        )  # fmt: skip
+        _qn, inv_qn = _norms(q_sq, eps, NORMALIZE)
         pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
         lse = tl.load(lse_ptr + b * N + row_idx, mask=valid, other=0.0)
         g = tl.load(g_ptr + b * g_sb + row_idx * g_sn, mask=valid, other=0.0).to(tl.float32)
         g = tl.where(valid, g, 0.0) * inv_tau
         rest = tl.load(rest_ptr + b * N + row_idx, mask=valid, other=0.0)  # 1 - p_pos, from bwd_q
         ok = valid[:, None] & col_ok[None, :]
-        p, onehot = _negatives(q, k, inv_qn * inv_tau, inv_kn, lse, pos, offs_n, ok, F32_DOTS)
-        gl = g[:, None] * tl.where(onehot & ok, -rest[:, None], p) * inv_qn[:, None]
-        dk = _dot_grad(dk, tl.trans(gl), q, F32_DOTS)
+        cos = raw * inv_qn[:, None] * inv_kn[None, :]
+        p, onehot = _negatives(cos, inv_tau, lse, pos, offs_n, ok)
+        w = g[:, None] * tl.where(onehot & ok, -rest[:, None], p)
+        proj += tl.sum(w * cos, axis=0)
+        q = _load_rows(s_ptr, row_idx, s_sb, s_sn, s_sd, b, offs_d, valid, D, F32_DOTS)  # from L1
+        dk = _dot_grad(dk, tl.trans(w * inv_qn[:, None]), q, F32_DOTS)
     if NORMALIZE:  # the key rows are read again (from L2) rather than kept in registers across the loop
-        k, kn, inv_kn = _rows_with_norms(
-            t_ptr, t_sb, t_sn, t_sd, b, offs_n, col_ok, offs_d, D, eps, NORMALIZE, F32_DOTS
-        )
-        dk = _normalize_backward(k, dk, kn, inv_kn, eps)
+        k = _load_rows(t_ptr, offs_n, t_sb, t_sn, t_sd, b, offs_d, col_ok, D, F32_DOTS)
+        dk = _normalize_backward(k, dk, proj, kn, inv_kn, eps)
     out_ptrs = dt_ptr + (b * N + offs_n[:, None]) * D + offs_d[None, :]
     tl.store(out_ptrs, dk.to(dt_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
 
@@ -349,36 +411,43 @@ def _patch_contrast_bwd_k_kernel(
 class Tiles(NamedTuple):
     block_m: int
     block_n: int
+    block_d: int  # feature chunk: a program holds at most this many columns of any row
     warps: int
 
 
-# Tiles per kernel and product precision, by BLOCK_D (the feature width rounded up to a power of two; every
-# program holds full-width rows). First row whose bound covers BLOCK_D wins. Chosen from the sm_90 static profile
-# (python -m benchmarks static): a [rows, BLOCK_D] fp32 accumulator over 4 warps costs rows * BLOCK_D / 128
-# registers per thread, so the backward's accumulating kernels take fewer rows than the forward.
+# Tiles per kernel and product precision, by the feature width d: first row whose bound covers d wins. Chosen
+# from the sm_90 static profile (python -m benchmarks static). A [rows, BLOCK_D] fp32 accumulator over 4 warps
+# costs rows * BLOCK_D / 128 registers per thread, so the backward's accumulating kernels take fewer rows than
+# the forward, and rows wider than 256 are cut into chunks of BLOCK_D: the products loop over them (a loop, so
+# the pipeliner stages one chunk: unrolled, it staged all of them, 214-524 KB of shared memory at d = 2048), and
+# each backward program writes one chunk of its gradient rows, recomputing the logits over every chunk (d / 128
+# times the logits' work: compute-bound by the estimate at d >= 768, issue 13 item 3, open).
 _TILES = {
     "low": (
-        (128, dict(fwd=Tiles(64, 64, 4), bwd_q=Tiles(16, 16, 4), bwd_k=Tiles(16, 32, 4))),
-        # fwd: 64-row wgmma per warpgroup, 80 registers; bwd_q: a 16 x 256 accumulator (32 registers) leaves
-        # room for the positive's row and the query rows in the epilogue (~170 registers, 32 rows spill with
-        # fp16); bwd_k: 32 keys x 256 (233 registers), 16 queries per step.
-        (256, dict(fwd=Tiles(64, 32, 4), bwd_q=Tiles(16, 16, 4), bwd_k=Tiles(16, 32, 4))),
-        # 64-row forward tiles need 131 KB of shared memory here (one block per SM): 32 rows over 8 warps keep
-        # 16 warps resident. The backward spills in its epilogue at any tile (issue 13: tile the feature dim).
-        (512, dict(fwd=Tiles(32, 32, 8), bwd_q=Tiles(16, 16, 4), bwd_k=Tiles(16, 16, 4))),
-        # Full-width rows do not fit the register file: spills and replicated warps until the feature
-        # dimension is tiled (issue 13, item 3, open).
-        (2048, dict(fwd=Tiles(16, 16, 8), bwd_q=Tiles(16, 16, 8), bwd_k=Tiles(16, 16, 8))),
+        (128, dict(fwd=Tiles(64, 64, 128, 4), bwd_q=Tiles(16, 16, 128, 4), bwd_k=Tiles(16, 32, 128, 4))),
+        # fwd: 64-row wgmma per warpgroup, ~90 registers; bwd_q: a 16 x 256 accumulator (32 registers) leaves
+        # room for the positive's row and the query rows in the epilogue (~180 registers); bwd_k: 32 keys x 256
+        # (~180 registers), 16 queries per step.
+        (256, dict(fwd=Tiles(64, 32, 256, 4), bwd_q=Tiles(16, 16, 256, 4), bwd_k=Tiles(16, 32, 256, 4))),
+        # d = 384: three chunks of 128, no padded columns; 32-wide logits tiles give each of the 4 warps its
+        # own 16 x 8 MMA (16 x 16 over 4 warps computes each product twice) and keep bwd_q memory-bound.
+        (512, dict(fwd=Tiles(64, 32, 128, 4), bwd_q=Tiles(16, 32, 128, 4), bwd_k=Tiles(16, 32, 128, 4))),
+        # d = 768-2048, chunks of 128: bwd_q at 16 x 32 spilled (3 stores at d = 2048), so 16 x 16; bwd_k takes
+        # 32 queries x 16 keys (16 x 32 spilled 1 store), no replicated MMA.
+        (1 << 31, dict(fwd=Tiles(64, 32, 128, 4), bwd_q=Tiles(16, 16, 128, 4), bwd_k=Tiles(32, 16, 128, 4))),
     ),
     "f32": (
-        (128, dict(fwd=Tiles(64, 64, 4), bwd_q=Tiles(64, 64, 4), bwd_k=Tiles(64, 64, 4))),
+        (128, dict(fwd=Tiles(64, 64, 128, 4), bwd_q=Tiles(64, 64, 128, 4), bwd_k=Tiles(64, 64, 128, 4))),
         # IEEE fp32 products run as FFMA with both operands in registers: small tiles; 8 warps in the backward
-        # halve each thread's share of the accumulator (bwd_q spill-free; bwd_k still spills, open).
-        (256, dict(fwd=Tiles(32, 32, 4), bwd_q=Tiles(16, 16, 8), bwd_k=Tiles(16, 16, 8))),
-        (512, dict(fwd=Tiles(32, 32, 8), bwd_q=Tiles(32, 32, 8), bwd_k=Tiles(32, 32, 8))),
-        (2048, dict(fwd=Tiles(16, 16, 8), bwd_q=Tiles(16, 16, 8), bwd_k=Tiles(16, 16, 8))),
+        # halve each thread's share of the accumulator (spill-free on Triton 3.6 and 3.8 at d = 256).
+        (256, dict(fwd=Tiles(32, 32, 256, 4), bwd_q=Tiles(16, 16, 256, 8), bwd_k=Tiles(16, 16, 256, 8))),
+        # chunks of 128; bwd_k on 8 warps spilled 5 stores at d = 768 (80 registers), on 4 none
+        (1 << 31, dict(fwd=Tiles(32, 32, 128, 8), bwd_q=Tiles(16, 16, 128, 8), bwd_k=Tiles(16, 16, 128, 4))),
     ),
 }
+# Under the interpreter: 16 x 16 tiles (its cost grows with the tile, not with the grid) and chunks of 32
+# columns, so the tests' d = 40 and 100 take the chunked path.
+_INTERPRETER_TILES = Tiles(16, 16, 32, 1)
 KERNELS = {
     "fwd": _patch_contrast_fwd_kernel,
     "bwd_q": _patch_contrast_bwd_q_kernel,
@@ -393,15 +462,21 @@ def launch_meta(kernel: str, student_dtype, teacher_dtype, D: int, has_pos: bool
     Products run in fp32 (IEEE) for fp32 features, for a student and teacher of different dtypes (tl.dot needs
     one operand dtype) and under the interpreter; bf16/fp16 pairs use tensor cores in their own dtype."""
     f32_dots = interpreting() or student_dtype == torch.float32 or student_dtype != teacher_dtype
-    block_d = max(16, triton.next_power_of_2(D))
-    table = _TILES["f32" if f32_dots else "low"]
-    tiles = next(t for bound, t in table if block_d <= bound)[kernel]
-    # the interpreter's cost grows with the tile, not with the grid
-    bm, bn = (16, 16) if interpreting() else (tiles.block_m, tiles.block_n)
+    if interpreting():
+        tiles = _INTERPRETER_TILES
+    else:
+        tiles = next(t for bound, t in _TILES["f32" if f32_dots else "low"] if bound >= D)[kernel]
+    block_d = min(tiles.block_d, max(16, triton.next_power_of_2(D)))
     const = dict(
-        HAS_POS=has_pos, NORMALIZE=bool(normalize), F32_DOTS=f32_dots, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d
+        HAS_POS=has_pos,
+        NORMALIZE=bool(normalize),
+        F32_DOTS=f32_dots,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_D=block_d,
+        D_CHUNKS=max(1, triton.cdiv(D, block_d)),
     )
-    return const, tiles.warps if not interpreting() else 1
+    return const, tiles.warps
 
 
 def _positive_args(student, positive_index):
@@ -480,7 +555,7 @@ def patch_contrast_backward(
             kernel, student.dtype, teacher.dtype, D, positive_index is not None, normalize
         )
         rows = const["BLOCK_M"] if kernel == "bwd_q" else const["BLOCK_N"]
-        KERNELS[kernel][(triton.cdiv(N, rows), B)](
+        KERNELS[kernel][(triton.cdiv(N, rows), B, const["D_CHUNKS"])](
             *args, out, N, D, 1.0 / float(temperature), NORM_EPS, **const, num_warps=warps
         )
     return ds, dt

@@ -49,18 +49,20 @@ def make_inputs(B, N, d, dtype, seed=0, layout="contiguous"):
     return s.to(dtype), t.to(dtype)
 
 
-def loss_and_grads(backend, s, t, mask, reduction="none", pos=None, teacher_grad=True, temperature=0.1):
+def loss_and_grads(
+    backend, s, t, mask, reduction="none", pos=None, teacher_grad=True, temperature=0.1, normalize=True
+):
     # reduction "none" by default: each masked row gets its own random cotangent, so gradients are O(1 / tau)
     # and a wrong or unwritten tile shows; under "mean" over many rows they fall below the bf16 tolerance floor.
     s = s.detach().requires_grad_(True)
     t = t.detach().requires_grad_(teacher_grad)
     if backend == "oracle":
         loss = patch_contrast_loss_reference(
-            s.float(), t.float(), mask, temperature, reduction, positive_index=pos
+            s.float(), t.float(), mask, temperature, reduction, normalize, positive_index=pos
         )
     else:
         loss = conmim.patch_contrast_loss(
-            s, t, mask, temperature, reduction, positive_index=pos, backend=backend
+            s, t, mask, temperature, reduction, normalize, positive_index=pos, backend=backend
         )
     g = (
         torch.randn(loss.shape, generator=torch.Generator().manual_seed(9))
@@ -213,6 +215,29 @@ def test_triton_backend_positive_index_normalize_off_and_student_only():
     a = conmim.patch_contrast_loss(sn, tn, mask, normalize=False, backend="triton")
     b = patch_contrast_loss_reference(sn, tn, mask)
     torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["plain", "positive_index", "normalize_off"])
+def test_triton_backend_feature_chunks(dtype, variant):
+    """d = 100 under the interpreter is four chunks of 32 columns, the last one 4 wide: the products sum over
+    the chunks, the norms and the normalisation's projection cover the full rows, and each backward program
+    writes one chunk of the gradient."""
+    from conmim.kernels import interpreting
+    from conmim.kernels.patch_contrast import launch_meta
+
+    if interpreting():  # a GPU takes d = 100 in one chunk of 128
+        for kernel in ("fwd", "bwd_q", "bwd_k"):
+            assert launch_meta(kernel, dtype, dtype, 100, False, True)[0]["D_CHUNKS"] == 4
+    N = 23
+    s, t = make_inputs(2, N, 100, dtype, seed=11)
+    if variant == "normalize_off":  # unit rows keep the logits O(1 / tau)
+        s, t = (torch.nn.functional.normalize(x.float(), dim=-1).to(dtype) for x in (s, t))
+    pos = torch.randint(0, N, (2, N), generator=torch.Generator().manual_seed(3))
+    kw = dict(pos=pos if variant == "positive_index" else None, normalize=variant != "normalize_off")
+    for kind in ("ragged", "full"):
+        assert_matches("triton", s, t, make_mask(kind, 2, N, seed=5), dtype, **kw)
 
 
 def _grads(fn, s, t, mask, tau, cast):

@@ -26,18 +26,16 @@ EMA = [c for c in CASES if c.kernel == "ema"]
 
 
 def _open_spills(c) -> bool:
-    """Configurations that still spill (issue 13, item 3, open): full-width rows at BLOCK_D >= 512 overflow the
-    register file until the feature dimension is tiled; at d = 256 the fp32 bwd_k and, with Triton 3.6, the fp32
-    forward."""
-    if c.kernel == "fwd":
-        return c.d == 2048 or (c.d == 256 and c.dtype == "fp32")
-    return c.d >= 384 or (c.kernel == "bwd_k" and c.dtype == "fp32")
+    """Configurations that still spill (issue 13, item 3, open): with Triton 3.6, the bf16/fp16 backward at
+    d >= 768 keeps 1-3 spill stores (8-16 B of stack) with chunked feature rows; Triton 3.8 has none."""
+    return c.kernel != "fwd" and c.dtype != "fp32" and c.d >= 768
 
 
 def _open_padding(c) -> bool:
-    """Configurations whose issued work is over 25% padding and compute-bound by the estimate (open): 16-row
-    tiles with 8 replicating warps at d >= 768, and the fp32 forward on FFMA."""
-    return c.d >= 768 or (c.dtype == "fp32" and c.kernel == "fwd")
+    """Configurations whose issued work is over 25% padding and compute-bound by the estimate (open): the
+    backward at d >= 768, whose programs each write one 128-column chunk of the gradient and recompute the
+    logits over all of them (d / 128 times the logits' work), and the fp32 forward on FFMA."""
+    return (c.kernel != "fwd" and c.d >= 768) or (c.dtype == "fp32" and c.kernel == "fwd")
 
 
 def _params(cases, is_open=None):
