@@ -123,8 +123,11 @@ __device__ void stage_chunk(T* dst, int ld, const Src* any_row, int64_t sd, RowO
                             bool copy16) {
   if constexpr (std::is_same<T, Src>::value) {
     if (copy16) {
-      constexpr int kVec = kCopyBytes / sizeof(T);
-      for (int e = threadIdx.x; e < kTile * kChunk / kVec; e += kThreads) {
+      constexpr int kVec = kCopyBytes / sizeof(T), kCopies = kTile * kChunk / kVec;
+      static_assert(kCopies % kThreads == 0, "every thread issues the same number of copies");
+#pragma unroll
+      for (int i = 0; i < kCopies / kThreads; ++i) {
+        const int e = i * kThreads + threadIdx.x;
         const int r = e / (kChunk / kVec), c = e % (kChunk / kVec) * kVec;
         const Src* row = row_of(r);
         const int n = row == nullptr ? 0 : max(0, min(kVec, D - d0 - c));  // elements to copy, the rest zeroed
