@@ -111,16 +111,25 @@ struct SAcc {
   float x[8];
 };
 
-// Stages one feature chunk [d0, d0 + kChunk) of kTile rows into dst (row stride ld elements) as T, zero past D
-// and on the rows row_of gives no pointer for. row_of(r): the start of row r in global memory (feature stride sd),
-// or nullptr. With copy16 (T == Src, sd == 1, every row start 16-byte aligned: Args::s_copy16 / t_copy16) the
-// chunk goes by 16-byte cp.async copies, zero-filled past D, which land at the caller's __pipeline_wait_prior;
-// otherwise by plain loads, complete on return: a feature stride or a misaligned row start (a 16-byte copy needs
-// 16-byte aligned addresses on both sides), or Src != T (the bf16/fp16 operand of a mixed pair, staged as float32:
-// a copy cannot convert; the pair's float32 operand still goes by cp.async).
+// x as T: itself, or converted through float.
+template <typename T, typename Src>
+__device__ __forceinline__ T staged(Src x) {
+  if constexpr (std::is_same<T, Src>::value)
+    return x;
+  else
+    return from_f<T>(to_f(x));
+}
+
+// Stages one feature chunk [d0, d0 + kChunk) of kTile rows of src into dst (row stride ld elements) as T, zero
+// past D and on the rows left out. row_of(r): the offset in elements of row r's start from src (feature stride
+// sd), or -1 to leave the row out. With copy16 (T == Src, sd == 1, every row start 16-byte aligned:
+// Args::s_copy16 / t_copy16) the chunk goes by 16-byte cp.async copies, zero-filled past D, which land at the
+// caller's __pipeline_wait_prior; otherwise by plain loads, complete on return: a feature stride or a misaligned
+// row start (a 16-byte copy needs 16-byte aligned addresses on both sides), or Src != T (the bf16/fp16 operand of
+// a mixed pair, staged as float32: a copy cannot convert; the pair's float32 operand still goes by cp.async).
 template <typename T, typename Src, typename RowOf>
-__device__ void stage_chunk(T* dst, int ld, const Src* any_row, int64_t sd, RowOf row_of, int d0, int D,
-                            bool copy16) {
+__device__ __forceinline__ void stage_chunk(T* dst, int ld, const Src* src, int64_t sd, RowOf row_of, int d0, int D,
+                                            bool copy16) {
   if constexpr (std::is_same<T, Src>::value) {
     if (copy16) {
       constexpr int kVec = kCopyBytes / sizeof(T), kCopies = kTile * kChunk / kVec;
@@ -129,10 +138,10 @@ __device__ void stage_chunk(T* dst, int ld, const Src* any_row, int64_t sd, RowO
       for (int i = 0; i < kCopies / kThreads; ++i) {
         const int e = i * kThreads + threadIdx.x;
         const int r = e / (kChunk / kVec), c = e % (kChunk / kVec) * kVec;
-        const Src* row = row_of(r);
-        const int n = row == nullptr ? 0 : max(0, min(kVec, D - d0 - c));  // elements to copy, the rest zeroed
-        // a copy of 0 bytes reads nothing, but its source must still be a global address: any row of the tensor
-        __pipeline_memcpy_async(dst + r * ld + c, n > 0 ? row + d0 + c : any_row, kCopyBytes,
+        const int64_t row = row_of(r);
+        const int n = row < 0 ? 0 : max(0, min(kVec, D - d0 - c));  // elements to copy, the rest zeroed
+        // a copy of 0 bytes reads nothing, but its source must still be a global address: the tensor's start
+        __pipeline_memcpy_async(dst + r * ld + c, n > 0 ? src + row + d0 + c : src, kCopyBytes,
                                 kCopyBytes - n * sizeof(T));
       }
       return;
@@ -140,25 +149,23 @@ __device__ void stage_chunk(T* dst, int ld, const Src* any_row, int64_t sd, RowO
   }
   for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
     const int r = e / kChunk, c = e % kChunk;
-    const Src* row = row_of(r);
-    T v = from_f<T>(0.f);
-    if (row != nullptr && d0 + c < D) {
-      const Src x = row[static_cast<int64_t>(d0 + c) * sd];
-      if constexpr (std::is_same<T, Src>::value)
-        v = x;
-      else
-        v = from_f<T>(to_f(x));
-    }
-    dst[r * ld + c] = v;
+    const int64_t row = row_of(r);
+    dst[r * ld + c] =
+        row >= 0 && d0 + c < D ? staged<T>(src[row + static_cast<int64_t>(d0 + c) * sd]) : from_f<T>(0.f);
   }
 }
 
-// Loads rows [rows] of one feature chunk of a [B, N, D] tensor of Src into dst as T (zero outside), plain loads.
+// Loads rows [rows] of one feature chunk of a [B, N, D] tensor of Src into dst as T (zero outside), plain loads;
+// the backward's loader. (Written out rather than as stage_chunk with a row function: that form spilled 4 bytes
+// in bwd_k for fp32-staged pairs at sm_80.)
 template <typename T, typename Src>
 __device__ void load_chunk(T (*dst)[kChunk + kPad], const Src* base, int64_t sb, int64_t sn, int64_t sd, int64_t b,
                            const int64_t* rows, const bool* ok, int d0, int D) {
-  const auto row_of = [&](int r) { return ok[r] ? base + b * sb + rows[r] * sn : nullptr; };
-  stage_chunk<T, Src>(&dst[0][0], kChunk + kPad, base, sd, row_of, d0, D, false);
+  for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
+    const int r = e / kChunk, c = e % kChunk;
+    dst[r][c] = ok[r] && d0 + c < D ? staged<T>(base[b * sb + rows[r] * sn + static_cast<int64_t>(d0 + c) * sd])
+                                    : from_f<T>(0.f);
+  }
 }
 
 // The backward's products G K and G^T Q on tensor cores (bf16/fp16 inputs): G (fp32) as the sum of two TF32 parts,
@@ -218,10 +225,14 @@ __device__ void mma_rows(float* acc, int ld, GradMma& mm, const Src* src, int64_
   }
 }
 
+template <typename T>
 __device__ __forceinline__ void zero_acc(SAcc& acc) {
-  nvcuda::wmma::fill_fragment(acc.f, 0.f);
+  if constexpr (kMmaType<T>) {
+    nvcuda::wmma::fill_fragment(acc.f, 0.f);
+  } else {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) acc.x[i] = 0.f;
+    for (int i = 0; i < 8; ++i) acc.x[i] = 0.f;
+  }
 }
 
 // Adds one staged feature chunk to S (acc) and to the rows' squared norms (ksq, and qsq when want_q): q = the
@@ -301,7 +312,7 @@ __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_
   const TS* s = static_cast<const TS*>(a.s);
   const TT* t = static_cast<const TT*>(a.t);
   SAcc acc;
-  zero_acc(acc);
+  zero_acc<T>(acc);
   if (threadIdx.x < kTile) {
     sh.ksq[threadIdx.x] = 0.f;
     if (want_q) sh.qsq[threadIdx.x] = 0.f;
@@ -352,12 +363,12 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
   if (m0 < cnt) {
     const TS* s = static_cast<const TS*>(a.s);
     const TT* t = static_cast<const TT*>(a.t);
-    const auto q_row_of = [&](int r) { return sh.q_ok[r] ? s + b * a.s_sb + sh.q_row[r] * a.s_sn : nullptr; };
+    const auto q_row_of = [&](int r) { return sh.q_ok[r] ? b * a.s_sb + sh.q_row[r] * a.s_sn : int64_t{-1}; };
     const int chunks = (a.D + kChunk - 1) / kChunk;
     const int steps = (a.N + kTile - 1) / kTile * chunks;
     const auto stage_keys = [&](int step) {
       const int n0 = step / chunks * kTile;
-      const auto k_row_of = [&](int r) { return n0 + r < a.N ? t + b * a.t_sb + (n0 + r) * a.t_sn : nullptr; };
+      const auto k_row_of = [&](int r) { return n0 + r < a.N ? b * a.t_sb + (n0 + r) * a.t_sn : int64_t{-1}; };
       stage_chunk<T, TT>(&sh.k[step % 2][0][0], kChunk + kPad, t, a.t_sd, k_row_of, step % chunks * kChunk, a.D,
                          a.t_copy16);
     };
@@ -369,7 +380,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
     int step = 0;
     for (int n0 = 0; n0 < a.N; n0 += kTile) {
       SAcc acc;
-      zero_acc(acc);
+      zero_acc<T>(acc);
       if (threadIdx.x < kTile) {
         sh.ksq[threadIdx.x] = 0.f;
         if (n0 == 0) sh.qsq[threadIdx.x] = 0.f;
