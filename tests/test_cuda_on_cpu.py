@@ -163,6 +163,11 @@ MUTANTS = {
         "        __syncthreads();                             // and every thread's",
         "        // and every thread's",
     ),
+    # copy16_ok: cp.async allowed whatever the alignment
+    "copy16-unchecked": (
+        "  return stride[2] == 1 && ptr % kCopyBytes == 0 && stride[0] % kVec == 0 && stride[1] % kVec == 0;",
+        "  return true;",
+    ),
     # query_rows: one row past the block's kTile rows of shared memory
     "bound-off-by-one": (
         "  if (threadIdx.x < kTile) {\n    const int m = m0 + threadIdx.x;",
@@ -206,6 +211,14 @@ def test_executor_catches_an_index_off_by_one(on_cpu, mutants):
     on_cpu("forward", mutants["bound-off-by-one"])
     s, t, _, _ = inputs(2, 37, 24, (torch.bfloat16, torch.bfloat16), seed=5)
     with pytest.raises(RuntimeError, match=r"out-of-bounds subscript 32 at .*patch_contrast.cu"):
+        native.patch_contrast_forward_cuda(s, t, make_mask("ragged", 2, 37), None, 0.1, True)
+
+
+def test_executor_catches_a_misaligned_copy(on_cpu, mutants):
+    on_cpu("forward", mutants["copy16-unchecked"])
+    s, t, _, _ = inputs(2, 37, 25, (torch.bfloat16, torch.bfloat16), seed=5)
+    s, t = s[..., 1:], t[..., 1:]  # rows start 2 bytes past a 16-byte boundary
+    with pytest.raises(RuntimeError, match=r"cp.async of 16 bytes .* aligned"):
         native.patch_contrast_forward_cuda(s, t, make_mask("ragged", 2, 37), None, 0.1, True)
 
 
