@@ -26,7 +26,7 @@ from tests.test_patch_contrast import MASKS, make_mask
 
 pytestmark = pytest.mark.skipif(build.why_unavailable() is not None, reason=str(build.why_unavailable()))
 
-ORDERS = ["forward", "reverse", "shuffle:7"]
+ORDERS = ["forward", "reverse", "shuffle:7", "warps"]
 LOW_PAIRS = [(s, t) for s in LOW for t in LOW]
 
 
@@ -114,6 +114,18 @@ def test_loss_positive_index_strides_unnormalized(on_cpu, pair, need_teacher):
     )
 
 
+@pytest.mark.parametrize("layout", ["row-padded", "misaligned"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_loss_feature_slices(on_cpu, dtype, layout):
+    # Features sliced out of wider rows. row-padded: rows start 16-byte aligned, so the forward stages them with
+    # cp.async, and d = 22 ends inside a 16-byte copy (zero-filled past d). misaligned: rows start one element
+    # past a 16-byte boundary, so the forward falls back to plain loads.
+    on_cpu("shuffle:11")
+    s, t, _, _ = inputs(2, 45, 24, (dtype, dtype), seed=6)
+    cut = slice(0, 22) if layout == "row-padded" else slice(1, 24)
+    check_loss(s[..., cut], t[..., cut], make_mask("ragged", 2, 45, seed=8))
+
+
 @pytest.mark.parametrize("t_dtype", LOW, ids=str)
 @pytest.mark.parametrize("s_dtype", LOW, ids=str)
 def test_ema_odd_sizes_and_dtype_pairs(on_cpu, t_dtype, s_dtype):
@@ -136,10 +148,25 @@ def test_ema_odd_sizes_and_dtype_pairs(on_cpu, t_dtype, s_dtype):
 
 # ------------------------------------------------------------------------------------- the executor catches bugs
 MUTANTS = {
-    # logits_tile: the barrier between loading a feature chunk and reading it
+    # logits_tile (backward): the barrier between loading a feature chunk and reading it
     "missing-barrier": (
-        "    __syncthreads();\n    {  // the rows' squared norms",
-        "    {  // the rows' squared norms",
+        "    __syncthreads();\n    chunk_product<T>(sh, &sh.q[0][0]",
+        "    chunk_product<T>(sh, &sh.q[0][0]",
+    ),
+    # fwd_kernel: the wait for the cp.async copies of the chunk about to be read
+    "missing-wait": (
+        "        __pipeline_wait_prior(1);  ",
+        "        // __pipeline_wait_prior(1);  ",
+    ),
+    # fwd_kernel: the barrier after every thread's wait, before reading chunks other threads copied
+    "missing-barrier-after-wait": (
+        "        __syncthreads();                             // and every thread's",
+        "        // and every thread's",
+    ),
+    # copy16_ok: cp.async allowed whatever the alignment
+    "copy16-unchecked": (
+        "  return stride[2] == 1 && ptr % kCopyBytes == 0 && stride[0] % kVec == 0 && stride[1] % kVec == 0;",
+        "  return true;",
     ),
     # query_rows: one row past the block's kTile rows of shared memory
     "bound-off-by-one": (
@@ -163,17 +190,19 @@ def mutants(tmp_path_factory):
     return built
 
 
-def test_executor_catches_a_missing_barrier(on_cpu, mutants):
+@pytest.mark.parametrize("mutant", ["missing-barrier", "missing-wait", "missing-barrier-after-wait"])
+def test_executor_catches_a_missing_barrier_or_wait(on_cpu, mutants, mutant):
+    # bf16 with d = 24, contiguous: the forward stages its chunks with cp.async (16-byte aligned rows)
     s, t, _, _ = inputs(2, 37, 24, (torch.bfloat16, torch.bfloat16), seed=5)
     mask = make_mask("full", 2, 37)
     caught = []
     for order in ORDERS:
-        on_cpu(order, mutants["missing-barrier"])
+        on_cpu(order, mutants[mutant])
         try:
             check_loss(s, t, mask)
         except AssertionError:
             caught.append(order)
-    assert caught, "a kernel without its barrier passed under every order"
+    assert caught, f"a kernel with {mutant} passed under every order"
     on_cpu("forward")
     check_loss(s, t, mask)  # the unmodified kernels pass the same check
 
@@ -182,6 +211,14 @@ def test_executor_catches_an_index_off_by_one(on_cpu, mutants):
     on_cpu("forward", mutants["bound-off-by-one"])
     s, t, _, _ = inputs(2, 37, 24, (torch.bfloat16, torch.bfloat16), seed=5)
     with pytest.raises(RuntimeError, match=r"out-of-bounds subscript 32 at .*patch_contrast.cu"):
+        native.patch_contrast_forward_cuda(s, t, make_mask("ragged", 2, 37), None, 0.1, True)
+
+
+def test_executor_catches_a_misaligned_copy(on_cpu, mutants):
+    on_cpu("forward", mutants["copy16-unchecked"])
+    s, t, _, _ = inputs(2, 37, 25, (torch.bfloat16, torch.bfloat16), seed=5)
+    s, t = s[..., 1:], t[..., 1:]  # rows start 2 bytes past a 16-byte boundary
+    with pytest.raises(RuntimeError, match=r"cp.async of 16 bytes .* aligned"):
         native.patch_contrast_forward_cuda(s, t, make_mask("ragged", 2, 37), None, 0.1, True)
 
 

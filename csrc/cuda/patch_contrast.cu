@@ -7,8 +7,10 @@
 // of kTile, the feature dim in chunks of kChunk (32):
 // - S = Q K^T per tile: tensor-core MMA (WMMA 16x16x16, fp32 accumulate) for bf16/fp16 inputs, fp32 FMA for
 //   fp32 inputs; logits = S / (|q| |k|) / tau with norms accumulated in fp32;
-// - forward: an online logsumexp per row (one warp per row, one lane per key), the positive's logit picked on
-//   the fly; writes loss and lse (0 on unmasked rows);
+// - forward: the block's query rows staged once in dynamic shared memory, the key chunks streamed through two
+//   buffers (the copy of the next chunk, cp.async where the layout allows, in flight during the product of this
+//   one); an online logsumexp per row (one warp per row, one lane per key), the positive's logit picked on the
+//   fly; writes loss and lse (0 on unmasked rows);
 // - backward (queries): the tile is recomputed, the softmax kept exact with a running max (online_tile), dQ
 //   accumulates in shared memory (fp32 FMA), then the positive's term and the L2 Jacobian; every row of
 //   d(student) written (0 on unmasked rows);
@@ -16,9 +18,11 @@
 //   memory, then the L2 Jacobian.
 // Scratch is O(tile x d) per block: never B x N x N.
 #ifndef CONMIM_CUDA_ON_CPU
+#include <cuda_pipeline_primitives.h>
 #include <mma.h>
 #endif
 
+#include <array>
 #include <atomic>
 #include <stdexcept>
 #include <string>
@@ -38,7 +42,11 @@ constexpr int kThreads = 128;  // 4 warps
 constexpr int kPad = 8;       // shared-memory row padding (keeps WMMA's ldm a multiple of 8 elements)
 constexpr int kMaxDim = 1024;
 constexpr int kMaxDynamicSmem = sizeof(float) * kTile * kMaxDim;  // the backward's [kTile][D] fp32 accumulator
+constexpr int kMaxFwdSmem = sizeof(float) * kTile * (kMaxDim + kPad);  // the forward's query rows, fp32 staged
 static_assert(kMaxDim % kChunk == 0, "the accumulator rows are padded to whole chunks");
+constexpr int kCopyBytes = 16;  // one cp.async copy
+static_assert((kChunk + kPad) * 2 % kCopyBytes == 0 && kChunk * 2 % kCopyBytes == 0,
+              "staged rows and chunks hold whole 16-byte copies for 2- and 4-byte types");
 constexpr int64_t kMaxGridY = 65535;  // images go on grid.y
 constexpr float kNormEps = 1e-12f;
 
@@ -57,6 +65,7 @@ struct Args {
   int N, D;
   float inv_tau;
   bool normalize;
+  bool s_copy16, t_copy16;  // rows of 16-byte aligned runs of features (see copy16_ok): cp.async can stage them
 };
 
 
@@ -71,33 +80,91 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // WMMA loads and stores need 256-bit aligned tile pointers: every tile starts on a 32-byte boundary and the
 // fragment offsets used (16 rows, 16 columns) keep that alignment.
-template <typename T>
-struct Tiles {
-  alignas(32) T q[kTile][kChunk + kPad];  // query rows, one feature chunk
-  alignas(32) T k[kTile][kChunk + kPad];  // key rows, one feature chunk
+struct TileState {
   alignas(32) float s[kTile][kTile + 4];  // logits tile, then G
   float inv_q[kTile], inv_k[kTile];
   float qsq[kTile], ksq[kTile];
-  int64_t q_row[kTile];            // patch index of each query row
-  int64_t pos[kTile];              // key index of each query's positive
+  int64_t q_row[kTile];  // patch index of each query row
+  int64_t pos[kTile];    // key index of each query's positive
   bool q_ok[kTile];
 };
 
-// Loads rows [rows] of one feature chunk of a [B, N, D] tensor of Src into dst as T (zero outside).
+// The backward's staging: one feature chunk of the query rows and of the key rows.
+template <typename T>
+struct Tiles : TileState {
+  alignas(32) T q[kTile][kChunk + kPad];
+  alignas(32) T k[kTile][kChunk + kPad];
+};
+
+// The forward's: the key chunks in two buffers (the query rows are in dynamic shared memory), the rows' online
+// logsumexp and positive logit.
+template <typename T>
+struct FwdTiles : TileState {
+  alignas(32) T k[2][kTile][kChunk + kPad];
+  float m[kTile], l[kTile], pos_logit[kTile];
+};
+
+// The block's share of S = Q K^T: warp w's 16 x 16 block (w / 2, w % 2) on tensor cores (bf16/fp16), else the
+// 8 entries (tid / 4, 8 (tid % 4) + i) in fp32.
+struct SAcc {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f;
+  float x[8];
+};
+
+// x as T: itself, or converted through float.
+template <typename T, typename Src>
+__device__ __forceinline__ T staged(Src x) {
+  if constexpr (std::is_same<T, Src>::value)
+    return x;
+  else
+    return from_f<T>(to_f(x));
+}
+
+// Stages one feature chunk [d0, d0 + kChunk) of kTile rows of src into dst (row stride ld elements) as T, zero
+// past D and on the rows left out. row_of(r): the offset in elements of row r's start from src (feature stride
+// sd), or -1 to leave the row out. With copy16 (T == Src, sd == 1, every row start 16-byte aligned:
+// Args::s_copy16 / t_copy16) the chunk goes by 16-byte cp.async copies, zero-filled past D, which land at the
+// caller's __pipeline_wait_prior; otherwise by plain loads, complete on return: a feature stride or a misaligned
+// row start (a 16-byte copy needs 16-byte aligned addresses on both sides), or Src != T (the bf16/fp16 operand of
+// a mixed pair, staged as float32: a copy cannot convert; the pair's float32 operand still goes by cp.async).
+template <typename T, typename Src, typename RowOf>
+__device__ __forceinline__ void stage_chunk(T* dst, int ld, const Src* src, int64_t sd, RowOf row_of, int d0, int D,
+                                            bool copy16) {
+  if constexpr (std::is_same<T, Src>::value) {
+    if (copy16) {
+      constexpr int kVec = kCopyBytes / sizeof(T), kCopies = kTile * kChunk / kVec;
+      static_assert(kCopies % kThreads == 0, "every thread issues the same number of copies");
+#pragma unroll
+      for (int i = 0; i < kCopies / kThreads; ++i) {
+        const int e = i * kThreads + threadIdx.x;
+        const int r = e / (kChunk / kVec), c = e % (kChunk / kVec) * kVec;
+        const int64_t row = row_of(r);
+        const int n = row < 0 ? 0 : max(0, min(kVec, D - d0 - c));  // elements to copy, the rest zeroed
+        // a copy of 0 bytes reads nothing, but its source must still be a global address: the tensor's start
+        __pipeline_memcpy_async(dst + r * ld + c, n > 0 ? src + row + d0 + c : src, kCopyBytes,
+                                kCopyBytes - n * sizeof(T));
+      }
+      return;
+    }
+  }
+  for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
+    const int r = e / kChunk, c = e % kChunk;
+    const int64_t row = row_of(r);
+    dst[r * ld + c] =
+        row >= 0 && d0 + c < D ? staged<T>(src[row + static_cast<int64_t>(d0 + c) * sd]) : from_f<T>(0.f);
+  }
+}
+
+// Loads rows [rows] of one feature chunk of a [B, N, D] tensor of Src into dst as T (zero outside), plain loads;
+// the backward's loader. (Written out rather than as stage_chunk with a row function: that form spilled 4 bytes
+// in bwd_k for fp32-staged pairs at sm_80.)
 template <typename T, typename Src>
 __device__ void load_chunk(T (*dst)[kChunk + kPad], const Src* base, int64_t sb, int64_t sn, int64_t sd, int64_t b,
                            const int64_t* rows, const bool* ok, int d0, int D) {
   for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
     const int r = e / kChunk, c = e % kChunk;
-    T v = from_f<T>(0.f);
-    if (ok[r] && d0 + c < D) {
-      const Src x = base[b * sb + rows[r] * sn + static_cast<int64_t>(d0 + c) * sd];
-      if constexpr (std::is_same<T, Src>::value)
-        v = x;
-      else
-        v = from_f<T>(to_f(x));
-    }
-    dst[r][c] = v;
+    dst[r][c] = ok[r] && d0 + c < D ? staged<T>(base[b * sb + rows[r] * sn + static_cast<int64_t>(d0 + c) * sd])
+                                    : from_f<T>(0.f);
   }
 }
 
@@ -158,22 +225,94 @@ __device__ void mma_rows(float* acc, int ld, GradMma& mm, const Src* src, int64_
   }
 }
 
-// S[32][32] = Q K^T over the full feature dim, plus the rows' squared norms (qsq when want_q).
+template <typename T>
+__device__ __forceinline__ void zero_acc(SAcc& acc) {
+  if constexpr (kMmaType<T>) {
+    nvcuda::wmma::fill_fragment(acc.f, 0.f);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc.x[i] = 0.f;
+  }
+}
+
+// Adds one staged feature chunk to S (acc) and to the rows' squared norms (ksq, and qsq when want_q): q = the
+// query rows (row stride ldq), k = the key rows (row stride kChunk + kPad), both in shared memory.
+template <typename T>
+__device__ void chunk_product(TileState& sh, const T* q, int ldq, const T (*k)[kChunk + kPad], bool want_q,
+                              SAcc& acc) {
+  {  // the rows' squared norms, over all warps: four lanes per row, a quarter of the chunk each
+    static_assert(kThreads == 4 * kTile && kChunk % 4 == 0, "four threads per row of the tile");
+    const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * (kChunk / 4);
+    float kk = 0.f, qq = 0.f;
+#pragma unroll 1
+    for (int c = c0; c < c0 + kChunk / 4; ++c) {
+      const float kv = to_f(k[r][c]);
+      kk += kv * kv;
+      if (want_q) {
+        const float qv = to_f(q[r * ldq + c]);
+        qq += qv * qv;
+      }
+    }
+    for (int o = 1; o < 4; o <<= 1) {
+      kk += __shfl_xor_sync(0xffffffffu, kk, o);
+      qq += __shfl_xor_sync(0xffffffffu, qq, o);
+    }
+    if (threadIdx.x % 4 == 0) {
+      sh.ksq[r] += kk;
+      if (want_q) sh.qsq[r] += qq;
+    }
+  }
+  if constexpr (kMmaType<T>) {
+    // warp w owns the 16 x 16 output block (w / 2, w % 2); A = Q rows, B = K^T (K rows read column-major).
+    const int warp = threadIdx.x / 32;
+    const int br = (warp / 2) * 16, bc = (warp % 2) * 16;
+#pragma unroll
+    for (int kk = 0; kk < kChunk; kk += 16) {
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa;
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major> fb;
+      nvcuda::wmma::load_matrix_sync(fa, q + br * ldq + kk, ldq);
+      nvcuda::wmma::load_matrix_sync(fb, &k[bc][kk], kChunk + kPad);
+      nvcuda::wmma::mma_sync(acc.f, fa, fb, acc.f);
+    }
+  } else {
+    const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * 8;
+    for (int c = 0; c < kChunk; ++c) {
+      const float qv = to_f(q[r * ldq + c]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc.x[i] += qv * to_f(k[c0 + i][c]);
+    }
+  }
+}
+
+// After the last chunk: S (acc) to sh.s, and the rows' inverse norms (inv_q when want_q).
+template <typename T>
+__device__ void finish_logits(TileState& sh, const SAcc& acc, bool normalize, bool want_q) {
+  __syncthreads();
+  if constexpr (kMmaType<T>) {
+    const int warp = threadIdx.x / 32;
+    const int br = (warp / 2) * 16, bc = (warp % 2) * 16;
+    nvcuda::wmma::store_matrix_sync(&sh.s[br][bc], acc.f, kTile + 4, nvcuda::wmma::mem_row_major);
+  } else {
+    const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * 8;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sh.s[r][c0 + i] = acc.x[i];
+  }
+  if (threadIdx.x < kTile) {
+    sh.inv_k[threadIdx.x] = normalize ? 1.f / fmaxf(sqrtf(sh.ksq[threadIdx.x]), kNormEps) : 1.f;
+    if (want_q) sh.inv_q[threadIdx.x] = normalize ? 1.f / fmaxf(sqrtf(sh.qsq[threadIdx.x]), kNormEps) : 1.f;
+  }
+  __syncthreads();
+}
+
+// S[32][32] = Q K^T over the full feature dim, plus the rows' squared norms (qsq when want_q); for the backward,
+// which stages the query rows chunk by chunk with the key rows.
 template <typename TS, typename TT, typename T = Staged<TS, TT>>
 __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_t* k_rows, const bool* k_ok,
                             bool want_q) {
   const TS* s = static_cast<const TS*>(a.s);
   const TT* t = static_cast<const TT*>(a.t);
-  constexpr bool kMma = !std::is_same<T, float>::value;
-  const int warp = threadIdx.x / 32;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
-  float acc_f[8];
-  if constexpr (kMma) {
-    nvcuda::wmma::fill_fragment(acc, 0.f);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc_f[i] = 0.f;
-  }
+  SAcc acc;
+  zero_acc<T>(acc);
   if (threadIdx.x < kTile) {
     sh.ksq[threadIdx.x] = 0.f;
     if (want_q) sh.qsq[threadIdx.x] = 0.f;
@@ -183,67 +322,13 @@ __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_
     load_chunk<T, TS>(sh.q, s, a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, d0, a.D);
     load_chunk<T, TT>(sh.k, t, a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, d0, a.D);
     __syncthreads();
-    {  // the rows' squared norms, over all warps: four lanes per row, a quarter of the chunk each
-      static_assert(kThreads == 4 * kTile && kChunk % 4 == 0, "four threads per row of the tile");
-      const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * (kChunk / 4);
-      float kk = 0.f, qq = 0.f;
-#pragma unroll 1
-      for (int c = c0; c < c0 + kChunk / 4; ++c) {
-        const float kv = to_f(sh.k[r][c]);
-        kk += kv * kv;
-        if (want_q) {
-          const float qv = to_f(sh.q[r][c]);
-          qq += qv * qv;
-        }
-      }
-      for (int o = 1; o < 4; o <<= 1) {
-        kk += __shfl_xor_sync(0xffffffffu, kk, o);
-        qq += __shfl_xor_sync(0xffffffffu, qq, o);
-      }
-      if (threadIdx.x % 4 == 0) {
-        sh.ksq[r] += kk;
-        if (want_q) sh.qsq[r] += qq;
-      }
-    }
-    if constexpr (kMma) {
-      // warp w owns the 16 x 16 output block (w / 2, w % 2); A = Q rows, B = K^T (K rows read column-major).
-      const int br = (warp / 2) * 16, bc = (warp % 2) * 16;
-#pragma unroll
-      for (int kk = 0; kk < kChunk; kk += 16) {
-        nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa;
-        nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major> fb;
-        nvcuda::wmma::load_matrix_sync(fa, &sh.q[br][kk], kChunk + kPad);
-        nvcuda::wmma::load_matrix_sync(fb, &sh.k[bc][kk], kChunk + kPad);
-        nvcuda::wmma::mma_sync(acc, fa, fb, acc);
-      }
-    } else {
-      const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * 8;
-      for (int c = 0; c < kChunk; ++c) {
-        const float qv = to_f(sh.q[r][c]);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc_f[i] += qv * to_f(sh.k[c0 + i][c]);
-      }
-    }
+    chunk_product<T>(sh, &sh.q[0][0], kChunk + kPad, sh.k, want_q, acc);
   }
-  __syncthreads();
-  if constexpr (kMma) {
-    const int br = (warp / 2) * 16, bc = (warp % 2) * 16;
-    nvcuda::wmma::store_matrix_sync(&sh.s[br][bc], acc, kTile + 4, nvcuda::wmma::mem_row_major);
-  } else {
-    const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * 8;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) sh.s[r][c0 + i] = acc_f[i];
-  }
-  if (threadIdx.x < kTile) {
-    sh.inv_k[threadIdx.x] = a.normalize ? 1.f / fmaxf(sqrtf(sh.ksq[threadIdx.x]), kNormEps) : 1.f;
-    if (want_q) sh.inv_q[threadIdx.x] = a.normalize ? 1.f / fmaxf(sqrtf(sh.qsq[threadIdx.x]), kNormEps) : 1.f;
-  }
-  __syncthreads();
+  finish_logits<T>(sh, acc, a.normalize, want_q);
 }
 
 // Fills the block's query rows from the work order: q_row, q_ok (masked), pos. Returns the block's first row.
-template <typename T>
-__device__ void query_rows(Tiles<T>& sh, const Args& a, int64_t b, int m0, int cnt) {
+__device__ void query_rows(TileState& sh, const Args& a, int64_t b, int m0, int cnt) {
   if (threadIdx.x < kTile) {
     const int m = m0 + threadIdx.x;
     const bool in = m < a.N;
@@ -254,43 +339,72 @@ __device__ void query_rows(Tiles<T>& sh, const Args& a, int64_t b, int m0, int c
   }
 }
 
+// The forward. The block's query rows are staged once, whole, in dynamic shared memory ([kTile][padded D + kPad]
+// of T); the key rows stream through FwdTiles::k one feature chunk at a time, step i = (key tile i / chunks,
+// chunk i % chunks) in buffer i % 2. Step i + 1 is issued before the product of step i, so with cp.async its copy
+// is in flight during the MMA; one commit group per step (the first also holds the query rows), and waiting for
+// all but the newest group lands step i.
 template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss, float* lse) {
   using T = Staged<TS, TT>;
-  __shared__ Tiles<T> sh;
-  __shared__ float m_i[kTile], l_i[kTile], pos_logit[kTile];
-  __shared__ int64_t k_rows[kTile];
-  __shared__ bool k_ok[kTile];
+  const int ldq = padded_dim(a.D) + kPad;
+  T* q = dynamic_smem<T>();
+  __shared__ FwdTiles<T> sh;
   const int64_t b = blockIdx.y;
   const int m0 = blockIdx.x * kTile;
   const int cnt = a.counts[b];
-  query_rows<T>(sh, a, b, m0, cnt);
+  query_rows(sh, a, b, m0, cnt);
   if (threadIdx.x < kTile) {
-    m_i[threadIdx.x] = -INFINITY;
-    l_i[threadIdx.x] = 0.f;
-    pos_logit[threadIdx.x] = 0.f;
+    sh.m[threadIdx.x] = -INFINITY;
+    sh.l[threadIdx.x] = 0.f;
+    sh.pos_logit[threadIdx.x] = 0.f;
   }
   __syncthreads();
   if (m0 < cnt) {
+    const TS* s = static_cast<const TS*>(a.s);
+    const TT* t = static_cast<const TT*>(a.t);
+    const auto q_row_of = [&](int r) { return sh.q_ok[r] ? b * a.s_sb + sh.q_row[r] * a.s_sn : int64_t{-1}; };
+    const int chunks = (a.D + kChunk - 1) / kChunk;
+    const int steps = (a.N + kTile - 1) / kTile * chunks;
+    const auto stage_keys = [&](int step) {
+      const int n0 = step / chunks * kTile;
+      const auto k_row_of = [&](int r) { return n0 + r < a.N ? b * a.t_sb + (n0 + r) * a.t_sn : int64_t{-1}; };
+      stage_chunk<T, TT>(&sh.k[step % 2][0][0], kChunk + kPad, t, a.t_sd, k_row_of, step % chunks * kChunk, a.D,
+                         a.t_copy16);
+    };
+    for (int d0 = 0; d0 < a.D; d0 += kChunk)
+      stage_chunk<T, TS>(q + d0, ldq, s, a.s_sd, q_row_of, d0, a.D, a.s_copy16);
+    stage_keys(0);
+    __pipeline_commit();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int step = 0;
     for (int n0 = 0; n0 < a.N; n0 += kTile) {
+      SAcc acc;
+      zero_acc<T>(acc);
       if (threadIdx.x < kTile) {
-        k_rows[threadIdx.x] = n0 + threadIdx.x;
-        k_ok[threadIdx.x] = n0 + threadIdx.x < a.N;
+        sh.ksq[threadIdx.x] = 0.f;
+        if (n0 == 0) sh.qsq[threadIdx.x] = 0.f;
       }
-      __syncthreads();
-      logits_tile<TS, TT>(sh, a, b, k_rows, k_ok, n0 == 0);
+      for (int d0 = 0; d0 < a.D; d0 += kChunk, ++step) {
+        if (step + 1 < steps) stage_keys(step + 1);  // its buffer's last readers passed the barrier below
+        __pipeline_commit();                         // (an empty group after the last step)
+        __pipeline_wait_prior(1);                    // this thread's copies of step `step` have landed
+        __syncthreads();                             // and every thread's
+        chunk_product<T>(sh, q + d0, ldq, sh.k[step % 2], n0 == 0, acc);
+        __syncthreads();
+      }
+      finish_logits<T>(sh, acc, a.normalize, n0 == 0);
       for (int r = warp; r < kTile; r += kThreads / 32) {
         if (!sh.q_ok[r]) continue;
         const int col = n0 + lane;
         const float x = col < a.N ? sh.s[r][lane] * sh.inv_q[r] * sh.inv_k[lane] * a.inv_tau : -INFINITY;
-        const float m_new = fmaxf(m_i[r], warp_max(x));
+        const float m_new = fmaxf(sh.m[r], warp_max(x));
         const float e = warp_sum(col < a.N ? __expf(x - m_new) : 0.f);
         const float hit = warp_sum(col == sh.pos[r] ? x : 0.f);
         if (lane == 0) {
-          l_i[r] = l_i[r] * __expf(m_i[r] - m_new) + e;
-          m_i[r] = m_new;
-          pos_logit[r] += hit;
+          sh.l[r] = sh.l[r] * __expf(sh.m[r] - m_new) + e;
+          sh.m[r] = m_new;
+          sh.pos_logit[r] += hit;
         }
       }
       __syncthreads();
@@ -301,9 +415,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
     const int64_t o = b * a.N + sh.q_row[r];
     // loss = (max - positive) + log(sum exp(x - max)): no difference of two large numbers, and >= 0 (the
     // largest term is exp(0) = 1).
-    const float log_sum = sh.q_ok[r] ? logf(l_i[r]) : 0.f;
-    loss[o] = sh.q_ok[r] ? (m_i[r] - pos_logit[r]) + log_sum : 0.f;
-    lse[o] = sh.q_ok[r] ? m_i[r] + log_sum : 0.f;
+    const float log_sum = sh.q_ok[r] ? logf(sh.l[r]) : 0.f;
+    loss[o] = sh.q_ok[r] ? (sh.m[r] - sh.pos_logit[r]) + log_sum : 0.f;
+    lse[o] = sh.q_ok[r] ? sh.m[r] + log_sum : 0.f;
   }
 }
 
@@ -450,7 +564,7 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const flo
   const int64_t b = blockIdx.y;
   const int m0 = blockIdx.x * kTile;
   const int cnt = a.counts[b];
-  query_rows<T>(sh, a, b, m0, cnt);
+  query_rows(sh, a, b, m0, cnt);
   if (threadIdx.x < kTile) {
     in_range[threadIdx.x] = m0 + static_cast<int>(threadIdx.x) < a.N;
     m[threadIdx.x] = -INFINITY;
@@ -522,7 +636,7 @@ __global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const flo
   __syncthreads();
   const TS* s = static_cast<const TS*>(a.s);
   for (int m0 = 0; m0 < cnt; m0 += kTile) {
-    query_rows<T>(sh, a, b, m0, cnt);
+    query_rows(sh, a, b, m0, cnt);
     __syncthreads();
     row_grads<T>(sh, b, grad, g_sb, g_sn, g);
     if (threadIdx.x < kTile && sh.q_ok[threadIdx.x]) {
@@ -592,6 +706,7 @@ Args make(const LossCall& p) {
   a.D = static_cast<int>(p.D);
   a.inv_tau = static_cast<float>(p.inv_tau);
   a.normalize = p.normalize;
+  a.s_copy16 = a.t_copy16 = false;  // the forward's launcher decides, knowing the element types
   return a;
 }
 
@@ -601,22 +716,30 @@ void check(const char* what) {
     throw std::runtime_error(std::string("conmim._C.") + what + ": launch failed: " + cudaGetErrorString(err));
 }
 
-// Opts a backward kernel into the dynamic shared memory of the largest feature dim (a kernel must opt in to use
-// more than 48 KiB), once per kernel and device rather than on every call.
-template <auto Kernel>
+// Opts a kernel into the dynamic shared memory of the largest feature dim (a kernel must opt in to use more than
+// 48 KiB), once per kernel and device rather than on every call.
+template <auto Kernel, int Bytes>
 void opt_in_smem() {
   static std::atomic<uint64_t> done{0};  // bit i: device i
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) dev = 63;
   const uint64_t bit = uint64_t{1} << dev;
   if (done.load(std::memory_order_relaxed) & bit) return;
-  const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxDynamicSmem);
+  const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Bytes);
   if (err != cudaSuccess)
-    throw std::runtime_error("conmim._C.patch_contrast_backward_cuda: this GPU cannot give " +
-                             std::to_string(kMaxDynamicSmem) + " bytes of shared memory per block, which feature "
-                             "dims up to " + std::to_string(kMaxDim) + " need (" + cudaGetErrorString(err) +
+    throw std::runtime_error("conmim._C.patch_contrast_cuda: this GPU cannot give " + std::to_string(Bytes) +
+                             " bytes of shared memory per block, which feature dims up to " +
+                             std::to_string(kMaxDim) + " need (" + cudaGetErrorString(err) +
                              "); use backend='triton'");
   done.fetch_or(bit, std::memory_order_relaxed);
+}
+
+// Whether cp.async can stage a [B, N, D] tensor of Elem: unit feature stride and every row start 16-byte aligned,
+// so each 16-byte run of a chunk is.
+template <typename Elem>
+bool copy16_ok(int64_t ptr, const std::array<int64_t, 3>& stride) {
+  constexpr int64_t kVec = kCopyBytes / sizeof(Elem);
+  return stride[2] == 1 && ptr % kCopyBytes == 0 && stride[0] % kVec == 0 && stride[1] % kVec == 0;
 }
 
 dim3 grid_of(const Args& a, int64_t B) { return dim3((a.N + kTile - 1) / kTile, static_cast<unsigned>(B)); }
@@ -624,12 +747,18 @@ dim3 grid_of(const Args& a, int64_t B) { return dim3((a.N + kTile - 1) / kTile, 
 }  // namespace
 
 void patch_contrast_forward(const LossCall& p) {
-  const Args a = make(p);
+  Args a = make(p);
   if (p.B == 0) return;
   auto st = reinterpret_cast<cudaStream_t>(p.stream);
   dispatch_pair<DeviceTypes>(p.student_dtype, p.teacher_dtype, "patch_contrast_fwd_cuda", [&](auto s, auto t) {
-    launch(fwd_kernel<decltype(s), decltype(t)>, grid_of(a, p.B), dim3(kThreads), 0, st, a,
-           reinterpret_cast<float*>(p.loss), reinterpret_cast<float*>(p.lse));
+    using TS = decltype(s);
+    using TT = decltype(t);
+    a.s_copy16 = copy16_ok<TS>(p.student, p.student_stride);
+    a.t_copy16 = copy16_ok<TT>(p.teacher, p.teacher_stride);
+    const size_t smem = sizeof(Staged<TS, TT>) * kTile * static_cast<size_t>(padded_dim(a.D) + kPad);
+    opt_in_smem<fwd_kernel<TS, TT>, kMaxFwdSmem>();
+    launch(fwd_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, reinterpret_cast<float*>(p.loss),
+           reinterpret_cast<float*>(p.lse));
   });
   check("patch_contrast_fwd_cuda");
 }
@@ -644,12 +773,12 @@ void patch_contrast_backward(const LossCall& p) {
   dispatch_pair<DeviceTypes>(p.student_dtype, p.teacher_dtype, "patch_contrast_bwd_cuda", [&](auto s, auto t) {
     using TS = decltype(s);
     using TT = decltype(t);
-    opt_in_smem<bwd_q_kernel<TS, TT>>();
+    opt_in_smem<bwd_q_kernel<TS, TT>, kMaxDynamicSmem>();
     launch(bwd_q_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, grad, g_sb, g_sn,
            reinterpret_cast<TS*>(p.d_student));
     check("patch_contrast_bwd_cuda (student gradient)");
     if (p.d_teacher != 0) {
-      opt_in_smem<bwd_k_kernel<TS, TT>>();
+      opt_in_smem<bwd_k_kernel<TS, TT>, kMaxDynamicSmem>();
       launch(bwd_k_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, grad, g_sb, g_sn,
              reinterpret_cast<TT*>(p.d_teacher));
       check("patch_contrast_bwd_cuda (teacher gradient)");

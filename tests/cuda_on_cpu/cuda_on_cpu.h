@@ -4,7 +4,8 @@
 // - Blocks run one after another; the threads of a block are fibers (ucontext) on one OS thread. A fiber runs until
 //   it reaches a barrier, so __syncthreads() has its real meaning: no thread passes it before every thread of the
 //   block has arrived. Between barriers the threads run in the order CONMIM_CUDA_ON_CPU_ORDER names (forward,
-//   reverse, or shuffle:<seed>), so a missing barrier shows as a wrong result under one of the orders.
+//   reverse, shuffle:<seed>, or warps: one warp at a time, each running ahead to the next block barrier), so a
+//   missing barrier shows as a wrong result under one of the orders.
 // - Warp shuffles exchange among the 32 lanes of a warp (a warp-level barrier on each side of the exchange).
 // - __shared__ variables are block-wide (static storage, one block at a time); dynamic shared memory is a fresh
 //   NaN-filled allocation per block. Out-of-range subscripts of arrays with a known bound (the kernels' __shared__
@@ -13,6 +14,10 @@
 //   the warp arrives before any lane goes on, so a load-multiply-store of a shared accumulator happens once per
 //   warp, as on the GPU); mma_sync computes the exact products with fp32 accumulation (not the tensor cores'
 //   rounding).
+// - cp.async (__pipeline_memcpy_async, __pipeline_commit, __pipeline_wait_prior): a copy's destination is poisoned
+//   (all bits set: NaN in float, bf16 and half) when the copy is issued and the data lands only when the issuing
+//   thread waits for its group, so a read before the wait, or by another thread before the barrier that follows
+//   every thread's wait, sees NaN; a size other than 4, 8 or 16 bytes or a misaligned address fails the launch.
 // - bf16/half conversions are the CUDA headers' host paths; launch attributes and streams are no-ops.
 #pragma once
 
@@ -58,6 +63,9 @@ extern Position g_pos;
 void sync_threads();           // block barrier
 void sync_warp();              // barrier of the running thread's warp
 uint64_t* warp_exchange_slot(int lane);  // the 32 slots of the running warp
+void memcpy_async(void* dst, const void* src, size_t bytes, size_t zfill);  // the running thread's cp.async
+void commit_group();
+void wait_prior(size_t groups);
 
 // Runs `body` for every thread of every block of the grid; throws std::runtime_error on a deadlock or on an
 // out-of-bounds subscript reported during the run.
@@ -90,6 +98,12 @@ inline T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
 }
 
 inline float __expf(float x) { return std::exp(x); }
+
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size_and_align, size_t zfill = 0) {
+  cuda_on_cpu::memcpy_async(dst, src, size_and_align, zfill);
+}
+inline void __pipeline_commit() { cuda_on_cpu::commit_group(); }
+inline void __pipeline_wait_prior(size_t prior) { cuda_on_cpu::wait_prior(prior); }
 
 // cuda_runtime.h declares this overload only for nvcc.
 template <typename T>

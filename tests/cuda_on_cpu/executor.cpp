@@ -2,7 +2,9 @@
 // orders, the out-of-bounds handler, and the few CUDA runtime calls the launchers make.
 #include <ucontext.h>
 
+#include <array>
 #include <cstdlib>
+#include <deque>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -25,11 +27,20 @@ constexpr int kWarp = 32;
 
 enum class Wait { kNone, kBlock, kWarp, kDone };
 
+// One cp.async copy in flight: its destination and the bytes that land there at the wait.
+struct Copy {
+  unsigned char* dst;
+  size_t bytes;
+  std::array<unsigned char, 16> data;
+};
+
 struct Fiber {
   ucontext_t ctx;
   std::unique_ptr<char[]> stack;
   uint3 thread;
   Wait wait = Wait::kNone;
+  std::vector<Copy> open;                 // issued since the last commit
+  std::deque<std::vector<Copy>> groups;   // committed, oldest first, not yet waited for
 };
 
 struct Run {
@@ -56,9 +67,11 @@ void fiber_main() {
 }
 
 // The order in which the threads waiting to run are resumed: CONMIM_CUDA_ON_CPU_ORDER = forward (default),
-// reverse, or shuffle:<seed> (a fresh permutation at every step, from that seed).
+// reverse, shuffle:<seed> (a fresh permutation at every step, from that seed), or warps: the lowest warp with a
+// thread to run runs alone, its warp barriers released as soon as its lanes reach them, so it gets to the next
+// block barrier before the next warp starts (a warp running ahead of the others, as on a GPU).
 struct Order {
-  enum Kind { kForward, kReverse, kShuffle } kind = kForward;
+  enum Kind { kForward, kReverse, kShuffle, kWarps } kind = kForward;
   std::mt19937_64 rng;
 
   static Order from_env() {
@@ -67,18 +80,26 @@ struct Order {
     const std::string s = env ? env : "forward";
     if (s == "reverse") {
       o.kind = kReverse;
+    } else if (s == "warps") {
+      o.kind = kWarps;
     } else if (s.rfind("shuffle:", 0) == 0) {
       o.kind = kShuffle;
       o.rng.seed(std::stoull(s.substr(8)));
     } else if (s != "forward") {
-      throw std::invalid_argument("CONMIM_CUDA_ON_CPU_ORDER must be forward, reverse or shuffle:<seed>, got " + s);
+      throw std::invalid_argument("CONMIM_CUDA_ON_CPU_ORDER must be forward, reverse, shuffle:<seed> or warps, got " +
+                                  s);
     }
     return o;
   }
 
+  // ids: the threads ready to run, ascending.
   void arrange(std::vector<int>& ids) {
     if (kind == kReverse) std::reverse(ids.begin(), ids.end());
     if (kind == kShuffle) std::shuffle(ids.begin(), ids.end(), rng);
+    if (kind == kWarps) {
+      const int warp = ids.front() / kWarp;
+      ids.erase(std::find_if(ids.begin(), ids.end(), [&](int i) { return i / kWarp != warp; }), ids.end());
+    }
   }
 };
 
@@ -123,6 +144,8 @@ void run_block(const uint3& block, int nthreads, Order& order) {
   for (int i = 0; i < nthreads; ++i) {
     Fiber& f = g_run.fibers[i];
     f.wait = Wait::kNone;
+    f.open.clear();  // copies a previous block never waited for do not land in this one
+    f.groups.clear();
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.get();
     f.ctx.uc_stack.ss_size = kStackBytes;
@@ -131,6 +154,7 @@ void run_block(const uint3& block, int nthreads, Order& order) {
   }
   std::vector<int> ready;
   for (;;) {
+    if (order.kind == Order::kWarps) release_barriers(nthreads);
     ready.clear();
     for (int i = 0; i < nthreads; ++i)
       if (g_run.fibers[i].wait == Wait::kNone) ready.push_back(i);
@@ -161,6 +185,36 @@ void run_block(const uint3& block, int nthreads, Order& order) {
 void sync_threads() { yield(Wait::kBlock); }
 void sync_warp() { yield(Wait::kWarp); }
 int lane_id() { return g_run.current % kWarp; }
+
+void memcpy_async(void* dst, const void* src, size_t bytes, size_t zfill) {
+  const bool size_ok = bytes == 4 || bytes == 8 || bytes == 16;
+  if (!size_ok || zfill > bytes || reinterpret_cast<uintptr_t>(dst) % bytes != 0 ||
+      reinterpret_cast<uintptr_t>(src) % bytes != 0) {
+    if (g_run.error.empty())
+      g_run.error = "cp.async of " + std::to_string(bytes) + " bytes (" + std::to_string(zfill) +
+                    " zero-filled) needs a size of 4, 8 or 16 and addresses aligned to it";
+    return;
+  }
+  Copy c{static_cast<unsigned char*>(dst), bytes, {}};
+  std::memcpy(c.data.data(), src, bytes - zfill);  // the source is global memory, unchanged during the kernel
+  std::memset(c.data.data() + bytes - zfill, 0, zfill);
+  std::memset(c.dst, 0xff, bytes);  // undefined until the wait
+  g_run.fibers[g_run.current].open.push_back(c);
+}
+
+void commit_group() {
+  Fiber& f = g_run.fibers[g_run.current];
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+void wait_prior(size_t groups) {
+  Fiber& f = g_run.fibers[g_run.current];
+  while (f.groups.size() > groups) {
+    for (const Copy& c : f.groups.front()) std::memcpy(c.dst, c.data.data(), c.bytes);
+    f.groups.pop_front();
+  }
+}
 uint64_t* warp_exchange_slot(int lane) { return &g_run.exchange[(g_run.current / kWarp) * kWarp + lane]; }
 
 void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
