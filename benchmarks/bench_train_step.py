@@ -16,7 +16,6 @@ from conmim.loss import FusedPatchContrastLoss
 from conmim.masking import block_masks
 from conmim.models import build_encoder
 from conmim.reference import ema_update_loop_, patch_contrast_loss_official
-from conmim.teacher import MomentumTeacher
 
 CASES = {
     "cpu": ("vit_small_patch16_224", 8, torch.float32),
@@ -37,7 +36,10 @@ def step_variants(device: torch.device) -> tuple[list[Variant], dict]:
     name, batch, dtype = CASES[device.type]
     torch.manual_seed(0)
     student = build_encoder(name).to(device)
-    teacher = MomentumTeacher(student, total_steps=1000)
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    cfg = config.resolve(None, {"data": "unused", "model": name, "precision": precision, "warmup_epochs": 0})
+    parallel = train.Replicated(student, cfg, device, world=1, total_steps=1000)  # what conmim-train builds
+    teacher = parallel.teacher
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98))
     x = torch.randn(batch, 3, 224, 224, device=device)
     mask = block_masks(batch, (14, 14), generator=torch.Generator().manual_seed(0)).to(device)
@@ -54,10 +56,9 @@ def step_variants(device: torch.device) -> tuple[list[Variant], dict]:
         opt.zero_grad(set_to_none=True)
         ema_update_loop_(teacher.params, student_params, 0.996)
 
-    precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    cfg = config.resolve(None, {"data": "unused", "model": name, "precision": precision, "warmup_epochs": 0})
     run = train.Run(
-        cfg=cfg, device=device, rank=0, world=1, out=None, loader=None, student=student, model=student, ddp=None,
+        cfg=cfg, device=device, rank=0, world=1, out=None, loader=None, student=student, model=parallel.model,
+        parallel=parallel,
         teacher=teacher, opt=torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True),
         scaler=torch.amp.GradScaler(device.type, enabled=False), loss_fn=FusedPatchContrastLoss(),
         autocast=autocast, steps_per_epoch=1000, total_steps=1000, warmup=0,
