@@ -73,6 +73,18 @@ def digits(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def labelled_digits(digits, tmp_path_factory) -> Path:
+    """The 32 digits as a labelled split: train/ (even files) and val/ (odd files), class sub-folders."""
+    data = tmp_path_factory.mktemp("labelled")
+    files = sorted(Path(digits).rglob("*.png"))
+    for split, part in (("train", files[::2]), ("val", files[1::2])):
+        for f in part:
+            (data / split / f.parent.name).mkdir(parents=True, exist_ok=True)
+            (data / split / f.parent.name / f.name).write_bytes(f.read_bytes())
+    return data
+
+
 def tiny(digits, out, **kw):
     """A resolved tiny_demo config on the 32-digit folder, small and quiet."""
     over = dict(

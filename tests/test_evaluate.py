@@ -1,7 +1,6 @@
 """The online k-NN monitor and conmim-eval's report (baseline beside the result, where the JSON went)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,28 +12,14 @@ from conmim.models import build_encoder
 from tests.conftest import tiny
 
 
-@pytest.fixture(scope="module")
-def split(digits, tmp_path_factory):
-    """The 32 digits as train/ (even files) and val/ (odd files), class sub-folders."""
-    data = tmp_path_factory.mktemp("split")
-    for name, files in (
-        ("train", sorted(Path(digits).rglob("*.png"))[::2]),
-        ("val", sorted(Path(digits).rglob("*.png"))[1::2]),
-    ):
-        for f in files:
-            (data / name / f.parent.name).mkdir(parents=True, exist_ok=True)
-            (data / name / f.parent.name / f.name).write_bytes(f.read_bytes())
-    return data
-
-
 def _encoder(seed=0):
     torch.manual_seed(seed)
     return build_encoder("vit_tiny_demo", 64, 16, img_size=32, patch_size=4)
 
 
-def _expected(backbone, split) -> float:
+def _expected(backbone, labelled_digits) -> float:
     """k-NN top-1 computed the long way: every file, the backbone in eval mode."""
-    tr, va = E.labelled_split(split)
+    tr, va = E.labelled_split(labelled_digits)
     backbone.eval()
     ftr, fva = E.features(backbone, tr.files, 32), E.features(backbone, va.files, 32)
     backbone.train()
@@ -42,29 +27,29 @@ def _expected(backbone, split) -> float:
 
 
 @pytest.mark.parametrize("wrapper", ["encoder", "teacher", "backbone"])
-def test_monitor_matches_the_full_knn(split, wrapper):
+def test_monitor_matches_the_full_knn(labelled_digits, wrapper):
     enc = _encoder()
     model = {"encoder": enc, "teacher": conmim.MomentumTeacher(enc), "backbone": enc.backbone}[wrapper]
-    got = E.knn_monitor(model, str(split), max_train=None, max_val=None)
-    assert got == pytest.approx(_expected(enc.backbone, split), abs=0)
+    got = E.knn_monitor(model, str(labelled_digits), max_train=None, max_val=None)
+    assert got == pytest.approx(_expected(enc.backbone, labelled_digits), abs=0)
     assert 0.0 <= got <= 1.0
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_monitor_restores_the_mode_and_needs_no_grad(split, training):
+def test_monitor_restores_the_mode_and_needs_no_grad(labelled_digits, training):
     enc = _encoder()
     enc.train(training)
     before = {k: v.clone() for k, v in enc.state_dict().items()}
-    E.knn_monitor(enc, str(split))
+    E.knn_monitor(enc, str(labelled_digits))
     assert enc.backbone.training == training and enc.training == training
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items()), "the monitor changed weights"
     assert all(p.grad is None for p in enc.parameters())
 
 
-def test_monitor_uses_an_even_subset(split):
-    xtr, ytr, xva, yva = E._monitor_set(str(split), 32, 6, 4)
+def test_monitor_uses_an_even_subset(labelled_digits):
+    xtr, ytr, xva, yva = E._monitor_set(str(labelled_digits), 32, 6, 4)
     assert xtr.shape == (6, 3, 32, 32) and xtr.dtype == torch.uint8 and xva.shape[0] == yva.shape[0] == 4
-    tr, _ = E.labelled_split(split)
+    tr, _ = E.labelled_split(labelled_digits)
     assert ytr.tolist() == [tr.labels[i] for i in E._evenly(len(tr), 6)]
 
 
@@ -83,10 +68,10 @@ def test_evenly_keeps_every_class_share():
     assert all(picked.count(c) == 5 for c in range(10))
 
 
-def test_eval_states_the_baseline_and_the_json(digits, split, tmp_path, capsys):
+def test_eval_states_the_baseline_and_the_json(digits, labelled_digits, tmp_path, capsys):
     run = tmp_path / "run"
     T.train(tiny(digits, run, epochs=1))
-    assert E.main(["knn", str(run), "--data", str(split)]) == 0
+    assert E.main(["knn", str(run), "--data", str(labelled_digits)]) == 0
     out = capsys.readouterr().out.splitlines()
     result = json.loads((run / "eval_knn_teacher.json").read_text())
     assert out[0] == (
@@ -96,7 +81,15 @@ def test_eval_states_the_baseline_and_the_json(digits, split, tmp_path, capsys):
     assert out[1] == f"results written to {run / 'eval_knn_teacher.json'}"
     assert (
         E.main(
-            ["knn", str(run), "--data", str(split), "--no-compare-random", "--json", str(tmp_path / "r.json")]
+            [
+                "knn",
+                str(run),
+                "--data",
+                str(labelled_digits),
+                "--no-compare-random",
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
         )
         == 0
     )

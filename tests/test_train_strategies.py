@@ -161,26 +161,14 @@ def test_grad_checkpointing_recomputes_the_blocks_under_either_strategy(
 
 
 # --------------------------------------------------------------------------------------------- k-NN monitor
-@pytest.fixture(scope="module")
-def labelled(digits, tmp_path_factory) -> Path:
-    """The 32 digits as a labelled train/ and val/ split."""
-    data = tmp_path_factory.mktemp("labelled")
-    for split, files in (
-        ("train", sorted(Path(digits).rglob("*.png"))[::2]),
-        ("val", sorted(Path(digits).rglob("*.png"))[1::2]),
-    ):
-        for f in files:
-            (data / split / f.parent.name).mkdir(parents=True, exist_ok=True)
-            (data / split / f.parent.name / f.name).write_bytes(f.read_bytes())
-    return data
-
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_eval_every_logs_the_teachers_knn(digits, labelled, tmp_path, capsys, strategy, single_process_group):
+def test_eval_every_logs_the_teachers_knn(
+    digits, labelled_digits, tmp_path, capsys, strategy, single_process_group
+):
     from conmim.evaluate import knn_monitor
 
     out = tmp_path / "run"
-    T.train(tiny(digits, out, strategy=strategy, epochs=3, eval_every=2, eval_data=str(labelled)))
+    T.train(tiny(digits, out, strategy=strategy, epochs=3, eval_every=2, eval_data=str(labelled_digits)))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in rows if "knn_top1" in r]
     assert [(r["epoch"], r["step"]) for r in knn] == [(2, 8)] and set(knn[0]) == {"epoch", "step", "knn_top1"}
@@ -197,7 +185,7 @@ def test_eval_every_logs_the_teachers_knn(digits, labelled, tmp_path, capsys, st
     )
     model = build_encoder("vit_tiny_demo", 64, 32, img_size=32, patch_size=4)
     model.load_state_dict(saved)
-    assert knn[0]["knn_top1"] == pytest.approx(knn_monitor(model, data=str(labelled)), abs=1e-6)
+    assert knn[0]["knn_top1"] == pytest.approx(knn_monitor(model, data=str(labelled_digits)), abs=1e-6)
 
 
 def test_eval_data_is_checked_before_anything_is_written(digits, tmp_path):
