@@ -25,10 +25,11 @@ LOW_PRECISION = [c for c in LOSS if c.dtype != "fp32"]
 EMA = [c for c in CASES if c.kernel == "ema"]
 
 
-def _open_spills(c) -> bool:
+def _open_spills(c, triton_version: str) -> bool:
     """Configurations that still spill (issue 13, item 3, open): with Triton 3.6, the bf16/fp16 backward at
-    d >= 768 keeps 1-3 spill stores (8-16 B of stack) with chunked feature rows; Triton 3.8 has none."""
-    return c.kernel != "fwd" and c.dtype != "fp32" and c.d >= 768
+    d >= 768 keeps 1-3 spill stores (8-16 B of stack) with chunked feature rows; Triton 3.8 has none, so there
+    a spill in those configurations fails like any other."""
+    return triton_version.startswith("3.6") and c.kernel != "fwd" and c.dtype != "fp32" and c.d >= 768
 
 
 def _open_padding(c) -> bool:
@@ -64,9 +65,13 @@ def test_every_case_compiled(profile):
     assert sorted(profile) == sorted(c.id for c in CASES)
 
 
-@pytest.mark.parametrize("case", _params(CASES, _open_spills))
+@pytest.mark.parametrize("case", _params(CASES))
 def test_no_spills_and_no_stack(profile, case):
     r = profile[case.id]
+    if _open_spills(case, r["triton"]) and r["spill_stores"]:
+        pytest.xfail(
+            f"issue 13 item 3: triton {r['triton']} still spills here (see the README's static table)"
+        )
     assert (r["spill_stores"], r["stack_bytes"], r["local_bytes"]) == (0, 0, 0), (
         f"{case.id} (triton {r['triton']}, {r['registers']} registers): {r['spill_stores']} spill stores, "
         f"{r['stack_bytes']} B stack, {r['local_bytes']} B local memory"
