@@ -91,6 +91,19 @@ PYBIND11_MODULE(_C, m) {
 #ifdef CONMIM_WITH_CUDA
   m.def("patch_contrast_fwd_cuda", &loss_entry<conmim::cuda::patch_contrast_forward>, nogil);
   m.def("patch_contrast_bwd_cuda", &loss_entry<conmim::cuda::patch_contrast_backward>, nogil);
+  namespace cc = conmim::cuda;
+  py::enum_<cc::LossKernel>(m, "LossKernel", py::module_local())
+      .value("forward", cc::LossKernel::kForward)
+      .value("backward", cc::LossKernel::kBackward);
+  py::class_<cc::SmemPlan>(m, "SmemPlan", py::module_local(),
+                           "Shared memory of one loss kernel's block (csrc/cuda/patch_contrast.h)")
+      .def_readonly("q_resident", &cc::SmemPlan::q_resident)
+      .def_readonly("static_bytes", &cc::SmemPlan::static_bytes)
+      .def_readonly("dynamic_bytes", &cc::SmemPlan::dynamic_bytes)
+      .def_readonly("opt_in", &cc::SmemPlan::opt_in);
+  m.def("cuda_smem_plan", &cc::smem_plan, py::arg("kernel"), py::arg("D"), py::arg("student_dtype"),
+        py::arg("teacher_dtype"), py::arg("optin_limit"),
+        "The shared-memory plan the CUDA loss launchers follow on a device with optin_limit bytes per block");
   m.def("ema_update_cuda", &conmim::cuda::ema_update, py::arg("teacher"), py::arg("teacher_dtype"),
         py::arg("student"), py::arg("student_dtype"), py::arg("numel"), py::arg("momentum"),
         py::arg("momentum_ptr"), py::arg("stream"), nogil);

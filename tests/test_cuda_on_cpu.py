@@ -28,6 +28,9 @@ pytestmark = pytest.mark.skipif(build.why_unavailable() is not None, reason=str(
 
 ORDERS = ["forward", "reverse", "shuffle:7", "warps"]
 LOW_PAIRS = [(s, t) for s in LOW for t in LOW]
+# The executor's devices (tests/cuda_on_cpu/cuda_on_cpu.h) and the shared memory a block may opt in to on each.
+SM90, SM86 = 0, 1
+OPTIN_LIMIT = {SM90: 232448, SM86: 101376}
 
 
 @pytest.fixture(scope="session")
@@ -51,11 +54,18 @@ def on_cpu(cuda_cpu_module, monkeypatch):
     monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
     monkeypatch.setattr(torch, "empty_like", _poisoned(torch.empty_like))
 
-    def use(order="forward", module=cuda_cpu_module):
+    def use(order="forward", module=cuda_cpu_module, device=SM90):
         monkeypatch.setenv("CONMIM_CUDA_ON_CPU_ORDER", order)
+        monkeypatch.setenv("CONMIM_CUDA_ON_CPU_DEVICE", str(device))
         monkeypatch.setattr(_ext, "_C", module)
 
     return use
+
+
+def check_forward(s, t, mask):
+    loss, _ = native.patch_contrast_forward_cuda(s, t, mask, None, 0.1, True)
+    want_loss, _, _ = reference(s, t, mask, None, 0.1, True, torch.zeros(mask.shape))
+    assert_close_to(loss, want_loss, loss_tol_dtype((s.dtype, t.dtype)), "loss", "loss")
 
 
 def check_loss(s, t, mask, pos=None, temperature=0.1, normalize=True, need_teacher=True, seed=0):
@@ -126,16 +136,26 @@ def test_loss_feature_slices(on_cpu, dtype, layout):
     check_loss(s[..., cut], t[..., cut], make_mask("ragged", 2, 45, seed=8))
 
 
+# Element offsets of the (teacher, student) views into their buffers. aligned: 16-byte vectors from the start.
+# same-offset: both one element in, a scalar head until their common 16-byte boundary (7 elements for bf16/fp16,
+# also with an fp32 partner), then vectors. apart: never 16-byte aligned together, scalar throughout.
+EMA_LAYOUTS = {"aligned": (0, 0), "same-offset": (1, 1), "apart": (1, 2)}
+
+
+@pytest.mark.parametrize("layout", EMA_LAYOUTS)
 @pytest.mark.parametrize("t_dtype", LOW, ids=str)
 @pytest.mark.parametrize("s_dtype", LOW, ids=str)
-def test_ema_odd_sizes_and_dtype_pairs(on_cpu, t_dtype, s_dtype):
+def test_ema_odd_sizes_dtype_pairs_and_alignments(on_cpu, t_dtype, s_dtype, layout):
     on_cpu("reverse")
     g = torch.Generator().manual_seed(0)
-    sizes = [(1,), (7,), (8193,), (3, 5, 7), (0,), (20001,)]
-    teacher = [torch.randn(n, generator=g).to(t_dtype) for n in sizes]
-    student = [torch.randn(n, generator=g).to(s_dtype) for n in sizes]
-    teacher.append(torch.randn(1001, generator=g).to(t_dtype)[1:])  # misaligned: the scalar path
-    student.append(torch.randn(1000, generator=g).to(s_dtype))
+    t_off, s_off = EMA_LAYOUTS[layout]
+    sizes = [1, 7, 8193, 105, 0, 20001]  # 8193, 20001: several blocks' chunks with a tail
+
+    def view(n, dtype, off):
+        return torch.randn(n + off, generator=g).to(dtype)[off:]
+
+    teacher = [view(n, t_dtype, t_off) for n in sizes]
+    student = [view(n, s_dtype, s_off) for n in sizes]
     want = [t.clone() for t in teacher]
     native.ema_update_cuda_(teacher, student, 0.9)
     ema_update_reference_(want, student, 0.9)
@@ -146,32 +166,107 @@ def test_ema_odd_sizes_and_dtype_pairs(on_cpu, t_dtype, s_dtype):
         torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
 
 
+# ---------------------------------------------------------------------------------- shared memory per device
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+
+def plan(module, kernel, D, pair, device):
+    tags = [_ext.DTYPE_TAGS[d] for d in pair]
+    return module.cuda_smem_plan(getattr(module.LossKernel, kernel), D, *tags, OPTIN_LIMIT[device])
+
+
+@pytest.mark.parametrize(
+    "kernel,D,pair,device,resident,opt_in",
+    [
+        ("forward", 256, (BF16, BF16), SM90, True, False),  # 12 KB static + 16.5 KB of query rows
+        ("forward", 1024, (BF16, BF16), SM86, True, True),  # 12 + 64.5 KB: past 48 KB, within 99 KB
+        ("forward", 1024, (F32, F32), SM90, True, True),  # 17 + 129 KB
+        ("forward", 1024, (F32, F32), SM86, False, False),  # 146 KB > 99 KB: streamed, 17 + 10 KB
+        ("forward", 672, (F32, BF16), SM86, False, False),  # mixed pairs stage fp32: 17 + 85 KB > 99 KB
+        ("forward", 640, (F16, BF16), SM86, True, True),  # 17 + 81 KB, just fits
+        ("backward", 128, (BF16, BF16), SM90, True, False),  # 26.5 KB static + 16 KB accumulator
+        ("backward", 512, (F32, F16), SM86, True, True),  # 31.5 + 64 KB
+    ],
+)
+def test_smem_plan(cuda_cpu_module, kernel, D, pair, device, resident, opt_in):
+    p = plan(cuda_cpu_module, kernel, D, pair, device)
+    assert (p.q_resident, p.opt_in) == (resident, opt_in)
+    assert p.static_bytes + p.dynamic_bytes <= OPTIN_LIMIT[device]
+    assert p.opt_in == (p.static_bytes + p.dynamic_bytes > 48 * 1024)
+
+
+@pytest.mark.parametrize("pair", [(BF16, BF16), (F32, F32), (F16, F32)], ids=pair_id)
+def test_backward_that_does_not_fit_names_the_limit(cuda_cpu_module, on_cpu, pair):
+    on_cpu("forward", device=SM86)
+    with pytest.raises(
+        RuntimeError, match=r"at most 101376 bytes of shared memory per block; the backward at d = 1024"
+    ):
+        plan(cuda_cpu_module, "backward", 1024, pair, SM86)
+    s, t, _, _ = inputs(1, 9, 1024, pair, seed=1)
+    mask = make_mask("full", 1, 9)
+    _, lse = native.patch_contrast_forward_cuda(s, t, mask, None, 0.1, True)
+    with pytest.raises(RuntimeError, match=r"at most 101376 bytes .* the backward at d = 1024 needs"):
+        native.patch_contrast_backward_cuda(torch.ones(1, 9), s, t, mask, None, lse, 0.1, True, True)
+
+
+@pytest.mark.parametrize("pair", [(F32, F32), (F32, BF16), (F16, F32), (F16, BF16)], ids=pair_id)
+def test_forward_streams_the_query_rows_on_a_99kb_device(cuda_cpu_module, on_cpu, pair):
+    # d = 672 (21 chunks): on the sm_86 model the fp32-staged query rows do not fit beside the static tiles, so
+    # the forward streams them with the keys (cp.async for the fp32 operand, plain loads for a converted one).
+    assert not plan(cuda_cpu_module, "forward", 672, pair, SM86).q_resident
+    on_cpu("shuffle:5", device=SM86)
+    s, t, _, _ = inputs(2, 37, 672, pair, seed=3)
+    check_forward(s, t, make_mask("ragged", 2, 37, seed=2))
+
+
+@pytest.mark.parametrize("device", [SM90, SM86], ids=["sm90", "sm86"])
+def test_forward_opts_in_past_48kb(cuda_cpu_module, on_cpu, device):
+    # bf16 at d = 1024: the resident query rows (64.5 KB) need the opt-in on both devices; the executor fails a
+    # launch past 48 KB of dynamic shared memory without it.
+    assert plan(cuda_cpu_module, "forward", 1024, (BF16, BF16), device).opt_in
+    on_cpu("warps", device=device)
+    s, t, _, _ = inputs(1, 33, 1024, (BF16, BF16), seed=4)
+    check_forward(s, t, make_mask("ragged", 1, 33, seed=3))
+
+
 # ------------------------------------------------------------------------------------- the executor catches bugs
+PC, EMA = "patch_contrast.cu", "ema.cu"
 MUTANTS = {
     # logits_tile (backward): the barrier between loading a feature chunk and reading it
     "missing-barrier": (
-        "    __syncthreads();\n    chunk_product<T>(sh, &sh.q[0][0]",
-        "    chunk_product<T>(sh, &sh.q[0][0]",
+        PC,
+        "    __syncthreads();\n    chunk_product<TS, TT>(sh, &sh.q[0][0]",
+        "    chunk_product<TS, TT>(sh, &sh.q[0][0]",
     ),
     # fwd_kernel: the wait for the cp.async copies of the chunk about to be read
     "missing-wait": (
+        PC,
         "        __pipeline_wait_prior(1);  ",
         "        // __pipeline_wait_prior(1);  ",
     ),
     # fwd_kernel: the barrier after every thread's wait, before reading chunks other threads copied
     "missing-barrier-after-wait": (
+        PC,
         "        __syncthreads();                             // and every thread's",
         "        // and every thread's",
     ),
     # copy16_ok: cp.async allowed whatever the alignment
     "copy16-unchecked": (
+        PC,
         "  return stride[2] == 1 && ptr % kCopyBytes == 0 && stride[0] % kVec == 0 && stride[1] % kVec == 0;",
         "  return true;",
     ),
     # query_rows: one row past the block's kTile rows of shared memory
     "bound-off-by-one": (
+        PC,
         "  if (threadIdx.x < kTile) {\n    const int m = m0 + threadIdx.x;",
         "  if (threadIdx.x <= kTile) {\n    const int m = m0 + threadIdx.x;",
+    ),
+    # ema_kernel: 16-byte vectors whatever the alignment
+    "vector-alignment-unchecked": (
+        EMA,
+        "  const bool vec = head < n && (at + head * sizeof(TT)) % 16 == 0 && (as + head * sizeof(TS)) % 16 == 0;",
+        "  const bool vec = head < n;",
     ),
 }
 
@@ -179,12 +274,12 @@ MUTANTS = {
 @pytest.fixture(scope="module")
 def mutants(tmp_path_factory):
     built = {}
-    for name, (old, new) in MUTANTS.items():
+    for name, (file, old, new) in MUTANTS.items():
         src = tmp_path_factory.mktemp(name) / "csrc"
         shutil.copytree(build.ROOT / "csrc", src)
-        cu = src / "cuda" / "patch_contrast.cu"
+        cu = src / "cuda" / file
         text = cu.read_text()
-        assert text.count(old) == 1, f"mutation {name} no longer matches csrc/cuda/patch_contrast.cu"
+        assert text.count(old) == 1, f"mutation {name} no longer matches csrc/cuda/{file}"
         cu.write_text(text.replace(old, new))
         built[name] = build.load(build.build(src))
     return built
@@ -220,6 +315,14 @@ def test_executor_catches_a_misaligned_copy(on_cpu, mutants):
     s, t = s[..., 1:], t[..., 1:]  # rows start 2 bytes past a 16-byte boundary
     with pytest.raises(RuntimeError, match=r"cp.async of 16 bytes .* aligned"):
         native.patch_contrast_forward_cuda(s, t, make_mask("ragged", 2, 37), None, 0.1, True)
+
+
+def test_executor_catches_a_misaligned_vector(on_cpu, mutants):
+    on_cpu("forward", mutants["vector-alignment-unchecked"])
+    g = torch.Generator().manual_seed(0)
+    teacher, student = [torch.randn(101, generator=g)[1:]], [torch.randn(102, generator=g)[2:]]
+    with pytest.raises(RuntimeError, match=r"16-byte vector access .* not 16-byte aligned"):
+        native.ema_update_cuda_(teacher, student, 0.9)
 
 
 @pytest.mark.parametrize("kind", SATURATION)

@@ -1,16 +1,17 @@
 """The CUDA kernels of the built extension meet issue 13's static budgets on sm_90, read from the binary without a
 GPU (benchmarks/static.py's ``profile_cuda``: cuobjdump's resource usage and SASS of ``conmim/_C*.so``): no stack
-and no spill stores in any kernel, and every product of a loss kernel over bf16 / fp16 features on tensor cores,
-the backward's gradient products included (before the rebuild bwd_q and bwd_k issued only the forward's 4 HMMA
-of the logits recompute and computed G K and G^T Q on FFMA). One test per kernel, so a failure names it.
-
-Not asserted yet, and open in issue 15: mixed (student, teacher) pairs stage both operands as fp32 and run FFMA,
-and the EMA kernel moves bf16/fp16 tensors without 16-byte vectors.
+and no spill stores in any kernel; every product of a loss kernel on tensor cores for every (student, teacher)
+pair but fp32 with fp32, the backward's gradient products included (before the rebuild bwd_q and bwd_k issued only
+the forward's 4 HMMA of the logits recompute and computed G K and G^T Q on FFMA; mixed pairs ran everything on
+FFMA); the EMA moving both tensors in 16-byte vectors for every dtype pair (bf16/fp16 moved 4 or 8 bytes at a
+time before); the loss kernels' static shared memory as the launchers' plan counts it (csrc/cuda smem_plan).
+One test per kernel, so a failure names it.
 """
 
 import re
 
 import pytest
+import torch
 
 from benchmarks import static
 from conmim import _ext
@@ -21,17 +22,19 @@ pytestmark = pytest.mark.skipif(
 
 KERNELS = {r["kernel"]: r for r in static.profile_cuda()} if "90" in _ext.cuda_archs() else {}
 _LOSS = re.compile(r"void (fwd|bwd_q|bwd_k)_kernel<(\w+), (\w+)>")
-LOW = ("__half", "__nv_bfloat16")
-# MMA instructions per kernel for bf16/fp16 features: the logits (4 HMMA in each kernel) plus, in the backward,
-# the gradient product as TF32 MMA over the hi/lo split of G.
+_EMA = re.compile(r"void ema_kernel<(\w+), (\w+)>")
+DTYPES = {"float": torch.float32, "__nv_bfloat16": torch.bfloat16, "__half": torch.float16}
+# MMA instructions per kernel: the logits (4 HMMA in each kernel for a bf16/fp16 pair, 4 TF32 steps for a mixed
+# pair) plus, in the backward, the gradient product as TF32 MMA over the hi/lo split of G.
 MIN_MMA = {"fwd": 4, "bwd_q": 8, "bwd_k": 8}
 
 
-def _same_low_precision_loss_kernels() -> list[str]:
+def _loss_kernels(on_tensor_cores: bool) -> list[str]:
+    """The loss kernels of every pair but fp32 with fp32 (True), or all of them (False)."""
     out = []
     for name in KERNELS:
         m = _LOSS.fullmatch(name)
-        if m and m.group(2) == m.group(3) and m.group(2) in LOW:
+        if m and not (on_tensor_cores and m.group(2) == m.group(3) == "float"):
             out.append(name)
     return sorted(out)
 
@@ -41,7 +44,7 @@ def test_every_kernel_family_is_in_the_binary():
     assert families >= {"void fwd_kernel", "void bwd_q_kernel", "void bwd_k_kernel", "void ema_kernel"}, (
         families
     )
-    assert len(_same_low_precision_loss_kernels()) == 6
+    assert len(_loss_kernels(True)) == 24 and len([k for k in KERNELS if _EMA.fullmatch(k)]) == 9
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
@@ -53,10 +56,29 @@ def test_no_stack_and_no_spills(kernel):
     )
 
 
-@pytest.mark.parametrize("kernel", _same_low_precision_loss_kernels())
+@pytest.mark.parametrize("kernel", _loss_kernels(True))
 def test_loss_products_on_tensor_cores(kernel):
     r = KERNELS[kernel]
     which = _LOSS.fullmatch(kernel).group(1)
     assert r["hmma"] + r["hgmma"] >= MIN_MMA[which], (
         f"{kernel}: {r['hmma']} HMMA / {r['hgmma']} HGMMA ({r['mma']}), {r['ffma_in_loops']} FFMA in loops"
     )
+
+
+@pytest.mark.parametrize("kernel", sorted(k for k in KERNELS if _EMA.fullmatch(k)))
+def test_ema_moves_16_byte_vectors(kernel):
+    # per step one vector of each tensor read (two of an fp32 one beside a bf16/fp16 one), one or two written
+    r = KERNELS[kernel]
+    assert r["ldg_128"] >= 2 and r["stg_128"] >= 1, (
+        f"{kernel}: {r['ldg_128']} LDG.128 of {r['ldg']} loads, {r['stg_128']} STG.128 of {r['stg']} stores"
+    )
+
+
+@pytest.mark.parametrize("kernel", _loss_kernels(False))
+def test_static_shared_memory_as_planned(kernel):
+    # The launchers size the dynamic shared memory a device has room for from this figure (smem_plan).
+    which, s, t = _LOSS.fullmatch(kernel).groups()
+    C = _ext.get()
+    tags = [_ext.DTYPE_TAGS[DTYPES[x]] for x in (s, t)]
+    kind = C.LossKernel.forward if which == "fwd" else C.LossKernel.backward
+    assert C.cuda_smem_plan(kind, 256, *tags, 232448).static_bytes == KERNELS[kernel]["shared_bytes"]

@@ -1,6 +1,7 @@
 // Device-side helpers shared by the CUDA kernels: fp32 conversion of the storage types, the device type table of
-// the dtype dispatcher (common.h), and the two points where a kernel meets its launcher (launch, dynamic_smem),
-// which the CPU executor of the tests (tests/cuda_on_cpu/) provides itself when CONMIM_CUDA_ON_CPU is defined.
+// the dtype dispatcher (common.h), 16-byte vector accesses (load16, store16), and the two points where a kernel
+// meets its launcher (launch, dynamic_smem); the CPU executor of the tests (tests/cuda_on_cpu/) provides those
+// four itself when CONMIM_CUDA_ON_CPU is defined.
 #pragma once
 
 #ifdef CONMIM_CUDA_ON_CPU
@@ -47,7 +48,24 @@ __device__ __forceinline__ __half from_f<__half>(float x) {
   return __float2half_rn(x);
 }
 
+// A run of N elements starting 16-byte aligned (N sizeof(T) a multiple of 16), moved as whole 16-byte vectors
+// (LDG.E.128 / STG.E.128) by load16 / store16, which the CPU executor checks for alignment.
+template <typename T, int N>
+struct alignas(16) Vec16 {
+  static_assert(N * sizeof(T) % 16 == 0, "whole 16-byte vectors");
+  T v[N];
+};
+
 #ifndef CONMIM_CUDA_ON_CPU
+template <typename V>
+__device__ __forceinline__ V load16(const V* p) {
+  return *p;
+}
+template <typename V>
+__device__ __forceinline__ void store16(V* p, const V& v) {
+  *p = v;
+}
+
 // The block's dynamic shared memory (the launch's smem bytes), as T.
 template <typename T>
 __device__ __forceinline__ T* dynamic_smem() {

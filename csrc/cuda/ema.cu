@@ -1,7 +1,8 @@
 // CUDA multi-tensor EMA: every tensor of a list is cut into kChunk-element chunks, one block per chunk, all in
 // one launch; the tensor table travels as a __grid_constant__ kernel parameter (CUDA >= 12.1 allows 32 KB), so
-// nothing is copied to the device and the launch can be captured in a CUDA graph. Aligned chunks use 4-element
-// vector accesses (16 bytes for fp32); the tail and misaligned tensors take a scalar path.
+// nothing is copied to the device and the launch can be captured in a CUDA graph. Both tensors move as 16-byte
+// vectors (8 elements of bf16/fp16, 4 of fp32, per vector) from their first common 16-byte boundary (the start,
+// for the flat teacher buffer's views); a misaligned head, the tail, and pairs never aligned together go scalar.
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -29,11 +30,6 @@ struct EmaTable {
 };
 static_assert(sizeof(EmaTable) < 32000, "kernel parameter table must fit the 32 KB limit");
 
-template <typename T>
-struct alignas(4 * sizeof(T)) Vec4 {
-  T v[4];
-};
-
 // torch.lerp's formula, so results match torch._foreach_lerp_.
 __device__ __forceinline__ float lerp_f(float t, float s, float w) {
   return w < 0.5f ? t + w * (s - t) : s - (s - t) * (1.f - w);
@@ -56,21 +52,31 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(const __grid_constant__ E
   const TS* s = static_cast<const TS*>(p.student[lo]) + start;
   const float w = 1.f - (p.momentum_ptr ? *p.momentum_ptr : p.momentum);
 
-  int64_t done = 0;
-  const bool aligned = (reinterpret_cast<uintptr_t>(t) % sizeof(Vec4<TT>) == 0) &&
-                       (reinterpret_cast<uintptr_t>(s) % sizeof(Vec4<TS>) == 0);
-  if (aligned) {
-    const int64_t nv = n / 4;
-    for (int64_t i = threadIdx.x; i < nv; i += kThreads) {
-      Vec4<TT> tv = reinterpret_cast<const Vec4<TT>*>(t)[i];
-      const Vec4<TS> sv = reinterpret_cast<const Vec4<TS>*>(s)[i];
+  // 16-byte vectors of both tensors: a step moves kVec elements, 16 bytes of the narrower type (and 16 or 32 of
+  // the wider). They start at the first element where both tensors are 16-byte aligned: found from the narrower
+  // type's address (its alignment repeats every kVec elements) and checked on the other's; if the other is not
+  // aligned there, nowhere (the scalar path does the whole chunk). The head before it and the tail after the last
+  // whole step go scalar.
+  constexpr int kVec = 16 / (sizeof(TT) < sizeof(TS) ? sizeof(TT) : sizeof(TS));
+  using VT = Vec16<TT, kVec>;
+  using VS = Vec16<TS, kVec>;
+  const uintptr_t at = reinterpret_cast<uintptr_t>(t), as = reinterpret_cast<uintptr_t>(s);
+  const int64_t head = sizeof(TT) <= sizeof(TS) ? (16 - at % 16) % 16 / sizeof(TT) : (16 - as % 16) % 16 / sizeof(TS);
+  const bool vec = head < n && (at + head * sizeof(TT)) % 16 == 0 && (as + head * sizeof(TS)) % 16 == 0;
+  const int64_t v0 = vec ? head : n;           // the vectors cover [v0, v1)
+  const int64_t nv = vec ? (n - head) / kVec : 0;
+  const int64_t v1 = v0 + nv * kVec;
+  for (int64_t i = threadIdx.x; i < nv; i += kThreads) {
+    VT tv = load16(reinterpret_cast<const VT*>(t + v0) + i);
+    const VS sv = load16(reinterpret_cast<const VS*>(s + v0) + i);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) tv.v[k] = from_f<TT>(lerp_f(to_f(tv.v[k]), to_f(sv.v[k]), w));
-      reinterpret_cast<Vec4<TT>*>(t)[i] = tv;
-    }
-    done = nv * 4;
+    for (int k = 0; k < kVec; ++k) tv.v[k] = from_f<TT>(lerp_f(to_f(tv.v[k]), to_f(sv.v[k]), w));
+    store16(reinterpret_cast<VT*>(t + v0) + i, tv);
   }
-  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) t[i] = from_f<TT>(lerp_f(to_f(t[i]), to_f(s[i]), w));
+  for (int64_t i = threadIdx.x; i < v0 + (n - v1); i += kThreads) {  // head, then tail
+    const int64_t e = i < v0 ? i : v1 + (i - v0);
+    t[e] = from_f<TT>(lerp_f(to_f(t[e]), to_f(s[e]), w));
+  }
 }
 
 }  // namespace

@@ -5,15 +5,17 @@
 // Work is indexed by a device-side order (each image's masked patches first) and per-image counts, so no launch
 // depends on a host-side count. A block owns kTile (32) rows of one image and streams the image's keys in tiles
 // of kTile, the feature dim in chunks of kChunk (32):
-// - S = Q K^T per tile: tensor-core MMA (WMMA 16x16x16, fp32 accumulate) for bf16/fp16 inputs, fp32 FMA for
-//   fp32 inputs; logits = S / (|q| |k|) / tau with norms accumulated in fp32;
-// - forward: the block's query rows staged once in dynamic shared memory, the key chunks streamed through two
-//   buffers (the copy of the next chunk, cp.async where the layout allows, in flight during the product of this
-//   one); an online logsumexp per row (one warp per row, one lane per key), the positive's logit picked on the
-//   fly; writes loss and lse (0 on unmasked rows);
+// - S = Q K^T per tile on tensor cores unless both inputs are fp32 (fp32 FMA), fp32 accumulate (see Mma): WMMA
+//   16x16x16 for a bf16 or fp16 pair, TF32 16x16x8 for a mixed pair with the fp32 operand split in two TF32
+//   parts; logits = S / (|q| |k|) / tau with norms accumulated in fp32;
+// - forward: the block's query rows staged once in dynamic shared memory when the device has room for them
+//   (smem_plan), else streamed chunk by chunk with the keys; the key chunks go through two buffers (the
+//   copy of the next chunk, cp.async where the layout allows, in flight during the product of this one); an
+//   online logsumexp per row (one warp per row, one lane per key), the positive's logit picked on the fly;
+//   writes loss and lse (0 on unmasked rows);
 // - backward (queries): the tile is recomputed, the softmax kept exact with a running max (online_tile), dQ
-//   accumulates in shared memory (fp32 FMA), then the positive's term and the L2 Jacobian; every row of
-//   d(student) written (0 on unmasked rows);
+//   accumulates in shared memory (G K on tensor cores with G split in two TF32 parts, except for fp32 pairs),
+//   then the positive's term and the L2 Jacobian; every row of d(student) written (0 on unmasked rows);
 // - backward (keys, only when asked): one block per key tile loops over the masked query tiles, dK in shared
 //   memory, then the L2 Jacobian.
 // Scratch is O(tile x d) per block: never B x N x N.
@@ -41,8 +43,6 @@ constexpr int kChunk = 32;    // feature-dim chunk staged in shared memory
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kPad = 8;       // shared-memory row padding (keeps WMMA's ldm a multiple of 8 elements)
 constexpr int kMaxDim = 1024;
-constexpr int kMaxDynamicSmem = sizeof(float) * kTile * kMaxDim;  // the backward's [kTile][D] fp32 accumulator
-constexpr int kMaxFwdSmem = sizeof(float) * kTile * (kMaxDim + kPad);  // the forward's query rows, fp32 staged
 static_assert(kMaxDim % kChunk == 0, "the accumulator rows are padded to whole chunks");
 constexpr int kCopyBytes = 16;  // one cp.async copy
 static_assert((kChunk + kPad) * 2 % kCopyBytes == 0 && kChunk * 2 % kCopyBytes == 0,
@@ -53,6 +53,19 @@ constexpr float kNormEps = 1e-12f;
 // The type both operands are staged in: theirs when they agree (tensor-core MMA for bf16/fp16), else float32.
 template <typename TS, typename TT>
 using Staged = typename std::conditional<std::is_same<TS, TT>::value, TS, float>::type;
+
+// How a (student, teacher) pair's products run. kHalf: a bf16 or fp16 pair, staged as such, WMMA m16n16k16.
+// kTf32: a mixed pair, staged as float, TF32 WMMA m16n16k8: bf16 and fp16 values are exact in TF32, and an fp32
+// operand x goes in as two TF32 parts, hi = tf32(x) and lo = tf32(x - hi) (about 21 significant bits; the
+// backward's G always does), so the products keep fp32-level precision. kFfma: an fp32 pair, fp32 FMA.
+enum class Mma { kHalf, kTf32, kFfma };
+template <typename TS, typename TT>
+constexpr Mma kMma = !std::is_same<TS, TT>::value        ? Mma::kTf32
+                     : std::is_same<TS, float>::value ? Mma::kFfma
+                                                      : Mma::kHalf;
+// The k of the pair's logits MMA.
+template <typename TS, typename TT>
+constexpr int kMmaK = kMma<TS, TT> == Mma::kHalf ? 16 : 8;
 
 struct Args {
   const void* s;  // student, TS
@@ -66,6 +79,7 @@ struct Args {
   float inv_tau;
   bool normalize;
   bool s_copy16, t_copy16;  // rows of 16-byte aligned runs of features (see copy16_ok): cp.async can stage them
+  bool q_resident;          // forward: the query rows stay in shared memory (smem_plan)
 };
 
 
@@ -96,18 +110,19 @@ struct Tiles : TileState {
   alignas(32) T k[kTile][kChunk + kPad];
 };
 
-// The forward's: the key chunks in two buffers (the query rows are in dynamic shared memory), the rows' online
-// logsumexp and positive logit.
+// The forward's: the key chunks in two buffers (the query rows, or their chunks, are in dynamic shared memory),
+// the rows' online logsumexp and positive logit.
 template <typename T>
 struct FwdTiles : TileState {
   alignas(32) T k[2][kTile][kChunk + kPad];
   float m[kTile], l[kTile], pos_logit[kTile];
 };
 
-// The block's share of S = Q K^T: warp w's 16 x 16 block (w / 2, w % 2) on tensor cores (bf16/fp16), else the
-// 8 entries (tid / 4, 8 (tid % 4) + i) in fp32.
+// The block's share of S = Q K^T: warp w's 16 x 16 block (w / 2, w % 2) on tensor cores (K: the MMA's k), else
+// the 8 entries (tid / 4, 8 (tid % 4) + i) in fp32.
+template <int K>
 struct SAcc {
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, K, float> f;
   float x[8];
 };
 
@@ -168,8 +183,9 @@ __device__ void load_chunk(T (*dst)[kChunk + kPad], const Src* base, int64_t sb,
   }
 }
 
-// The backward's products G K and G^T Q on tensor cores (bf16/fp16 inputs): G (fp32) as the sum of two TF32 parts,
-// hi + lo (about 21 significant bits), times the features of one chunk, which bf16 and fp16 hold exactly in TF32.
+// The backward's products G K and G^T Q on tensor cores (every pair but fp32 with fp32): G (fp32) as the sum of
+// two TF32 parts, hi + lo (about 21 significant bits), times the features of one chunk, which bf16 and fp16 hold
+// exactly in TF32 (fp32 features are split too: G_hi X_hi + G_lo X_hi + G_hi X_lo).
 struct GradMma {
   alignas(32) float hi[kTile][kTile + 4];
   alignas(32) float lo[kTile][kTile + 4];
@@ -180,18 +196,30 @@ struct GradMma {
 // the MMA path's 16 x 16 blocks stay aligned.
 __host__ __device__ constexpr int padded_dim(int D) { return (D + kChunk - 1) / kChunk * kChunk; }
 
-template <typename T>
-constexpr bool kMmaType = !std::is_same<T, float>::value;
+// v = hi + lo, both TF32 (the tensor cores' input precision), together about 21 significant bits of v.
+__device__ __forceinline__ void tf32_parts(float v, float& hi, float& lo) {
+  hi = nvcuda::wmma::__float_to_tf32(v);
+  lo = nvcuda::wmma::__float_to_tf32(v - hi);
+}
 
 // Splits v into the TF32 parts of a G tile entry.
 __device__ __forceinline__ void split_tf32(GradMma& mm, int i, int j, float v) {
-  const float hi = nvcuda::wmma::__float_to_tf32(v);
-  mm.hi[i][j] = hi;
-  mm.lo[i][j] = nvcuda::wmma::__float_to_tf32(v - hi);
+  tf32_parts(v, mm.hi[i][j], mm.lo[i][j]);
+}
+
+// A TF32 fragment holding fp32 values -> its two TF32 parts: hi in place, lo returned (elementwise: fragments of
+// one type map their elements alike).
+template <typename Frag>
+__device__ __forceinline__ Frag split_fragment(Frag& hi) {
+  Frag lo;
+#pragma unroll
+  for (int t = 0; t < hi.num_elements; ++t) tf32_parts(hi.x[t], hi.x[t], lo.x[t]);
+  return lo;
 }
 
 // acc[0:32][d0:d0+32] += (hi + lo) x on tensor cores (TF32 m16n16k8, fp32 accumulate); warp w owns the 16 x 16
-// block (w / 2, w % 2). acc rows have ld floats.
+// block (w / 2, w % 2). acc rows have ld floats. kSplitX: x holds fp32 values (else values exact in TF32).
+template <bool kSplitX>
 __device__ void mma_chunk(float* acc, int ld, int d0, const GradMma& mm) {
   using namespace nvcuda;
   const int warp = threadIdx.x / 32;
@@ -207,6 +235,10 @@ __device__ void mma_chunk(float* acc, int ld, int d0, const GradMma& mm) {
     wmma::load_matrix_sync(a_lo, &mm.lo[br][k], kTile + 4);
     wmma::load_matrix_sync(b, &mm.x[k][bc], kChunk + kPad);
     wmma::mma_sync(c, a_lo, b, c);
+    if constexpr (kSplitX) {
+      const auto b_lo = split_fragment(b);
+      wmma::mma_sync(c, a_hi, b_lo, c);
+    }
     wmma::mma_sync(c, a_hi, b, c);
   }
   wmma::store_matrix_sync(out, c, ld, wmma::mem_row_major);
@@ -220,14 +252,14 @@ __device__ void mma_rows(float* acc, int ld, GradMma& mm, const Src* src, int64_
   for (int d0 = 0; d0 < D; d0 += kChunk) {
     load_chunk<float, Src>(mm.x, src, sb, sn, sd, b, rows, ok, d0, D);
     __syncthreads();
-    mma_chunk(acc, ld, d0, mm);
+    mma_chunk<std::is_same<Src, float>::value>(acc, ld, d0, mm);
     __syncthreads();
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void zero_acc(SAcc& acc) {
-  if constexpr (kMmaType<T>) {
+template <typename TS, typename TT>
+__device__ __forceinline__ void zero_acc(SAcc<kMmaK<TS, TT>>& acc) {
+  if constexpr (kMma<TS, TT> != Mma::kFfma) {
     nvcuda::wmma::fill_fragment(acc.f, 0.f);
   } else {
 #pragma unroll
@@ -237,9 +269,9 @@ __device__ __forceinline__ void zero_acc(SAcc& acc) {
 
 // Adds one staged feature chunk to S (acc) and to the rows' squared norms (ksq, and qsq when want_q): q = the
 // query rows (row stride ldq), k = the key rows (row stride kChunk + kPad), both in shared memory.
-template <typename T>
+template <typename TS, typename TT, typename T = Staged<TS, TT>>
 __device__ void chunk_product(TileState& sh, const T* q, int ldq, const T (*k)[kChunk + kPad], bool want_q,
-                              SAcc& acc) {
+                              SAcc<kMmaK<TS, TT>>& acc) {
   {  // the rows' squared norms, over all warps: four lanes per row, a quarter of the chunk each
     static_assert(kThreads == 4 * kTile && kChunk % 4 == 0, "four threads per row of the tile");
     const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * (kChunk / 4);
@@ -262,17 +294,29 @@ __device__ void chunk_product(TileState& sh, const T* q, int ldq, const T (*k)[k
       if (want_q) sh.qsq[r] += qq;
     }
   }
-  if constexpr (kMmaType<T>) {
+  if constexpr (kMma<TS, TT> != Mma::kFfma) {
     // warp w owns the 16 x 16 output block (w / 2, w % 2); A = Q rows, B = K^T (K rows read column-major).
+    using namespace nvcuda;
+    using Prec = typename std::conditional<kMma<TS, TT> == Mma::kTf32, wmma::precision::tf32, T>::type;
+    constexpr int K = kMmaK<TS, TT>;
     const int warp = threadIdx.x / 32;
     const int br = (warp / 2) * 16, bc = (warp % 2) * 16;
 #pragma unroll
-    for (int kk = 0; kk < kChunk; kk += 16) {
-      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa;
-      nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major> fb;
-      nvcuda::wmma::load_matrix_sync(fa, q + br * ldq + kk, ldq);
-      nvcuda::wmma::load_matrix_sync(fb, &k[bc][kk], kChunk + kPad);
-      nvcuda::wmma::mma_sync(acc.f, fa, fb, acc.f);
+    for (int kk = 0; kk < kChunk; kk += K) {
+      wmma::fragment<wmma::matrix_a, 16, 16, K, Prec, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, K, Prec, wmma::col_major> fb;
+      wmma::load_matrix_sync(fa, q + br * ldq + kk, ldq);
+      wmma::load_matrix_sync(fb, &k[bc][kk], kChunk + kPad);
+      if constexpr (kMma<TS, TT> == Mma::kTf32) {  // at most one side is fp32 (a mixed pair): split it
+        if constexpr (std::is_same<TS, float>::value) {
+          const auto lo = split_fragment(fa);
+          wmma::mma_sync(acc.f, lo, fb, acc.f);
+        } else if constexpr (std::is_same<TT, float>::value) {
+          const auto lo = split_fragment(fb);
+          wmma::mma_sync(acc.f, fa, lo, acc.f);
+        }
+      }
+      wmma::mma_sync(acc.f, fa, fb, acc.f);
     }
   } else {
     const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * 8;
@@ -285,10 +329,10 @@ __device__ void chunk_product(TileState& sh, const T* q, int ldq, const T (*k)[k
 }
 
 // After the last chunk: S (acc) to sh.s, and the rows' inverse norms (inv_q when want_q).
-template <typename T>
-__device__ void finish_logits(TileState& sh, const SAcc& acc, bool normalize, bool want_q) {
+template <typename TS, typename TT>
+__device__ void finish_logits(TileState& sh, const SAcc<kMmaK<TS, TT>>& acc, bool normalize, bool want_q) {
   __syncthreads();
-  if constexpr (kMmaType<T>) {
+  if constexpr (kMma<TS, TT> != Mma::kFfma) {
     const int warp = threadIdx.x / 32;
     const int br = (warp / 2) * 16, bc = (warp % 2) * 16;
     nvcuda::wmma::store_matrix_sync(&sh.s[br][bc], acc.f, kTile + 4, nvcuda::wmma::mem_row_major);
@@ -311,8 +355,8 @@ __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_
                             bool want_q) {
   const TS* s = static_cast<const TS*>(a.s);
   const TT* t = static_cast<const TT*>(a.t);
-  SAcc acc;
-  zero_acc<T>(acc);
+  SAcc<kMmaK<TS, TT>> acc;
+  zero_acc<TS, TT>(acc);
   if (threadIdx.x < kTile) {
     sh.ksq[threadIdx.x] = 0.f;
     if (want_q) sh.qsq[threadIdx.x] = 0.f;
@@ -322,9 +366,9 @@ __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_
     load_chunk<T, TS>(sh.q, s, a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, d0, a.D);
     load_chunk<T, TT>(sh.k, t, a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, d0, a.D);
     __syncthreads();
-    chunk_product<T>(sh, &sh.q[0][0], kChunk + kPad, sh.k, want_q, acc);
+    chunk_product<TS, TT>(sh, &sh.q[0][0], kChunk + kPad, sh.k, want_q, acc);
   }
-  finish_logits<T>(sh, acc, a.normalize, want_q);
+  finish_logits<TS, TT>(sh, acc, a.normalize, want_q);
 }
 
 // Fills the block's query rows from the work order: q_row, q_ok (masked), pos. Returns the block's first row.
@@ -339,15 +383,17 @@ __device__ void query_rows(TileState& sh, const Args& a, int64_t b, int m0, int 
   }
 }
 
-// The forward. The block's query rows are staged once, whole, in dynamic shared memory ([kTile][padded D + kPad]
-// of T); the key rows stream through FwdTiles::k one feature chunk at a time, step i = (key tile i / chunks,
-// chunk i % chunks) in buffer i % 2. Step i + 1 is issued before the product of step i, so with cp.async its copy
-// is in flight during the MMA; one commit group per step (the first also holds the query rows), and waiting for
-// all but the newest group lands step i.
+// The forward. With a.q_resident the block's query rows are staged once, whole, in dynamic shared memory
+// ([kTile][padded D + kPad] of T), else (a device without room for them: smem_plan) one feature chunk
+// per step with the keys, in two buffers ([2][kTile][kChunk + kPad] of T) like the keys. The key rows stream
+// through FwdTiles::k one feature chunk at a time, step i = (key tile i / chunks, chunk i % chunks) in buffer
+// i % 2. Step i + 1 is issued before the product of step i, so with cp.async its copy is in flight during the
+// MMA; one commit group per step (the first also holds the resident query rows), and waiting for all but the
+// newest group lands step i.
 template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss, float* lse) {
   using T = Staged<TS, TT>;
-  const int ldq = padded_dim(a.D) + kPad;
+  const int ldq = a.q_resident ? padded_dim(a.D) + kPad : kChunk + kPad;
   T* q = dynamic_smem<T>();
   __shared__ FwdTiles<T> sh;
   const int64_t b = blockIdx.y;
@@ -366,34 +412,37 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
     const auto q_row_of = [&](int r) { return sh.q_ok[r] ? b * a.s_sb + sh.q_row[r] * a.s_sn : int64_t{-1}; };
     const int chunks = (a.D + kChunk - 1) / kChunk;
     const int steps = (a.N + kTile - 1) / kTile * chunks;
-    const auto stage_keys = [&](int step) {
-      const int n0 = step / chunks * kTile;
+    const auto stage_step = [&](int step) {
+      const int n0 = step / chunks * kTile, d0 = step % chunks * kChunk;
+      if (!a.q_resident)
+        stage_chunk<T, TS>(q + step % 2 * kTile * ldq, ldq, s, a.s_sd, q_row_of, d0, a.D, a.s_copy16);
       const auto k_row_of = [&](int r) { return n0 + r < a.N ? b * a.t_sb + (n0 + r) * a.t_sn : int64_t{-1}; };
-      stage_chunk<T, TT>(&sh.k[step % 2][0][0], kChunk + kPad, t, a.t_sd, k_row_of, step % chunks * kChunk, a.D,
-                         a.t_copy16);
+      stage_chunk<T, TT>(&sh.k[step % 2][0][0], kChunk + kPad, t, a.t_sd, k_row_of, d0, a.D, a.t_copy16);
     };
-    for (int d0 = 0; d0 < a.D; d0 += kChunk)
-      stage_chunk<T, TS>(q + d0, ldq, s, a.s_sd, q_row_of, d0, a.D, a.s_copy16);
-    stage_keys(0);
+    if (a.q_resident)
+      for (int d0 = 0; d0 < a.D; d0 += kChunk)
+        stage_chunk<T, TS>(q + d0, ldq, s, a.s_sd, q_row_of, d0, a.D, a.s_copy16);
+    stage_step(0);
     __pipeline_commit();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int step = 0;
     for (int n0 = 0; n0 < a.N; n0 += kTile) {
-      SAcc acc;
-      zero_acc<T>(acc);
+      SAcc<kMmaK<TS, TT>> acc;
+      zero_acc<TS, TT>(acc);
       if (threadIdx.x < kTile) {
         sh.ksq[threadIdx.x] = 0.f;
         if (n0 == 0) sh.qsq[threadIdx.x] = 0.f;
       }
       for (int d0 = 0; d0 < a.D; d0 += kChunk, ++step) {
-        if (step + 1 < steps) stage_keys(step + 1);  // its buffer's last readers passed the barrier below
+        if (step + 1 < steps) stage_step(step + 1);  // its buffers' last readers passed the barrier below
         __pipeline_commit();                         // (an empty group after the last step)
         __pipeline_wait_prior(1);                    // this thread's copies of step `step` have landed
         __syncthreads();                             // and every thread's
-        chunk_product<T>(sh, q + d0, ldq, sh.k[step % 2], n0 == 0, acc);
+        chunk_product<TS, TT>(sh, a.q_resident ? q + d0 : q + step % 2 * kTile * ldq, ldq, sh.k[step % 2], n0 == 0,
+                              acc);
         __syncthreads();
       }
-      finish_logits<T>(sh, acc, a.normalize, n0 == 0);
+      finish_logits<TS, TT>(sh, acc, a.normalize, n0 == 0);
       for (int r = warp; r < kTile; r += kThreads / 32) {
         if (!sh.q_ok[r]) continue;
         const int col = n0 + lane;
@@ -586,7 +635,7 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const flo
       logits_tile<TS, TT>(sh, a, b, k_rows, k_ok, n0 == 0);
       online_tile<T>(sh, a, k_rows, k_ok, m, s, rest, scale);
       // dq[r][d] <- dq[r][d] * scale[r] + sum_j E[r][j] * k_hat[j][d]
-      if constexpr (kMmaType<T>) {
+      if constexpr (kMma<TS, TT> != Mma::kFfma) {
         for (int e = threadIdx.x; e < kTile * kTile; e += kThreads)
           split_tf32(mm, e / kTile, e % kTile, sh.s[e / kTile][e % kTile] * sh.inv_k[e % kTile]);
         for (int e = threadIdx.x; e < kTile * ld; e += kThreads) dq[e] *= scale[e / ld];
@@ -649,7 +698,7 @@ __global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const flo
     if (threadIdx.x < kTile) inv_k_keep[threadIdx.x] = sh.inv_k[threadIdx.x];
     grad_tile<T>(sh, a, g, m, s_r, rest, k_rows, k_ok);
     // dk[j][d] += sum_r G[r][j] * q_hat[r][d]
-    if constexpr (kMmaType<T>) {
+    if constexpr (kMma<TS, TT> != Mma::kFfma) {
       for (int e = threadIdx.x; e < kTile * kTile; e += kThreads)  // G^T, scaled by the query norms
         split_tf32(mm, e % kTile, e / kTile, sh.s[e / kTile][e % kTile] * sh.inv_q[e / kTile]);
       __syncthreads();
@@ -706,7 +755,8 @@ Args make(const LossCall& p) {
   a.D = static_cast<int>(p.D);
   a.inv_tau = static_cast<float>(p.inv_tau);
   a.normalize = p.normalize;
-  a.s_copy16 = a.t_copy16 = false;  // the forward's launcher decides, knowing the element types
+  a.s_copy16 = a.t_copy16 = false;  // the forward's launcher decides, knowing the element types and the device
+  a.q_resident = true;
   return a;
 }
 
@@ -716,22 +766,84 @@ void check(const char* what) {
     throw std::runtime_error(std::string("conmim._C.") + what + ": launch failed: " + cudaGetErrorString(err));
 }
 
-// Opts a kernel into the dynamic shared memory of the largest feature dim (a kernel must opt in to use more than
-// 48 KiB), once per kernel and device rather than on every call.
-template <auto Kernel, int Bytes>
-void opt_in_smem() {
-  static std::atomic<uint64_t> done{0};  // bit i: device i
+constexpr int kMaxDevices = 64;
+
+int current_device() {
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) dev = 63;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices)
+    throw std::runtime_error("conmim._C.patch_contrast_cuda: no usable current CUDA device (at most " +
+                             std::to_string(kMaxDevices) + " are supported)");
+  return dev;
+}
+
+// The current device's cudaDevAttrMaxSharedMemoryPerBlockOptin, queried once per device.
+int64_t smem_optin_limit(int dev) {
+  static std::array<std::atomic<int>, kMaxDevices> cache{};  // 0: not queried yet
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    const cudaError_t err = cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (err != cudaSuccess)
+      throw std::runtime_error(std::string("conmim._C.patch_contrast_cuda: cannot read the device's shared memory "
+                                           "limit: ") +
+                               cudaGetErrorString(err));
+    cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+// Lets Kernel use up to `bytes` of dynamic shared memory on device dev (beyond the default 48 KB), once per kernel
+// and device rather than on every call.
+template <auto Kernel>
+void opt_in_smem(int dev, int64_t bytes) {
+  static std::atomic<uint64_t> done{0};  // bit i: device i
   const uint64_t bit = uint64_t{1} << dev;
   if (done.load(std::memory_order_relaxed) & bit) return;
-  const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Bytes);
+  const cudaError_t err =
+      cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   if (err != cudaSuccess)
-    throw std::runtime_error("conmim._C.patch_contrast_cuda: this GPU cannot give " + std::to_string(Bytes) +
-                             " bytes of shared memory per block, which feature dims up to " +
-                             std::to_string(kMaxDim) + " need (" + cudaGetErrorString(err) +
-                             "); use backend='triton'");
+    throw std::runtime_error("conmim._C.patch_contrast_cuda: cannot opt in to " + std::to_string(bytes) +
+                             " bytes of dynamic shared memory per block (" + cudaGetErrorString(err) + ")");
   done.fetch_or(bit, std::memory_order_relaxed);
+}
+
+// Static shared memory as the device allots it: rounded to 128 bytes, plus the 1 KB sm_80 and later reserve per
+// block (the sm_90 binary's figures; tests/test_cuda_sm90.py compares them).
+constexpr int64_t kSmemReserved = 1024;
+constexpr int64_t kDefaultSmem = 48 * 1024;  // a block's shared memory without opting in
+constexpr int64_t allotted(size_t bytes) { return (static_cast<int64_t>(bytes) + 127) / 128 * 128 + kSmemReserved; }
+
+// The __shared__ declarations of bwd_q_kernel (bwd_k_kernel's: one array fewer, the same once rounded): the
+// staged chunks, the gradient products' split G (not on fp32 pairs), five per-row floats, k_rows, two flags.
+template <typename TS, typename TT>
+constexpr int64_t bwd_static_smem() {
+  using T = Staged<TS, TT>;
+  return allotted(sizeof(Tiles<T>) + (kMma<TS, TT> != Mma::kFfma ? sizeof(GradMma) : 0) +
+                  kTile * (5 * sizeof(float) + sizeof(int64_t) + 2 * sizeof(bool)));
+}
+
+template <typename TS, typename TT>
+SmemPlan plan_of(LossKernel kernel, int64_t D, int64_t limit) {
+  using T = Staged<TS, TT>;
+  SmemPlan p;
+  if (kernel == LossKernel::kForward) {
+    p.static_bytes = allotted(sizeof(FwdTiles<T>));
+    p.dynamic_bytes = static_cast<int64_t>(sizeof(T)) * kTile * (padded_dim(static_cast<int>(D)) + kPad);
+    if (p.static_bytes + p.dynamic_bytes > limit) {  // stream the query chunks through two buffers
+      p.q_resident = false;
+      p.dynamic_bytes = static_cast<int64_t>(sizeof(T)) * 2 * kTile * (kChunk + kPad);
+    }
+  } else {
+    p.static_bytes = bwd_static_smem<TS, TT>();
+    p.dynamic_bytes = static_cast<int64_t>(sizeof(float)) * kTile * padded_dim(static_cast<int>(D));
+  }
+  const int64_t need = p.static_bytes + p.dynamic_bytes;
+  if (need > limit)
+    throw std::runtime_error("conmim._C.patch_contrast_cuda: this GPU gives at most " + std::to_string(limit) +
+                             " bytes of shared memory per block; the " +
+                             (kernel == LossKernel::kForward ? "forward" : "backward") + " at d = " +
+                             std::to_string(D) + " needs " + std::to_string(need) + "; use backend='triton'");
+  p.opt_in = need > kDefaultSmem;
+  return p;
 }
 
 // Whether cp.async can stage a [B, N, D] tensor of Elem: unit feature stride and every row start 16-byte aligned,
@@ -746,19 +858,30 @@ dim3 grid_of(const Args& a, int64_t B) { return dim3((a.N + kTile - 1) / kTile, 
 
 }  // namespace
 
+SmemPlan smem_plan(LossKernel kernel, int64_t D, int student_dtype, int teacher_dtype, int64_t optin_limit) {
+  SmemPlan p;
+  dispatch_pair<DeviceTypes>(student_dtype, teacher_dtype, "patch_contrast_cuda", [&](auto s, auto t) {
+    p = plan_of<decltype(s), decltype(t)>(kernel, D, optin_limit);
+  });
+  return p;
+}
+
 void patch_contrast_forward(const LossCall& p) {
   Args a = make(p);
   if (p.B == 0) return;
   auto st = reinterpret_cast<cudaStream_t>(p.stream);
+  const int dev = current_device();
+  const int64_t limit = smem_optin_limit(dev);
   dispatch_pair<DeviceTypes>(p.student_dtype, p.teacher_dtype, "patch_contrast_fwd_cuda", [&](auto s, auto t) {
     using TS = decltype(s);
     using TT = decltype(t);
+    const SmemPlan plan = plan_of<TS, TT>(LossKernel::kForward, p.D, limit);
     a.s_copy16 = copy16_ok<TS>(p.student, p.student_stride);
     a.t_copy16 = copy16_ok<TT>(p.teacher, p.teacher_stride);
-    const size_t smem = sizeof(Staged<TS, TT>) * kTile * static_cast<size_t>(padded_dim(a.D) + kPad);
-    opt_in_smem<fwd_kernel<TS, TT>, kMaxFwdSmem>();
-    launch(fwd_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, reinterpret_cast<float*>(p.loss),
-           reinterpret_cast<float*>(p.lse));
+    a.q_resident = plan.q_resident;
+    if (plan.opt_in) opt_in_smem<fwd_kernel<TS, TT>>(dev, limit - plan.static_bytes);
+    launch(fwd_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), plan.dynamic_bytes, st, a,
+           reinterpret_cast<float*>(p.loss), reinterpret_cast<float*>(p.lse));
   });
   check("patch_contrast_fwd_cuda");
 }
@@ -766,20 +889,22 @@ void patch_contrast_forward(const LossCall& p) {
 void patch_contrast_backward(const LossCall& p) {
   const Args a = make(p);
   if (p.B == 0) return;
-  const size_t smem = sizeof(float) * kTile * static_cast<size_t>(padded_dim(a.D));
   auto st = reinterpret_cast<cudaStream_t>(p.stream);
+  const int dev = current_device();
+  const int64_t limit = smem_optin_limit(dev);
   const float* grad = reinterpret_cast<const float*>(p.grad);
   const int64_t g_sb = p.grad_stride[0], g_sn = p.grad_stride[1];
   dispatch_pair<DeviceTypes>(p.student_dtype, p.teacher_dtype, "patch_contrast_bwd_cuda", [&](auto s, auto t) {
     using TS = decltype(s);
     using TT = decltype(t);
-    opt_in_smem<bwd_q_kernel<TS, TT>, kMaxDynamicSmem>();
-    launch(bwd_q_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, grad, g_sb, g_sn,
+    const SmemPlan plan = plan_of<TS, TT>(LossKernel::kBackward, p.D, limit);
+    if (plan.opt_in) opt_in_smem<bwd_q_kernel<TS, TT>>(dev, limit - plan.static_bytes);
+    launch(bwd_q_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), plan.dynamic_bytes, st, a, grad, g_sb, g_sn,
            reinterpret_cast<TS*>(p.d_student));
     check("patch_contrast_bwd_cuda (student gradient)");
     if (p.d_teacher != 0) {
-      opt_in_smem<bwd_k_kernel<TS, TT>, kMaxDynamicSmem>();
-      launch(bwd_k_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), smem, st, a, grad, g_sb, g_sn,
+      if (plan.opt_in) opt_in_smem<bwd_k_kernel<TS, TT>>(dev, limit - plan.static_bytes);
+      launch(bwd_k_kernel<TS, TT>, grid_of(a, p.B), dim3(kThreads), plan.dynamic_bytes, st, a, grad, g_sb, g_sn,
              reinterpret_cast<TT*>(p.d_teacher));
       check("patch_contrast_bwd_cuda (teacher gradient)");
     }

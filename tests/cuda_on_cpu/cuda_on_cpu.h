@@ -18,7 +18,13 @@
 //   (all bits set: NaN in float, bf16 and half) when the copy is issued and the data lands only when the issuing
 //   thread waits for its group, so a read before the wait, or by another thread before the barrier that follows
 //   every thread's wait, sees NaN; a size other than 4, 8 or 16 bytes or a misaligned address fails the launch.
-// - bf16/half conversions are the CUDA headers' host paths; launch attributes and streams are no-ops.
+// - 16-byte vector accesses (load16, store16) at an address that is not 16-byte aligned fail the launch.
+// - Devices: CONMIM_CUDA_ON_CPU_DEVICE picks the current one of two models that differ in the shared memory a
+//   block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin): 0 (default) an sm_90 GPU, 227 KB; 1 an
+//   sm_86/sm_89 GPU, 99 KB. cudaFuncSetAttribute(MaxDynamicSharedMemorySize) is recorded per kernel and device
+//   (and refused past the device's limit); a launch with more than 48 KB of dynamic shared memory fails unless
+//   its kernel opted in to that much there.
+// - bf16/half conversions are the CUDA headers' host paths; streams are no-ops.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -66,6 +72,11 @@ uint64_t* warp_exchange_slot(int lane);  // the 32 slots of the running warp
 void memcpy_async(void* dst, const void* src, size_t bytes, size_t zfill);  // the running thread's cp.async
 void commit_group();
 void wait_prior(size_t groups);
+void check_vector(const void* p);  // a 16-byte vector access at p: fails the launch unless p is 16-byte aligned
+
+// Fails (std::runtime_error) a launch of `kernel` with `smem` bytes of dynamic shared memory over the default
+// 48 KB unless the kernel opted in to that much on the current device (cudaFuncSetAttribute).
+void check_dynamic_smem(const void* kernel, size_t smem);
 
 // Runs `body` for every thread of every block of the grid; throws std::runtime_error on a deadlock or on an
 // out-of-bounds subscript reported during the run.
@@ -102,6 +113,17 @@ inline float __expf(float x) { return std::exp(x); }
 inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size_and_align, size_t zfill = 0) {
   cuda_on_cpu::memcpy_async(dst, src, size_and_align, zfill);
 }
+template <typename V>
+inline V load16(const V* p) {
+  cuda_on_cpu::check_vector(p);
+  return *p;
+}
+template <typename V>
+inline void store16(V* p, const V& v) {
+  cuda_on_cpu::check_vector(p);
+  *p = v;
+}
+
 inline void __pipeline_commit() { cuda_on_cpu::commit_group(); }
 inline void __pipeline_wait_prior(size_t prior) { cuda_on_cpu::wait_prior(prior); }
 
@@ -130,6 +152,7 @@ inline T* dynamic_smem() {
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t, A&&... args) {
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);  // copied, as kernel parameters are
+  cuda_on_cpu::check_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   cuda_on_cpu::run_grid(grid, block, smem, [&] { std::apply(kernel, params); });
 }
 

@@ -6,7 +6,9 @@
 #include <cstdlib>
 #include <deque>
 #include <cstring>
+#include <iterator>
 #include <limits>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -215,6 +217,11 @@ void wait_prior(size_t groups) {
     f.groups.pop_front();
   }
 }
+void check_vector(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0 && g_run.error.empty())
+    g_run.error = "16-byte vector access at an address that is not 16-byte aligned";
+}
+
 uint64_t* warp_exchange_slot(int lane) { return &g_run.exchange[(g_run.current / kWarp) * kWarp + lane]; }
 
 void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
@@ -264,13 +271,50 @@ extern "C" void __ubsan_handle_out_of_bounds_abort(void* data, void* index) {
   __ubsan_handle_out_of_bounds(data, index);
 }
 
+// The modelled devices (cuda_on_cpu.h) and the kernels' shared-memory opt-ins on each.
+namespace {
+constexpr int kSmemOptin[] = {232448, 101376};  // sm_90 (H100, H200); sm_86 / sm_89
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;
+std::map<std::pair<const void*, int>, int> g_opted_in;
+
+int env_device() {
+  const char* env = std::getenv("CONMIM_CUDA_ON_CPU_DEVICE");
+  const int dev = env ? std::atoi(env) : 0;
+  if (dev < 0 || dev >= static_cast<int>(std::size(kSmemOptin)))
+    throw std::invalid_argument("CONMIM_CUDA_ON_CPU_DEVICE must be 0 or 1");
+  return dev;
+}
+}  // namespace
+
+void cuda_on_cpu::check_dynamic_smem(const void* kernel, size_t smem) {
+  if (smem <= kDefaultDynamicSmem) return;
+  const auto it = g_opted_in.find({kernel, env_device()});
+  if (it == g_opted_in.end() || static_cast<size_t>(it->second) < smem)
+    throw std::runtime_error("cuda_on_cpu: a launch with " + std::to_string(smem) +
+                             " bytes of dynamic shared memory, more than its kernel opted in to on device " +
+                             std::to_string(env_device()));
+}
+
 // The CUDA runtime calls of the launchers.
 extern "C" {
 cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 const char* cudaGetErrorString(cudaError_t) { return "no error"; }
 cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  *device = env_device();
   return cudaSuccess;
 }
-cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) { return cudaSuccess; }
+cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin || device < 0 ||
+      device >= static_cast<int>(std::size(kSmemOptin)))
+    return cudaErrorInvalidValue;
+  *value = kSmemOptin[device];
+  return cudaSuccess;
+}
+cudaError_t cudaFuncSetAttribute(const void* kernel, enum cudaFuncAttribute attr, int value) {
+  const int dev = env_device();
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > kSmemOptin[dev])
+    return cudaErrorInvalidValue;
+  g_opted_in[{kernel, dev}] = value;
+  return cudaSuccess;
+}
 }
