@@ -334,3 +334,20 @@ def test_loss_accuracy_with_large_logits_and_saturated_softmax(on_cpu, kind):
     loss, lse = native.patch_contrast_forward_cuda(s, t, mask, None, tau, normalize)
     ds, dt = native.patch_contrast_backward_cuda(grad, s, t, mask, None, lse, tau, normalize, True)
     assert_case_within_rule(s, t, mask, tau, normalize, grad, loss, ds, dt)
+
+
+@pytest.mark.parametrize("pair", [(F32, BF16), (BF16, F32), (F32, F16), (F16, F32)], ids=pair_id)
+def test_mixed_pairs_keep_fp32_precision(on_cpu, pair):
+    """A 16-bit value is exact in TF32 and the fp32 side is split into TF32 high and low parts, so the fp32 loss
+    and the fp32 side's gradient carry fp32-level error (a TF32-only product, without the low part, is ~1e-4 off
+    and fails here): tolerances of float32, not of the 16-bit side."""
+    on_cpu()
+    s, t, _, _ = inputs(2, 37, 40, pair, seed=5)
+    mask = make_mask("ragged", 2, 37, seed=2)
+    grad = torch.randn(mask.shape, generator=torch.Generator().manual_seed(3))
+    loss, lse = native.patch_contrast_forward_cuda(s, t, mask, None, 0.1, True)
+    ds, dt = native.patch_contrast_backward_cuda(grad, s, t, mask, None, lse, 0.1, True, True)
+    want_loss, want_ds, want_dt = reference(s, t, mask, None, 0.1, True, grad)
+    assert_close_to(loss, want_loss, F32, "loss", "loss")
+    fp32_side = (ds, want_ds, "d_student") if s.dtype == F32 else (dt, want_dt, "d_teacher")
+    assert_close_to(fp32_side[0], fp32_side[1], F32, "grad", fp32_side[2])
