@@ -240,6 +240,47 @@ def test_triton_backend_feature_chunks(dtype, variant):
         assert_matches("triton", s, t, make_mask(kind, 2, N, seed=5), dtype, **kw)
 
 
+@triton_only
+@pytest.mark.parametrize("kernels", ["recompute", "stored"])
+@pytest.mark.parametrize("variant", ["plain", "positive_index", "normalize_off", "student_only"])
+@pytest.mark.parametrize("kind", MASKS)
+def test_triton_backward_recomputed_or_stored(kernels, variant, kind):
+    """Both backwards, forced on the same inputs, against float64 autograd: bwd_q / bwd_k recompute the logits
+    for each gradient chunk; bwd_w stores their gradient (work-order rows, the positive's entry from the sum of
+    the negatives), bwd_wq / bwd_wk multiply it into each chunk and finish the normalisation from bwd_w's norms
+    and projections (the keys' from per-program column sums and the positives' terms). backward_kernels picks
+    the stored one at d = 100 under the interpreter (four chunks of 32), so the loss tests cover it too."""
+    from conmim.kernels import interpreting
+    from conmim.kernels import patch_contrast as kpc
+
+    B, N, d, tau = 3, 23, 100, 0.1
+    if interpreting():
+        assert kpc.backward_kernels(torch.float32, torch.float32, N, d, True)[0] == "bwd_w"
+    s, t = make_inputs(B, N, d, torch.float32, seed=13)
+    normalize = variant != "normalize_off"
+    if not normalize:  # unit rows keep the logits O(1 / tau)
+        s, t = torch.nn.functional.normalize(s, dim=-1), torch.nn.functional.normalize(t, dim=-1)
+    mask = make_mask(kind, B, N, seed=6)
+    pos = torch.randint(0, N, (B, N), generator=torch.Generator().manual_seed(2))
+    pos = pos if variant == "positive_index" else None
+    need_teacher = variant != "student_only"
+    grad = torch.randn(B, N, generator=torch.Generator().manual_seed(5))
+    _, lse = kpc.patch_contrast_forward(s, t, mask, pos, tau, normalize)
+    plan = ("bwd_q", "bwd_k") if kernels == "recompute" else ("bwd_w", "bwd_wq", "bwd_wk")
+    ds, dt = kpc.patch_contrast_backward(
+        grad, s, t, mask, pos, lse, tau, normalize, need_teacher, kernels=plan if need_teacher else plan[:-1]
+    )
+    s64, t64 = s.double().requires_grad_(True), t.double().requires_grad_(True)
+    ref = patch_contrast_loss_reference(s64, t64, mask, tau, "none", normalize, positive_index=pos)
+    want = torch.autograd.grad(ref, [s64, t64], grad.double()[mask], allow_unused=True)
+    want = [torch.zeros_like(x) if w is None else w for x, w in zip((s64, t64), want)]
+    gatol, grtol = TOL[torch.float32]["grad"]
+    for got, ref_grad in zip((ds, dt) if need_teacher else (ds,), want):
+        err = (got.double() - ref_grad).abs().max().item()
+        assert err <= gatol + grtol * ref_grad.abs().max().item(), f"gradient error {err:.3g}"
+    assert (dt is None) == (not need_teacher)
+
+
 def _grads(fn, s, t, mask, tau, cast):
     """Gradients of sum(w * per-row loss) w.r.t. (student, teacher) for inputs cast by ``cast``."""
     s_, t_ = cast(s).detach().requires_grad_(True), cast(t).detach().requires_grad_(True)

@@ -25,28 +25,9 @@ LOW_PRECISION = [c for c in LOSS if c.dtype != "fp32"]
 EMA = [c for c in CASES if c.kernel == "ema"]
 
 
-def _open_spills(c, triton_version: str) -> bool:
-    """Configurations that still spill (issue 13, item 3, open): with Triton 3.6, the bf16/fp16 backward at
-    d >= 768 keeps 1-3 spill stores (8-16 B of stack) with chunked feature rows; Triton 3.8 has none, so there
-    a spill in those configurations fails like any other."""
-    return triton_version.startswith("3.6") and c.kernel != "fwd" and c.dtype != "fp32" and c.d >= 768
-
-
-def _open_padding(c) -> bool:
-    """Configurations whose issued work is over 25% padding and compute-bound by the estimate (open): the
-    backward at d >= 768, whose programs each write one 128-column chunk of the gradient and recompute the
-    logits over all of them (d / 128 times the logits' work), and the fp32 forward on FFMA."""
-    return (c.kernel != "fwd" and c.d >= 768) or (c.dtype == "fp32" and c.kernel == "fwd")
-
-
-def _params(cases, is_open=None):
-    """One parameter per case, named by it; a case that does not meet the budget yet is an expected failure
-    (non-strict: it may pass with one Triton and not the other), so every other case guards against
-    regressions."""
-    mark = pytest.mark.xfail(
-        reason="issue 13 item 3: not met yet (see the README's static table)", strict=False
-    )
-    return [pytest.param(c, id=c.id, marks=mark if is_open and is_open(c) else ()) for c in cases]
+def _params(cases):
+    """One parameter per case, named by it."""
+    return [pytest.param(c, id=c.id) for c in cases]
 
 
 @pytest.fixture(scope="module", params=[None, *EXTRA], ids=lambda p: "installed" if p is None else p)
@@ -68,10 +49,6 @@ def test_every_case_compiled(profile):
 @pytest.mark.parametrize("case", _params(CASES))
 def test_no_spills_and_no_stack(profile, case):
     r = profile[case.id]
-    if _open_spills(case, r["triton"]) and r["spill_stores"]:
-        pytest.xfail(
-            f"issue 13 item 3: triton {r['triton']} still spills here (see the README's static table)"
-        )
     assert (r["spill_stores"], r["stack_bytes"], r["local_bytes"]) == (0, 0, 0), (
         f"{case.id} (triton {r['triton']}, {r['registers']} registers): {r['spill_stores']} spill stores, "
         f"{r['stack_bytes']} B stack, {r['local_bytes']} B local memory"
@@ -96,11 +73,11 @@ def test_every_product_on_tensor_cores(profile, case):
     rep = r["estimate"]["replication"]
     assert rep is not None and rep >= 1.0, (
         f"{case.id} (triton {r['triton']}): MMA {r['mma']}, loop MMA FLOPs {r['loop_mma_flops']} cover "
-        f"{rep} of the {static.PRODUCTS[case.kernel]} product(s) per iteration"
+        f"{rep} of the {static.LOSS_KERNELS[case.kernel].products} product(s) per iteration"
     )
 
 
-@pytest.mark.parametrize("case", _params(LOSS, _open_padding))
+@pytest.mark.parametrize("case", _params(LOSS))
 def test_padding_at_most_a_quarter_or_memory_bound(profile, case):
     """Issued MMA (or FFMA) work counts padded tiles and warps that repeat each other's work."""
     r = profile[case.id]
