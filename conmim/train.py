@@ -243,7 +243,7 @@ def loss_plot(out: Path) -> Path | None:
         if base:
             right.axhline(100 * base[-1], color="C1", linestyle="--", linewidth=1, label="random init")
         right.set_ylabel("teacher k-NN top-1 (%)", color="C1")
-        right.legend(loc="lower right", fontsize="small")
+        right.legend(loc="center right", fontsize="small")
     fig.tight_layout()
     path = out / "loss_curve.png"
     fig.savefig(path, dpi=110)
