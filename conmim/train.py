@@ -215,7 +215,8 @@ class Logger:
 
 
 def loss_plot(out: Path) -> Path | None:
-    """loss_curve.png from metrics.jsonl."""
+    """loss_curve.png from metrics.jsonl: the loss, and the teacher's k-NN top-1 (right axis) beside its
+    random-initialisation baseline when the run has ``eval_every``."""
     try:
         import matplotlib
 
@@ -224,14 +225,25 @@ def loss_plot(out: Path) -> Path | None:
     except ImportError:
         return None
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r]
-    if not rows:
+    losses = [r for r in rows if "loss" in r]
+    if not losses:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], color="C0")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("ConMIM loss")
+    ax.set_ylabel("ConMIM loss", color="C0")
     ax.set_title(out.name)
+    knn = [r for r in rows if "knn_top1" in r]
+    base = [r["knn_top1_random_init"] for r in rows if "knn_top1_random_init" in r]
+    if knn or base:
+        right = ax.twinx()
+        right.plot(
+            [r["step"] for r in knn], [100 * r["knn_top1"] for r in knn], "o-", color="C1", label="teacher"
+        )
+        if base:
+            right.axhline(100 * base[-1], color="C1", linestyle="--", linewidth=1, label="random init")
+        right.set_ylabel("teacher k-NN top-1 (%)", color="C1")
+        right.legend(loc="center right", fontsize="small")
     fig.tight_layout()
     path = out / "loss_curve.png"
     fig.savefig(path, dpi=110)
@@ -272,6 +284,7 @@ class RunState:
     batch: int = 0  # micro-batches done in the current epoch
     step: int = 0  # optimizer steps done
     bad_streak: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    knn_random_init: float | None = None  # the teacher k-NN before the first step (eval_every): the baseline
 
     def state_dict(self) -> dict:
         return {
@@ -279,12 +292,14 @@ class RunState:
             "batch": self.batch,
             "step": self.step,
             "bad_streak": int(self.bad_streak),
+            "knn_random_init": self.knn_random_init,
             "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.bad_streak = torch.full((), float(state["bad_streak"]), device=self.bad_streak.device)
+        self.knn_random_init = state.get("knn_random_init")  # absent from older checkpoints
         set_rng_state(state["rng"])
 
 
@@ -329,6 +344,7 @@ class Run:
     warmup: int
     log: Logger | None = None
     progress: object = None
+    postfix: dict = field(default_factory=dict)  # what the progress bar shows after the count
 
 
 # ------------------------------------------------------------------------------------------ parallel strategies
@@ -614,8 +630,8 @@ def log_step(run: Run, state: RunState, meter: Meter) -> None:
             f"were skipped ({int(streak)} bad steps in a row)"
         )
     run.log.metrics(record)
-    if run.progress is not None and "loss" in record:
-        run.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+    if "loss" in record:
+        show(run, loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
     meter.reset(now)
     check_streak(run.cfg, int(streak))
 
@@ -655,15 +671,34 @@ def restore(run: Run, state: RunState) -> None:
         state.epoch, state.batch = state.epoch + 1, 0
 
 
+def show(run: Run, **fields: str) -> None:
+    """Update what the progress bar shows after its count (rank 0 with ``progress``)."""
+    run.postfix.update(fields)
+    if run.progress is not None:
+        run.progress.set_postfix(run.postfix)
+
+
 def monitor(run: Run, state: RunState) -> None:
     """The teacher's k-NN top-1 on ``eval_data`` (:func:`conmim.evaluate.knn_monitor`), computed by rank 0 alone
-    (under FSDP every rank first joins the gather of the teacher), written to metrics.jsonl and the log."""
+    (under FSDP every rank first joins the gather of the teacher), written to metrics.jsonl, the log and the
+    progress bar. Before the first step it is the random-initialisation baseline (the teacher starts as a copy
+    of the initial student), logged once per run as ``knn_top1_random_init``; later values state their gain."""
     model = run.parallel.eval_model(run)
     if model is None:
         return
     top1 = knn_monitor(model, data=run.cfg.eval_data)
+    if state.step == 0:
+        state.knn_random_init = top1
+        run.log.metrics({"epoch": 0, "step": 0, "knn_top1_random_init": top1})
+        run.log.msg(f"random initialisation: teacher k-NN top-1 {100 * top1:.2f}% (the baseline)")
+        show(run, knn=f"{100 * top1:.1f}%")
+        return
     run.log.metrics({"epoch": state.epoch, "step": state.step, "knn_top1": top1})
-    run.log.msg(f"{state.epoch} epochs done, step {state.step}: teacher k-NN top-1 {100 * top1:.2f}%")
+    gain = ""
+    if state.knn_random_init is not None:
+        gain = f" ({100 * (top1 - state.knn_random_init):+.2f} points over random initialisation)"
+    run.log.msg(f"{state.epoch} epochs done, step {state.step}: teacher k-NN top-1 {100 * top1:.2f}%{gain}")
+    show(run, knn=f"{100 * top1:.1f}%")
 
 
 def _timed(run: Run, meter: Meter):
@@ -729,12 +764,15 @@ def _train(run: Run) -> dict:
         f"{run.world} per epoch, {run.total_steps} optimizer steps, {cfg.model} on {run.device} "
         f"({run.loader.kind} loader)"
     )
+    if cfg.eval_every and state.step == 0:
+        monitor(run, state)  # the baseline, before the first step (and before the bar)
     if run.rank == 0 and cfg.progress:
         from tqdm import tqdm
 
         run.progress = tqdm(
             total=run.total_steps, initial=state.step, desc="conmim-train", unit="step", dynamic_ncols=True
         )
+        show(run)  # the baseline's k-NN, if any
     meter = Meter(run.device)
     while state.step < run.total_steps and state.epoch < cfg.epochs:
         run.loader.set_epoch(state.epoch, state.batch)

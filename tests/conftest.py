@@ -101,6 +101,7 @@ def tiny(digits, out, **kw):
         warmup_epochs=0.0,
         lr=1e-3,
         checkpoint_every=0,
+        eval_every=0,  # the preset's k-NN monitor is tested on its own
     )
     over.update(kw)
     from conmim import config as cfgmod

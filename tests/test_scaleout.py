@@ -27,7 +27,7 @@ def torchrun_cmd(digits, out, *extra) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
             "--master_port", str(_free_port()), "-m", "conmim.train", "--config", "tiny_demo", "--data", str(digits),
             "--out", str(out), "--batch_size", "8", "--num_workers", "0", "--loader", "torch", "--progress", "false",
-            "--head_hidden", "64", "--head_out", "32", *extra]  # fmt: skip
+            "--head_hidden", "64", "--head_out", "32", "--eval_every", "0", *extra]  # fmt: skip
 
 
 @pytest.mark.slow

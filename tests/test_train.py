@@ -68,6 +68,8 @@ def test_kill_and_resume_equals_uninterrupted(digits, tmp_path):
     args = [
         "--config",
         "tiny_demo",
+        "--eval_every",
+        "0",
         "--data",
         str(digits),
         "--batch_size",

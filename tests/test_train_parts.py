@@ -310,3 +310,31 @@ def test_training_step_makes_no_cuda_sync(digits, tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert state.step == 2
+
+
+def test_loss_plot_adds_the_knn_curve_and_its_baseline(tmp_path):
+    losses = [{"step": s, "epoch": 0, "loss": 5.0 - s / 10} for s in range(5, 40, 5)]
+    knn = [{"epoch": 0, "step": 0, "knn_top1_random_init": 0.32}, {"epoch": 1, "step": 20, "knn_top1": 0.35}]
+    pngs = []
+    for name, rows in (("plain", losses), ("with-knn", [knn[0], *losses, knn[1]])):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        pngs.append(T.loss_plot(out).read_bytes())
+    assert pngs[1] != pngs[0], "the k-NN curve and its baseline were not drawn"
+
+
+def test_progress_bar_keeps_the_knn_beside_the_loss(digits, labelled_digits, tmp_path):
+    class Bar:
+        def set_postfix(self, fields):
+            self.shown = dict(fields)
+
+    run, state = _run(digits, tmp_path, eval_every=1, eval_data=str(labelled_digits))
+    run.progress = Bar()
+    T.monitor(run, state)  # step 0: the baseline
+    meter = T.Meter(run.device)
+    meter.add(torch.tensor(2.5), torch.tensor(True), 8)
+    state.step = 1
+    T.log_step(run, state, meter)
+    assert run.progress.shown["loss"] == "2.500"
+    assert run.progress.shown["knn"] == f"{100 * state.knn_random_init:.1f}%"

@@ -172,10 +172,22 @@ def test_eval_every_logs_the_teachers_knn(
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in rows if "knn_top1" in r]
     assert [(r["epoch"], r["step"]) for r in knn] == [(2, 8)] and set(knn[0]) == {"epoch", "step", "knn_top1"}
-    assert (
-        f"2 epochs done, step 8: teacher k-NN top-1 {100 * knn[0]['knn_top1']:.2f}%"
-        in capsys.readouterr().err
+    base = [r for r in rows if "knn_top1_random_init" in r]
+    assert [(r["epoch"], r["step"]) for r in base] == [(0, 0)], (
+        "the baseline is logged once, before the first step"
     )
+    gain = 100 * (knn[0]["knn_top1"] - base[0]["knn_top1_random_init"])
+    err = capsys.readouterr().err
+    assert f"random initialisation: teacher k-NN top-1 {100 * base[0]['knn_top1_random_init']:.2f}%" in err
+    assert (
+        f"2 epochs done, step 8: teacher k-NN top-1 {100 * knn[0]['knn_top1']:.2f}% "
+        f"({gain:+.2f} points over random initialisation)" in err
+    )
+    # the baseline is the teacher before any step: the student as initialised from the run's seed
+    torch.manual_seed(0)
+    init = build_encoder("vit_tiny_demo", 64, 32, img_size=32, patch_size=4)
+    want = knn_monitor(init, data=str(labelled_digits))
+    assert base[0]["knn_top1_random_init"] == pytest.approx(want, abs=1e-6)
     # the value is the k-NN of the teacher saved at that epoch's end
     ckpt = next(p for p in [*T.checkpoints(out), *fsdp.checkpoints(out)] if p.name.startswith("ckpt-e0002"))
     saved = (
@@ -186,6 +198,14 @@ def test_eval_every_logs_the_teachers_knn(
     model = build_encoder("vit_tiny_demo", 64, 32, img_size=32, patch_size=4)
     model.load_state_dict(saved)
     assert knn[0]["knn_top1"] == pytest.approx(knn_monitor(model, data=str(labelled_digits)), abs=1e-6)
+    # resumed for one more epoch: no second baseline, and the new value still states its gain over the first
+    T.train(tiny(digits, out, strategy=strategy, epochs=4, eval_every=2, eval_data=str(labelled_digits)))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "knn_top1_random_init" in r] == [0]
+    last = [r for r in rows if "knn_top1" in r][-1]
+    assert (last["epoch"], last["step"]) == (4, 16)
+    gain = 100 * (last["knn_top1"] - base[0]["knn_top1_random_init"])
+    assert f"({gain:+.2f} points over random initialisation)" in capsys.readouterr().err
 
 
 def test_eval_data_is_checked_before_anything_is_written(digits, tmp_path):
