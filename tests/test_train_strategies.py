@@ -6,11 +6,14 @@ import itertools
 import json
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from conmim import evaluate as E
@@ -20,15 +23,23 @@ from conmim import train as T
 from conmim.models import build_encoder
 from tests.conftest import tiny
 from tests.test_scaleout import torchrun_cmd
+from tests.test_train import assert_identical, kill_once_checkpointed
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def launch(digits, out: Path, *extra: str, world: int = 2) -> subprocess.CompletedProcess:
+def command(digits, out: Path, *extra: str, world: int = 2) -> list[str]:
     """conmim-train under torchrun on ``world`` gloo ranks: the tiny model on the 32 digits, one log per step."""
     cmd = torchrun_cmd(digits, out, "--log_every", "1", *extra)
     cmd[cmd.index("--nproc_per_node") + 1] = str(world)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    return cmd
+
+
+def launch(digits, out: Path, *extra: str, world: int = 2) -> subprocess.CompletedProcess:
+    """``command`` run to its end, which must be a success."""
+    r = subprocess.run(
+        command(digits, out, *extra, world=world), capture_output=True, text=True, timeout=600, env=ENV
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -51,12 +62,16 @@ def single_process_group():
         dist.destroy_process_group()
 
 
+# 2 epochs of 2 optimizer steps, checkpointed after every step (kept: the newest and the epoch ends)
+RUN = ("--epochs", "2", "--checkpoint_every", "1", "--keep_last", "1")
+
+
 @pytest.fixture(scope="module")
 def two_rank_runs(digits, tmp_path_factory) -> dict[str, Path]:
-    """The same 2-epoch run (4 optimizer steps) on 2 ranks under each strategy."""
+    """The same run (``RUN``) on 2 ranks under each strategy."""
     base = tmp_path_factory.mktemp("strategies")
     for strategy in ("ddp", "fsdp"):
-        launch(digits, base / strategy, "--epochs", "2", "--strategy", strategy)
+        launch(digits, base / strategy, *RUN, "--strategy", strategy)
     return {s: base / s for s in ("ddp", "fsdp")}
 
 
@@ -87,6 +102,40 @@ def test_fsdp_on_two_ranks_trains_like_ddp(two_rank_runs):
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=f"{which} {k}")
     # DDP compares the replicas at the end; FSDP's ranks hold different shards, so it does not
     assert (ddp / "rank_checksums.json").exists() and not (fsdp_run / "rank_checksums.json").exists()
+
+
+def _dcp_checkpoint(path: Path) -> dict:
+    """All an FSDP checkpoint holds, whole: ``fsdp.read_state_dict`` (student, teacher, run state with its RNG
+    states) and the optimizer's entries (AdamW's moments and step counts per parameter, its param groups)."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    optimizer = {
+        key: torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata) else None
+        for key, m in meta.state_dict_metadata.items()
+        if key.startswith("optimizer.")
+    }
+    with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(optimizer, checkpoint_id=str(path), no_dist=True)
+    return {**fsdp.read_state_dict(path), "optimizer": optimizer}
+
+
+@pytest.mark.slow
+def test_a_killed_two_rank_fsdp_run_resumes_bit_for_bit(digits, two_rank_runs, tmp_path):
+    """The machine dies (torchrun and both ranks SIGKILLed) after the checkpoint of step 1, mid-epoch, or later;
+    the same command on 2 ranks resumes and ends with the uninterrupted run's checkpoint, bit for bit."""
+    out = tmp_path / "run"
+    cmd = command(digits, out, *RUN, "--strategy", "fsdp")
+    killed_at = kill_once_checkpointed(cmd, lambda: fsdp.checkpoints(out), 1)
+    assert 1 <= killed_at < 4, "the run must be killed in the middle"
+    newest = fsdp.checkpoints(out)[0].name
+    r = launch(digits, out, *RUN, "--strategy", "fsdp")
+    assert f"resuming from {newest} (step {killed_at})" in r.stderr
+    got, want = (_dcp_checkpoint(fsdp.checkpoints(run)[0]) for run in (out, two_rank_runs["fsdp"]))
+    moments = {
+        f"optimizer.state.{k}.{m}" for k in _weights(want["student"]) for m in ("exp_avg", "exp_avg_sq")
+    }
+    assert want["step"] == 4 and moments <= want["optimizer"].keys()
+    assert_identical(got, want)
 
 
 @pytest.mark.slow
