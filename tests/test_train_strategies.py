@@ -209,6 +209,22 @@ def test_grad_checkpointing_recomputes_the_blocks_under_either_strategy(
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, run.teacher.parameters()))
 
 
+def test_the_step_benchmark_runs_both_strategies(digits, tmp_path, single_process_group):
+    from benchmarks import bench_fsdp_step as B
+
+    small = {
+        "data": str(digits),
+        "out": str(tmp_path / "run"),
+        "batch_size": 8,
+        "head_hidden": 64,
+        "head_out": 32,
+    }
+    got = B.worker(tmp_path / "times.json", small, warmup=1, steps=2)
+    assert json.loads((tmp_path / "times.json").read_text()) == got
+    assert list(got) == ["ddp", "fsdp"] and all(len(t) == 2 and min(t) > 0 for t in got.values())
+    assert not dist.is_initialized()  # the one-rank group FSDP started is torn down
+
+
 # --------------------------------------------------------------------------------------------- k-NN monitor
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_eval_every_logs_the_teachers_knn(
