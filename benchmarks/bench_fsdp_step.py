@@ -1,16 +1,19 @@
 """Step time of the tiny demo (``--config tiny_demo``: the tiny ViT on 32 px digits, 64 images per rank, fp32) on
 the CPU under both strategies, ``ddp`` and ``fsdp``, on 1 and 2 gloo ranks.
 
-``python -m benchmarks.bench_fsdp_step [--worlds 1,2] [--steps 20] [--warmup 3]`` launches torchrun once per
-number of ranks (the ranks share the machine's cores: each gets cores / ranks torch threads). Every rank builds
-one run per strategy as conmim-train does (``train.build_run``: model, strategy, fused AdamW, loader on the bundled
-MNIST digits), loads ``warmup + steps`` batches first (the data pipeline is not timed), then runs the strategies'
-``train.train_step`` (forward, backward, gradient reduction, clip, AdamW, EMA) in turn, ddp fsdp ddp fsdp ..., on
-the same batches, so that drift and the machine's other load hit both alike (the harness's interleaving). A step
-is timed with ``perf_counter`` from a barrier to its return; the slowest rank's time counts. Reported per case:
-the median over the timed steps, images/s = global batch (64 x ranks) / that median, and for fsdp the median of
-its step-by-step ratio to ddp; with the load average around each launch. Writes
-benchmarks/results/fsdp-step-<cpu>.json.
+``python -m benchmarks.bench_fsdp_step [--worlds 1,2] [--threads 1] [--steps 20] [--warmup 3]`` launches torchrun
+once per number of ranks, each rank with ``threads`` torch threads (1 by default: on a machine shared with other
+jobs, a rank of several threads waits at every parallel region for its descheduled threads: 2 threads on 1 rank
+gave steps of 1.4 to 5.4 s in one run here, where with one thread per rank the middle half of the steps stays
+within about 10% of the median). Every rank builds one run per strategy as conmim-train does
+(``train.build_run``: model, strategy, fused AdamW, loader on the bundled MNIST digits), loads ``warmup + steps``
+batches first (the data pipeline is not timed), then runs the strategies' ``train.train_step`` (forward,
+backward, gradient reduction, clip, AdamW, EMA) in turn, ddp fsdp ddp fsdp ..., on the same batches, so that
+drift and the machine's other load hit both alike (the harness's interleaving). A step is timed with
+``perf_counter`` from a barrier to its return; the slowest rank's time counts. Reported per case: the median over
+the timed steps and their first and third quartiles, images/s = global batch (64 x ranks) / that median, and for
+fsdp the median of its step-by-step ratio to ddp; with the load average around each launch. Writes
+benchmarks/results/fsdp-step-<cpu>.json (labelled CPU).
 """
 
 from __future__ import annotations
@@ -98,14 +101,18 @@ def main(argv=None) -> int:
         prog="python -m benchmarks.bench_fsdp_step", description=__doc__.split("\n")[0]
     )
     p.add_argument("--worlds", default="1,2", help="comma-separated numbers of ranks, one launch each")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--steps", type=int, default=20, help="timed steps per strategy")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per strategy first")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--run_dir", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.steps < 1 or a.warmup < 0:
-        p.error(f"--steps must be at least 1 and --warmup at least 0, got {a.steps} and {a.warmup}")
+    if a.steps < 1 or a.warmup < 0 or a.threads < 1:
+        p.error(
+            f"--steps and --threads must be at least 1 and --warmup at least 0, got {a.steps}, {a.threads} "
+            f"and {a.warmup}"
+        )
     if a.worker is not None:
         worker(a.worker, {"out": a.run_dir}, a.warmup, a.steps)
         return 0
@@ -114,19 +121,21 @@ def main(argv=None) -> int:
     batch = config.resolve(CONFIG, {}).batch_size
     cores = os.cpu_count() or 1
     cpu = torch.device("cpu")
+    torch.set_num_threads(a.threads)  # as in the ranks, for the device's description
     print(f"{CONFIG} on {harness.device_name(cpu)}: {a.warmup} + {a.steps} steps per strategy", flush=True)
     records, rows = [], []
     for world in (int(w) for w in a.worlds.split(",")):
-        threads = max(1, cores // world)
+        threads = a.threads
         before = os.getloadavg()[0]
         got = launch(world, threads, a.warmup, a.steps)
         load = [before, os.getloadavg()[0]]
         for strategy in STRATEGIES:
             median = statistics.median(got[strategy])
+            quartiles = statistics.quantiles(got[strategy], n=4)
             ratios = [d / t for d, t in zip(got["ddp"], got[strategy])]
             records.append({
                 "strategy": strategy, "ranks": world, "threads_per_rank": threads, "global_batch": batch * world,
-                "median_step_s": median, "images_per_s": batch * world / median,
+                "median_step_s": median, "quartiles_s": [quartiles[0], quartiles[2]], "images_per_s": batch * world / median,
                 "speed_vs_ddp": statistics.median(ratios), "load_average_1min_before_after": load,
                 "step_times_s": got[strategy],
             })  # fmt: skip
@@ -144,10 +153,10 @@ def main(argv=None) -> int:
         payload = {
             "label": "CPU",
             "method": f"{CONFIG} ({batch} images per rank, fp32, gloo), conmim.train.build_run and train_step as "
-            f"conmim-train runs them, one torchrun launch per number of ranks with cores / ranks torch threads per "
-            f"rank; in it the strategies alternate step by step on the same batches (loaded beforehand), "
+            f"conmim-train runs them, one torchrun launch per number of ranks, {a.threads} torch thread(s) per rank; "
+            f"in it the strategies alternate step by step on the same batches (loaded beforehand), "
             f"{a.warmup} warm-up steps each, then {a.steps} timed; a step is timed from a barrier to its return, "
-            "the slowest rank counts; median over the timed steps; images/s = global batch / median; speed_vs_ddp "
+            "the slowest rank counts; median over the timed steps (quartiles_s: the first and third quartiles); images/s = global batch / median; speed_vs_ddp "
             "= median of the step-by-step ratio ddp time / this time",
             "device": harness.device_name(cpu),
             "cores": cores,
