@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from conmim import backends
 from conmim._validate import check_momentum, check_tensor_lists
@@ -82,6 +83,11 @@ class MomentumTeacher(nn.Module):
     ):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
+        if any(isinstance(p, DTensor) for p in student.parameters()):
+            raise TypeError(
+                "student is sharded (FSDP) but MomentumTeacher keeps a whole copy in one flat buffer: build the "
+                "teacher of a sharded student with conmim.fsdp.prepare (a ShardedTeacher, updated on the local shards)"
+            )
         momentum_schedule(0, total_steps, base_momentum, final_momentum)  # validates the schedule's arguments
         backends.requested_backend(backend)
         super().__init__()

@@ -1,5 +1,6 @@
 """Data: scanning and corrupt files, the two views (torch and DALI), masks, sharding, determinism, samples."""
 
+import random
 import shutil
 from pathlib import Path
 
@@ -277,6 +278,23 @@ def test_resuming_mid_epoch_gives_the_same_batches(tmp_path, sample_root, loader
     assert torch.equal(m, batches[1][2]) and torch.equal(resumed.last_indices, batches[1][3])
     full.set_epoch(0)
     assert not torch.equal(next(iter(full))[2], batches[0][2])  # another epoch, other masks
+
+
+@pytest.mark.parametrize(
+    ("loader", "workers"), [("torch", 0), ("torch", 2), pytest.param("dali", 0, marks=needs_dali)]
+)
+def test_iterating_leaves_the_global_rng_alone(tmp_path, sample_root, loader, workers):
+    """A run resumed mid-epoch iterates its loader once more than the uninterrupted run: the global RNG state,
+    which checkpoints save and restore, must not depend on that."""
+    root = _photo_folder(tmp_path, sample_root)
+    L = build_loader(root, 4, SMALL, loader=loader, seed=0, num_workers=workers, verbose=False)
+    torch.manual_seed(5)
+    random.seed(5)
+    before = torch.get_rng_state(), random.getstate()
+    for epoch, start in ((0, 0), (0, 1), (1, 0)):
+        L.set_epoch(epoch, start)
+        assert len(list(L)) == L.batches_per_epoch() - start
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
 
 
 @pytest.mark.parametrize(

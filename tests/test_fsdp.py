@@ -196,6 +196,12 @@ def test_teacher_update_is_one_fused_call_on_the_local_shards(mesh, monkeypatch)
         torch.testing.assert_close(t.to_local(), t0 + (1 - m) * (s.to_local() - t0), atol=1e-6, rtol=1e-6)
 
 
+def test_momentum_teacher_refuses_a_sharded_student(mesh):
+    student, _ = _prepared(mesh)
+    with pytest.raises(TypeError, match=r"student is sharded \(FSDP\).*conmim.fsdp.prepare"):
+        MomentumTeacher(student)
+
+
 def test_update_refuses_another_architecture(mesh):
     _, teacher = _prepared(mesh)
     with pytest.raises(ValueError, match="student has 2 parameters but the teacher has"):

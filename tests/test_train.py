@@ -15,6 +15,7 @@ import yaml
 from conmim import config as cfgmod
 from conmim import train as T
 from tests.conftest import tiny
+from tests.test_scaleout import _children
 
 
 def cli(*args, env=None):
@@ -54,17 +55,47 @@ def test_config_file_round_trip_and_overrides(tmp_path):
     }
 
 
-def _final_weights(out: Path) -> dict:
-    state = torch.load(T.checkpoints(out)[0], map_location="cpu", weights_only=True)
-    return {
-        **{f"s.{k}": v for k, v in state["student"].items()},
-        **{f"t.{k}": v for k, v in state["teacher"].items()},
-        "step": torch.tensor(state["step"]),
-    }
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step in a checkpoint's name, ckpt-e<epoch>-s<step>.pt or .dcp."""
+    return int(path.stem.split("-s")[1])
+
+
+def kill_once_checkpointed(cmd: list[str], found, at_least: int) -> int:
+    """Start ``cmd`` (conmim-train, alone or under torchrun), and SIGKILL it and its children (torchrun's
+    ranks, each in a session of its own) as soon as ``found()`` lists a checkpoint of step ``at_least`` or
+    later: the machine dies. Returns the step of the newest complete checkpoint left."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(checkpoint_step(p) >= at_least for p in found()):
+        time.sleep(0.05)
+    for pid in [*_children(proc.pid), proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    return max(checkpoint_step(p) for p in found())
+
+
+def assert_identical(a, b, where: str = "checkpoint") -> None:
+    """Nested dicts, lists and tuples of tensors and plain values equal bit for bit (tensors: same dtype, shape
+    and values)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
 
 
 @pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(digits, tmp_path):
+    """SIGKILLed after its step-5 checkpoint or later and started again, the run ends with the checkpoint of
+    the uninterrupted one, bit for bit: weights, optimizer state, run state and RNG states."""
     args = [
         "--config",
         "tiny_demo",
@@ -98,26 +129,15 @@ def test_kill_and_resume_equals_uninterrupted(digits, tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     out = tmp_path / "b"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conmim.train", *args, "--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **env},
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(int(p.stem.split("-s")[1]) >= 5 for p in out.glob("ckpt-*.pt")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = max(int(p.stem.split("-s")[1]) for p in out.glob("ckpt-*.pt"))
+    cmd = [sys.executable, "-m", "conmim.train", *args, "--out", str(out)]
+    killed_at = kill_once_checkpointed(cmd, lambda: T.checkpoints(out), 5)
     assert 5 <= killed_at < 12, "the run must be killed in the middle"
     done = cli(*args, "--out", str(out), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr
-    a, b = _final_weights(tmp_path / "a"), _final_weights(out)
-    assert a.keys() == b.keys() and int(a["step"]) == 12
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    a, b = (torch.load(T.checkpoints(run)[0], weights_only=True) for run in (tmp_path / "a", out))
+    assert a["step"] == 12
+    assert_identical(b, a)
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(digits, tmp_path):

@@ -1,16 +1,20 @@
 """conmim-train's parallel strategies and its k-NN monitor: `--strategy fsdp` against `--strategy ddp` on 2 gloo
-ranks, an FSDP run resumed at another world size, its run folder exported, activation checkpointing under DDP,
-and `eval_every` writing the teacher's k-NN to metrics.jsonl."""
+ranks, an FSDP run killed and resumed, continued at another world size and back, its run folder exported,
+activation checkpointing under either strategy, and `eval_every` writing the teacher's k-NN to metrics.jsonl."""
 
 import itertools
 import json
 import os
+import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from conmim import evaluate as E
@@ -20,15 +24,23 @@ from conmim import train as T
 from conmim.models import build_encoder
 from tests.conftest import tiny
 from tests.test_scaleout import torchrun_cmd
+from tests.test_train import assert_identical, checkpoint_step, kill_once_checkpointed
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def launch(digits, out: Path, *extra: str, world: int = 2) -> subprocess.CompletedProcess:
+def command(digits, out: Path, *extra: str, world: int = 2) -> list[str]:
     """conmim-train under torchrun on ``world`` gloo ranks: the tiny model on the 32 digits, one log per step."""
     cmd = torchrun_cmd(digits, out, "--log_every", "1", *extra)
     cmd[cmd.index("--nproc_per_node") + 1] = str(world)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    return cmd
+
+
+def launch(digits, out: Path, *extra: str, world: int = 2) -> subprocess.CompletedProcess:
+    """``command`` run to its end, which must be a success."""
+    r = subprocess.run(
+        command(digits, out, *extra, world=world), capture_output=True, text=True, timeout=600, env=ENV
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -51,12 +63,16 @@ def single_process_group():
         dist.destroy_process_group()
 
 
+# 2 epochs of 2 optimizer steps, checkpointed after every step (all kept), each rank's images recorded
+RUN = ("--epochs", "2", "--checkpoint_every", "1", "--keep_last", "4", "--record_samples", "true")
+
+
 @pytest.fixture(scope="module")
 def two_rank_runs(digits, tmp_path_factory) -> dict[str, Path]:
-    """The same 2-epoch run (4 optimizer steps) on 2 ranks under each strategy."""
+    """The same run (``RUN``) on 2 ranks under each strategy."""
     base = tmp_path_factory.mktemp("strategies")
     for strategy in ("ddp", "fsdp"):
-        launch(digits, base / strategy, "--epochs", "2", "--strategy", strategy)
+        launch(digits, base / strategy, *RUN, "--strategy", strategy)
     return {s: base / s for s in ("ddp", "fsdp")}
 
 
@@ -66,7 +82,9 @@ def test_fsdp_on_two_ranks_trains_like_ddp(two_rank_runs):
     ddp, fsdp_run = two_rank_runs["ddp"], two_rank_runs["fsdp"]
     assert [p.name for p in fsdp.checkpoints(fsdp_run)] == [
         "ckpt-e0002-s00000004.dcp",
+        "ckpt-e0001-s00000003.dcp",
         "ckpt-e0001-s00000002.dcp",
+        "ckpt-e0000-s00000001.dcp",
     ]
     assert not T.checkpoints(fsdp_run) and not fsdp.checkpoints(ddp)
     assert json.loads((fsdp_run / "epoch_ends.json").read_text()) == [
@@ -87,6 +105,40 @@ def test_fsdp_on_two_ranks_trains_like_ddp(two_rank_runs):
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=f"{which} {k}")
     # DDP compares the replicas at the end; FSDP's ranks hold different shards, so it does not
     assert (ddp / "rank_checksums.json").exists() and not (fsdp_run / "rank_checksums.json").exists()
+
+
+def _dcp_checkpoint(path: Path) -> dict:
+    """All an FSDP checkpoint holds, whole: ``fsdp.read_state_dict`` (student, teacher, run state with its RNG
+    states) and the optimizer's entries (AdamW's moments and step counts per parameter, its param groups)."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    optimizer = {
+        key: torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata) else None
+        for key, m in meta.state_dict_metadata.items()
+        if key.startswith("optimizer.")
+    }
+    with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(optimizer, checkpoint_id=str(path), no_dist=True)
+    return {**fsdp.read_state_dict(path), "optimizer": optimizer}
+
+
+@pytest.mark.slow
+def test_a_killed_two_rank_fsdp_run_resumes_bit_for_bit(digits, two_rank_runs, tmp_path):
+    """The machine dies (torchrun and both ranks SIGKILLed) after the checkpoint of step 1, mid-epoch, or later;
+    the same command on 2 ranks resumes and ends with the uninterrupted run's checkpoint, bit for bit."""
+    out = tmp_path / "run"
+    cmd = command(digits, out, *RUN, "--strategy", "fsdp")
+    killed_at = kill_once_checkpointed(cmd, lambda: fsdp.checkpoints(out), 1)
+    assert 1 <= killed_at < 4, "the run must be killed in the middle"
+    newest = fsdp.checkpoints(out)[0].name
+    r = launch(digits, out, *RUN, "--strategy", "fsdp")
+    assert f"resuming from {newest} (step {killed_at})" in r.stderr
+    got, want = (_dcp_checkpoint(fsdp.checkpoints(run)[0]) for run in (out, two_rank_runs["fsdp"]))
+    moments = {
+        f"optimizer.state.{k}.{m}" for k in _weights(want["student"]) for m in ("exp_avg", "exp_avg_sq")
+    }
+    assert want["step"] == 4 and moments <= want["optimizer"].keys()
+    assert_identical(got, want)
 
 
 @pytest.mark.slow
@@ -110,21 +162,54 @@ def test_export_reads_an_fsdp_run_folder(two_rank_runs, tmp_path):
         assert torch.equal(evaluated.state_dict()[k], v), k
 
 
+def _metrics(out: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def _read(out: Path, epoch: int, rank: int) -> list[list[int]]:
+    """The images a rank read in an epoch, a list per micro-batch (``--record_samples``)."""
+    lines = (out / f"samples-e{epoch:04d}-r{rank}.txt").read_text().splitlines()
+    return [[int(i) for i in line.split()] for line in lines]
+
+
 @pytest.mark.slow
-def test_a_two_rank_fsdp_run_resumes_on_one_rank(digits, tmp_path):
-    """Stopped mid-epoch on 2 ranks (step 3 of 4), continued on 1 rank with accum_steps 2 (the same global
-    batch): the step count goes on, and the second epoch reads every image once across the two world sizes."""
-    out = tmp_path / "run"
-    common = ("--epochs", "2", "--strategy", "fsdp", "--record_samples", "true")
-    launch(digits, out, *common, "--max_steps", "3")
-    assert fsdp.checkpoints(out)[0].name == "ckpt-e0001-s00000003.dcp"
-    r = launch(digits, out, *common, "--accum_steps", "2", world=1)
-    assert "resuming from ckpt-e0001-s00000003.dcp" in r.stderr
-    state = fsdp.read_state_dict(fsdp.checkpoints(out)[0])
-    assert (state["step"], state["epoch"], state["batch"]) == (4, 2, 0)
-    assert sorted(losses(out)) == [1, 2, 3, 4]
-    read = [int(i) for rank in (0, 1) for i in (out / f"samples-e0001-r{rank}.txt").read_text().split()]
-    assert sorted(read) == list(range(32))  # 16 on 2 ranks before the stop, the other 16 on 1 rank after
+def test_a_two_rank_fsdp_run_continues_on_one_rank_and_back_on_two(digits, two_rank_runs, tmp_path):
+    """The uninterrupted 2-rank run's mid-epoch checkpoint of step 1 continued on 1 rank with accum_steps 2 (the
+    same global batch), and that run's mid-epoch checkpoint of step 3 continued on 2 ranks: the step count, the LR
+    and momentum schedules and the RNG streams go on exactly, each epoch reads every image once across the world
+    sizes, and the losses follow the uninterrupted run's. Not bit for bit: the masks come from per-rank streams
+    and the head's BatchNorm sees other micro-batches, so the steps on 1 rank see other masks and statistics."""
+    whole = two_rank_runs["fsdp"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    legs = [
+        (whole, "ckpt-e0000-s00000001.dcp", one, 1, ("--accum_steps", "2")),
+        (one, "ckpt-e0001-s00000003.dcp", two, 2, ()),
+    ]
+    for src, name, out, world, extra in legs:
+        shutil.copytree(src / name, out / name)
+        r = launch(digits, out, *RUN, "--strategy", "fsdp", *extra, world=world)
+        assert f"resuming from {name} (step {checkpoint_step(out / name)})" in r.stderr
+    want, uninterrupted = _metrics(whole), fsdp.read_state_dict(fsdp.checkpoints(whole)[0])
+    for out, steps in ((one, [2, 3, 4]), (two, [4])):
+        got = _metrics(out)
+        assert sorted(got) == steps
+        for k in steps:
+            assert [got[k][x] for x in ("epoch", "lr", "momentum")] == [
+                want[k][x] for x in ("epoch", "lr", "momentum")
+            ]
+            # other masks: up to 0.26 apart here; a run that started again would be near step 1's loss
+            assert got[k]["loss"] == pytest.approx(want[k]["loss"], abs=0.35), k
+            assert got[k]["loss"] < want[1]["loss"] - 0.3, k
+        final = fsdp.read_state_dict(fsdp.checkpoints(out)[0])
+        assert (final["step"], final["epoch"], final["batch"]) == (4, 2, 0)
+        assert_identical(final["rng"], uninterrupted["rng"])
+    # epoch 0: step 1 on 2 ranks, step 2 on 1 rank; epoch 1: step 3 on 1 rank, step 4 on 2 ranks
+    epoch0 = [*_read(whole, 0, 0)[0], *_read(whole, 0, 1)[0], *itertools.chain(*_read(one, 0, 0))]
+    epoch1 = [*itertools.chain(*_read(one, 1, 0)[:2]), *_read(two, 1, 0)[0], *_read(two, 1, 1)[0]]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(32))
+    # back on 2 ranks mid-epoch, each rank reads the batch it read in the uninterrupted run
+    assert [_read(two, 1, r) for r in (0, 1)] == [_read(whole, 1, r)[1:] for r in (0, 1)]
 
 
 # ----------------------------------------------------------------------------------------- in one process
@@ -158,6 +243,22 @@ def test_grad_checkpointing_recomputes_the_blocks_under_either_strategy(
     T.train_step(run, T.RunState(), [(xs, xt, mask)], T.Meter(run.device))
     assert len(calls) == 2  # the forward, and its recomputation in the backward
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, run.teacher.parameters()))
+
+
+def test_the_step_benchmark_runs_both_strategies(digits, tmp_path, single_process_group):
+    from benchmarks import bench_fsdp_step as B
+
+    small = {
+        "data": str(digits),
+        "out": str(tmp_path / "run"),
+        "batch_size": 8,
+        "head_hidden": 64,
+        "head_out": 32,
+    }
+    got = B.worker(tmp_path / "times.json", small, warmup=1, steps=2)
+    assert json.loads((tmp_path / "times.json").read_text()) == got
+    assert list(got) == ["ddp", "fsdp"] and all(len(t) == 2 and min(t) > 0 for t in got.values())
+    assert not dist.is_initialized()  # the one-rank group FSDP started is torn down
 
 
 # --------------------------------------------------------------------------------------------- k-NN monitor

@@ -77,11 +77,15 @@ def make_torch_loader(
     drop_last: bool = True,
     shuffle: bool = True,
 ):
-    """A DataLoader yielding (student [B, 3, S, S], teacher [B, 3, S, S], indices [B]) on the CPU."""
+    """A DataLoader yielding (student [B, 3, S, S], teacher [B, 3, S, S], indices [B]) on the CPU.
+
+    Its own generator: each ``iter`` of a DataLoader draws a seed for its workers, by default from the global
+    torch generator, so a run resumed mid-epoch (one more ``iter`` than the uninterrupted run) would continue
+    the global RNG stream one draw later; the views and masks take their randomness from their own seeds."""
     sampler = ShardSampler(len(files), rank, world_size, seed, shuffle)
     loader = DataLoader(
         TwoViewDataset(files, cfg), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         pin_memory=pin_memory, drop_last=drop_last, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
     return loader, sampler
