@@ -1,4 +1,4 @@
-"""Step time of the tiny demo (``--config tiny_demo``: the tiny ViT on 32 px digits, 64 images per rank, fp32) on
+"""Step time of the tiny demo (``--config tiny_demo``: the tiny ViT on 32 px digits, the preset's batch per rank, fp32) on
 the CPU under both strategies, ``ddp`` and ``fsdp``, on 1 and 2 gloo ranks.
 
 ``python -m benchmarks.bench_fsdp_step [--worlds 1,2] [--threads 1] [--steps 20] [--warmup 3]`` launches torchrun
@@ -11,7 +11,7 @@ batches first (the data pipeline is not timed), then runs the strategies' ``trai
 backward, gradient reduction, clip, AdamW, EMA) in turn, ddp fsdp ddp fsdp ..., on the same batches, so that
 drift and the machine's other load hit both alike (the harness's interleaving). A step is timed with
 ``perf_counter`` from a barrier to its return; the slowest rank's time counts. Reported per case: the median over
-the timed steps and their first and third quartiles, images/s = global batch (64 x ranks) / that median, and for
+the timed steps and their first and third quartiles, images/s = global batch (batch x ranks) / that median, and for
 fsdp the median of its step-by-step ratio to ddp; with the load average around each launch. Writes
 benchmarks/results/fsdp-step-<cpu>.json (labelled CPU).
 """
