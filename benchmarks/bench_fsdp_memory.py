@@ -159,7 +159,7 @@ def main(argv=None) -> int:
             "model": a.model,
             "fsdp_precision": "bf16 (sharded state fp32)",
             "commit": harness.commit(),
-            "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+            "versions": harness.versions(),
             "ddp": {"per_rank": ddp, "total": ddp_total},
             "fsdp": rows,
         }

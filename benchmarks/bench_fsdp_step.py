@@ -164,7 +164,7 @@ def main(argv=None) -> int:
             f"{os.nice(0)}: the 1-minute load average before and after each launch is in each case",
             "date": _dt.date.today().isoformat(),
             "commit": harness.commit(),
-            "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+            "versions": harness.versions(),
             "cases": records,
         }
         path.write_text(json.dumps(payload, indent=1) + "\n")
