@@ -16,7 +16,7 @@ of d) and streams the image's keys in tiles of BLOCK_N:
 
 Rows wider than BLOCK_D are cut into chunks: the products loop over them, and each backward program writes
 one chunk of its gradient rows. From four chunks on (on a GPU: d >= 512 in bf16/fp16, 128 with fp32
-products) and for N <= STORED_MAX_N, the backward recomputes nothing per chunk: bwd_w computes the logits once
+products) and where w is no larger than a feature tensor (stored_fits), the backward recomputes nothing per chunk: bwd_w computes the logits once
 and stores their gradient w (fp32, work-order rows by keys) with the rows' and keys' norms and projections,
 then bwd_wq (d(student)) and bwd_wk (d(teacher)) multiply w into each chunk of the features
 (backward_kernels picks; see the tiles' table).
@@ -662,7 +662,7 @@ _TILES = {
         (256, dict(fwd=Tiles(64, 32, 256, 4), bwd_q=Tiles(16, 16, 256, 4), bwd_k=Tiles(16, 32, 256, 4))),
         # d = 384: three chunks of 128, no padded columns; 32-wide logits tiles give each of the 4 warps its
         # own 16 x 8 MMA (16 x 16 over 4 warps computes each product twice) and keep bwd_q memory-bound.
-        # d = 512 (four chunks) and up, N <= STORED_MAX_N: the stored backward (_STORED_LOW), memory-bound by
+        # d = 512 (four chunks) and up, where stored_fits: the stored backward (_STORED_LOW), memory-bound by
         # the estimate. bwd_w: the forward's tiles on 8 warps (on 4, 255 registers and 1 spill store with
         # Triton 3.6); bwd_wq: a 64-row wgmma over a [64, 128] fp32 accumulator; bwd_wk: 32 keys (64 spilled
         # 10 stores with 3.6) by bwd_w's 64 query rows per step.
@@ -702,10 +702,17 @@ _TILES = {
         ),
     ),
 }
+
+
 # The stored backward keeps w (fp32, B x N x N: the masked count per image lives on the device, so every row
-# is allocated) for N up to 1024 (1 GB at B = 256); above, as at N = 3136 (10 GB, the size of the official
-# formulation's logits that this loss exists to avoid), the backward recomputes the logits per chunk.
-STORED_MAX_N = 1024
+# is allocated) only where it is no larger than one feature tensor (4 N <= d times the narrower input's item
+# size), so the loss's memory stays linear in its inputs: at N = 196 every four-chunk d qualifies (w: 39 MB at
+# B = 256); at N = 784 (448 px) only d >= 1568 in bf16/fp16, d >= 784 in fp32; at N = 3136, where the official
+# formulation's logits take 10 GB, none. The others recompute the logits per chunk.
+def stored_fits(N: int, D: int, itemsize: int) -> bool:
+    return D * itemsize >= 4 * N  # w holds 4 N bytes per row, a feature row D * itemsize
+
+
 STORED_MIN_CHUNKS = 4  # 3 recomputations of the logits cost less than writing and reading w back twice
 # Under the interpreter: 16 x 16 tiles (its cost grows with the tile, not with the grid) and chunks of 32
 # columns, so the tests' d = 40 and 100 take the chunked path, d = 100 (four chunks) the stored backward.
@@ -758,7 +765,8 @@ def backward_kernels(student_dtype, teacher_dtype, N: int, D: int, need_teacher:
     each chunk of the gradient, or ("bwd_w", "bwd_wq", "bwd_wk"), the logits once and their gradient stored;
     the keys' kernel only when the teacher needs a gradient."""
     const, _ = launch_meta("bwd_q", student_dtype, teacher_dtype, D, False, True, interpret)
-    if N <= STORED_MAX_N and const["D_CHUNKS"] >= STORED_MIN_CHUNKS:
+    itemsize = min(student_dtype.itemsize, teacher_dtype.itemsize)
+    if stored_fits(N, D, itemsize) and const["D_CHUNKS"] >= STORED_MIN_CHUNKS:
         return ("bwd_w", "bwd_wq", "bwd_wk") if need_teacher else ("bwd_w", "bwd_wq")
     return ("bwd_q", "bwd_k") if need_teacher else ("bwd_q",)
 

@@ -240,6 +240,27 @@ def test_triton_backend_feature_chunks(dtype, variant):
         assert_matches("triton", s, t, make_mask(kind, 2, N, seed=5), dtype, **kw)
 
 
+@pytest.mark.parametrize(
+    ("dtypes", "N", "d", "first"),
+    [
+        ((torch.bfloat16, torch.bfloat16), 196, 256, "bwd_q"),  # two chunks: recomputing is cheaper
+        ((torch.bfloat16, torch.bfloat16), 196, 768, "bwd_w"),
+        ((torch.bfloat16, torch.bfloat16), 784, 768, "bwd_q"),  # w (4 N per row) would outgrow the features
+        ((torch.bfloat16, torch.bfloat16), 784, 2048, "bwd_w"),
+        ((torch.float32, torch.float32), 196, 256, "bwd_w"),
+        ((torch.float32, torch.float32), 784, 256, "bwd_q"),
+        ((torch.bfloat16, torch.float32), 400, 768, "bwd_q"),  # the narrower input's item size counts
+        ((torch.bfloat16, torch.float32), 384, 768, "bwd_w"),
+    ],
+)
+def test_stored_backward_only_where_it_is_no_larger_than_the_features(dtypes, N, d, first):
+    from conmim.kernels import patch_contrast as kpc
+
+    kernels = kpc.backward_kernels(*dtypes, N, d, True, interpret=False)
+    assert kernels[0] == first
+    assert kernels[1:] == (("bwd_wq", "bwd_wk") if first == "bwd_w" else ("bwd_k",))
+
+
 @triton_only
 @pytest.mark.parametrize("kernels", ["recompute", "stored"])
 @pytest.mark.parametrize("variant", ["plain", "positive_index", "normalize_off", "student_only"])
