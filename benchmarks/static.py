@@ -321,7 +321,10 @@ def _compile_case(case: Case) -> dict:
     else:
         fn = pc.KERNELS[case.kernel]
         dt = torch_dtype[case.dtype]
-        const, warps = pc.launch_meta(case.kernel, dt, dt, case.d, case.has_pos, True, interpret=False)
+        # ConMIM's temperature, normalized rows: fp32 logits as 3xTF32 (pc.exact_logits)
+        const, warps = pc.launch_meta(
+            case.kernel, dt, dt, case.d, case.has_pos, True, temperature=0.1, interpret=False
+        )
         sig, cx, attrs = _loss_signature(fn, case, const)
         src = ASTSource(fn, sig, constexprs=cx, attrs=attrs)
         # D_CHUNKS: feature chunks per row, looped over inside a program or one program each

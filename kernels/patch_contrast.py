@@ -117,6 +117,7 @@ def _products(
     b,
     D,
     F32_DOTS: tl.constexpr,
+    EXACT_LOGITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr,
 ):
@@ -131,7 +132,7 @@ def _products(
     for c in range(D_CHUNKS):  # a loop, not unrolled: the pipeliner stages one chunk at a time
         q = _load_rows(s_ptr, q_rows, s_sb, s_sn, s_sd, b, c * BLOCK_D + offs_d, q_ok, D, F32_DOTS)
         k = _load_rows(t_ptr, k_rows, t_sb, t_sn, t_sd, b, c * BLOCK_D + offs_d, k_ok, D, F32_DOTS)
-        raw = _dot(q, tl.trans(k), raw, F32_DOTS)
+        raw = _dot_logits(q, tl.trans(k), raw, F32_DOTS, EXACT_LOGITS)
         q_sq += _squares(q)
         k_sq += _squares(k)
     return raw, q_sq, k_sq
@@ -171,6 +172,16 @@ def _dot(a, b, acc, F32_DOTS: tl.constexpr):
         return tl.dot(a, b, acc=acc, input_precision="tf32x3")
     else:
         return tl.dot(a, b, acc=acc)
+
+
+@triton.jit
+def _dot_logits(a, b, acc, F32_DOTS: tl.constexpr, EXACT_LOGITS: tl.constexpr):
+    """acc + a b for the logits: as _dot, but in plain fp32 (FMA) where 3xTF32's error, scaled by large logits,
+    would break the float64 rule (EXACT_LOGITS, chosen by launch_meta from the temperature and normalize)."""
+    if F32_DOTS and EXACT_LOGITS:
+        return tl.dot(a, b, acc=acc, input_precision="ieee")
+    else:
+        return _dot(a, b, acc, F32_DOTS)
 
 
 @triton.jit
@@ -228,6 +239,7 @@ def _patch_contrast_fwd_kernel(
     HAS_POS: tl.constexpr,
     NORMALIZE: tl.constexpr,
     F32_DOTS: tl.constexpr,
+    EXACT_LOGITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -253,7 +265,7 @@ def _patch_contrast_fwd_kernel(
             col_ok = offs_n < N
             raw, _q_sq, k_sq = _products(
                 s_ptr, s_sb, s_sn, s_sd, row_idx, valid, t_ptr, t_sb, t_sn, t_sd, offs_n, col_ok, b, D,
-                F32_DOTS, BLOCK_D, D_CHUNKS,
+                F32_DOTS, EXACT_LOGITS, BLOCK_D, D_CHUNKS,
             )  # fmt: skip
             _kn, inv_kn = _norms(k_sq, eps, NORMALIZE)
             logits = raw * row_scale[:, None] * inv_kn[None, :]
@@ -295,6 +307,7 @@ def _patch_contrast_bwd_q_kernel(
     HAS_POS: tl.constexpr,
     NORMALIZE: tl.constexpr,
     F32_DOTS: tl.constexpr,
+    EXACT_LOGITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -329,7 +342,7 @@ def _patch_contrast_bwd_q_kernel(
             col_ok = offs_n < N
             raw, _q_sq, k_sq = _products(
                 s_ptr, s_sb, s_sn, s_sd, row_idx, valid, t_ptr, t_sb, t_sn, t_sd, offs_n, col_ok, b, D,
-                F32_DOTS, BLOCK_D, D_CHUNKS,
+                F32_DOTS, EXACT_LOGITS, BLOCK_D, D_CHUNKS,
             )  # fmt: skip
             _kn, inv_kn = _norms(k_sq, eps, NORMALIZE)
             cos = raw * inv_qn[:, None] * inv_kn[None, :]
@@ -382,6 +395,7 @@ def _patch_contrast_bwd_k_kernel(
     HAS_POS: tl.constexpr,
     NORMALIZE: tl.constexpr,
     F32_DOTS: tl.constexpr,
+    EXACT_LOGITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -405,7 +419,7 @@ def _patch_contrast_bwd_k_kernel(
         row_idx = tl.load(order_ptr + b * N + offs_m, mask=valid, other=0)
         raw, q_sq, _k_sq = _products(
             s_ptr, s_sb, s_sn, s_sd, row_idx, valid, t_ptr, t_sb, t_sn, t_sd, offs_n, col_ok, b, D,
-            F32_DOTS, BLOCK_D, D_CHUNKS,
+            F32_DOTS, EXACT_LOGITS, BLOCK_D, D_CHUNKS,
         )  # fmt: skip
         _qn, inv_qn = _norms(q_sq, eps, NORMALIZE)
         pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
@@ -459,6 +473,7 @@ def _patch_contrast_bwd_w_kernel(
     HAS_POS: tl.constexpr,
     NORMALIZE: tl.constexpr,
     F32_DOTS: tl.constexpr,
+    EXACT_LOGITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -490,7 +505,7 @@ def _patch_contrast_bwd_w_kernel(
             col_ok = offs_n < N
             raw, _q_sq, k_sq = _products(
                 s_ptr, s_sb, s_sn, s_sd, row_idx, valid, t_ptr, t_sb, t_sn, t_sd, offs_n, col_ok, b, D,
-                F32_DOTS, BLOCK_D, D_CHUNKS,
+                F32_DOTS, EXACT_LOGITS, BLOCK_D, D_CHUNKS,
             )  # fmt: skip
             kn, inv_kn = _norms(k_sq, eps, NORMALIZE)
             cos = raw * inv_qn[:, None] * inv_kn[None, :]
@@ -731,15 +746,37 @@ def _f32_dots(student_dtype, teacher_dtype, interpret: bool) -> bool:
     return interpret or student_dtype == torch.float32 or student_dtype != teacher_dtype
 
 
+# 3xTF32 keeps ~21-22 bits of each fp32 operand, several times fp32's rounding error on a logit; multiplied by
+# large logits (small temperatures, unnormalised rows) it breaks the float64 rule (a fused gradient's error at
+# most 2x that of plain fp32 torch). Measured on the CUDA kernels' CPU execution, whose TF32 rounding is exact:
+# 3xTF32 logits failed at tau = 1e-3, 1e-4, 1e-5 and for unnormalised rows of norm 30 (4-6x torch's error),
+# and passed at tau = 0.05 with a saturated softmax. With normalized rows |logit| <= 1 / tau, so 3xTF32 logits
+# only there and for tau >= TF32X3_MIN_TAU; else plain fp32 (FMA), as the CUDA kernels' fp32 logits always are.
+TF32X3_MIN_TAU = 0.05
+
+
+def exact_logits(normalize: bool, temperature: float) -> bool:
+    return not (normalize and temperature >= TF32X3_MIN_TAU)
+
+
 def launch_meta(
-    kernel: str, student_dtype, teacher_dtype, D: int, has_pos: bool, normalize: bool, interpret=None
+    kernel: str,
+    student_dtype,
+    teacher_dtype,
+    D: int,
+    has_pos: bool,
+    normalize: bool,
+    *,
+    temperature: float,
+    interpret=None,
 ):
     """(constexpr arguments, num_warps) of one kernel (a key of KERNELS) for these inputs; shared by the
     launchers and the static profile (benchmarks/static.py), so both compile the same binaries. interpret:
     the interpreter's tiles (default: whether TRITON_INTERPRET is set).
 
     Products run in fp32 for fp32 features, for a student and teacher of different dtypes (tl.dot needs one
-    operand dtype) and under the interpreter; bf16/fp16 pairs use tensor cores in their own dtype."""
+    operand dtype) and under the interpreter; bf16/fp16 pairs use tensor cores in their own dtype. fp32 products
+    are 3xTF32, except the logits' where they can be large (exact_logits)."""
     interpret = interpreting() if interpret is None else interpret
     f32_dots = _f32_dots(student_dtype, teacher_dtype, interpret)
     if interpret:
@@ -751,6 +788,7 @@ def launch_meta(
         HAS_POS=has_pos,
         NORMALIZE=bool(normalize),
         F32_DOTS=f32_dots,
+        EXACT_LOGITS=f32_dots and exact_logits(normalize, temperature),
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_D=block_d,
@@ -764,7 +802,9 @@ def backward_kernels(student_dtype, teacher_dtype, N: int, D: int, need_teacher:
     """The backward's kernels for these inputs, in launch order: ("bwd_q", "bwd_k"), recomputing the logits for
     each chunk of the gradient, or ("bwd_w", "bwd_wq", "bwd_wk"), the logits once and their gradient stored;
     the keys' kernel only when the teacher needs a gradient."""
-    const, _ = launch_meta("bwd_q", student_dtype, teacher_dtype, D, False, True, interpret)
+    const, _ = launch_meta(
+        "bwd_q", student_dtype, teacher_dtype, D, False, True, temperature=1.0, interpret=interpret
+    )
     itemsize = min(student_dtype.itemsize, teacher_dtype.itemsize)
     if stored_fits(N, D, itemsize) and const["D_CHUNKS"] >= STORED_MIN_CHUNKS:
         return ("bwd_w", "bwd_wq", "bwd_wk") if need_teacher else ("bwd_w", "bwd_wq")
@@ -789,7 +829,9 @@ def patch_contrast_forward(student, teacher, mask, positive_index, temperature, 
         return loss, lse
     order, counts = work if work is not None else work_order(mask)
     pos, p_sb, p_sn = _positive_args(student, positive_index)
-    const, warps = launch_meta("fwd", student.dtype, teacher.dtype, D, positive_index is not None, normalize)
+    const, warps = launch_meta(
+        "fwd", student.dtype, teacher.dtype, D, positive_index is not None, normalize, temperature=temperature
+    )
     _patch_contrast_fwd_kernel[(triton.cdiv(N, const["BLOCK_M"]), B)](
         student,
         *student.stride(),
@@ -838,7 +880,9 @@ def patch_contrast_backward(
     pos, p_sb, p_sn = _positive_args(student, positive_index)
     kernels = kernels or backward_kernels(student.dtype, teacher.dtype, N, D, need_teacher)
     meta = {
-        k: launch_meta(k, student.dtype, teacher.dtype, D, positive_index is not None, normalize)
+        k: launch_meta(
+            k, student.dtype, teacher.dtype, D, positive_index is not None, normalize, temperature=temperature
+        )
         for k in kernels
     }
     feats = (student, *student.stride(), teacher, *teacher.stride(), order, counts)

@@ -229,7 +229,7 @@ def test_triton_backend_feature_chunks(dtype, variant):
 
     if interpreting():  # a GPU takes d = 100 in one chunk of 128
         for kernel in ("fwd", "bwd_q", "bwd_k"):
-            assert launch_meta(kernel, dtype, dtype, 100, False, True)[0]["D_CHUNKS"] == 4
+            assert launch_meta(kernel, dtype, dtype, 100, False, True, temperature=0.1)[0]["D_CHUNKS"] == 4
     N = 23
     s, t = make_inputs(2, N, 100, dtype, seed=11)
     if variant == "normalize_off":  # unit rows keep the logits O(1 / tau)
@@ -515,3 +515,22 @@ def test_gpu_preference_follows_recorded_results(tmp_path, monkeypatch):
     assert (first, second) == ("cuda", "triton") and "gpu-h200.json" in why
     assert preference.gpu_order(2000, 384)[0] == ("triton", "cuda")
     preference._rules.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "normalize", "tau", "exact"),
+    [
+        ((torch.float32, torch.float32), True, 0.1, False),  # ConMIM: |logit| <= 10, 3xTF32
+        ((torch.float32, torch.float32), True, 0.05, False),
+        ((torch.float32, torch.float32), True, 1e-3, True),  # 3xTF32's error times 1000 breaks the rule
+        ((torch.float32, torch.float32), False, 0.1, True),  # unnormalised rows: logits unbounded
+        ((torch.bfloat16, torch.float32), True, 1e-3, True),  # mixed pairs take fp32 products too
+        ((torch.bfloat16, torch.bfloat16), True, 1e-3, False),  # bf16 products are exact in fp32 already
+    ],
+)
+def test_fp32_logits_are_exact_where_they_can_be_large(dtypes, normalize, tau, exact):
+    from conmim.kernels.patch_contrast import launch_meta
+
+    for kernel in ("fwd", "bwd_q", "bwd_k", "bwd_w"):
+        const, _ = launch_meta(kernel, *dtypes, 768, False, normalize, temperature=tau, interpret=False)
+        assert const["EXACT_LOGITS"] is exact, kernel
