@@ -57,17 +57,22 @@ def loss_tol_dtype(pair):
     return max(pair, key=order.index)
 
 
-def saturation_case(kind):
-    """(student, teacher, temperature, normalize): float32 [2, 40, 32] inputs whose logits are large (small tau,
-    unnormalised features of norm ~30) or whose softmax saturates (a teacher correlated with the student)."""
+def saturation_case(kind, pair=(torch.float32, torch.float32)):
+    """(student, teacher, temperature, normalize): [2, 40, 32] inputs in the pair's dtypes (float32 by default)
+    whose logits are large (small tau, unnormalised features of norm ~30) or whose softmax saturates (a teacher
+    correlated with the student)."""
     g = torch.Generator().manual_seed(11)
     s = torch.randn(2, 40, 32, generator=g)
     t = torch.randn(2, 40, 32, generator=g)
+    tau, normalize = 0.05, True
     if kind.startswith("tau="):
-        return s, t, float(kind[4:]), True
-    if kind == "unnormalized-norm-30":
-        return s * 30 / s.norm(dim=-1, keepdim=True), t * 30 / t.norm(dim=-1, keepdim=True), 0.1, False
-    return s, s + 0.05 * t, 0.05, True  # correlated teacher: p(positive) near 1
+        tau = float(kind[4:])
+    elif kind == "unnormalized-norm-30":
+        s, t = s * 30 / s.norm(dim=-1, keepdim=True), t * 30 / t.norm(dim=-1, keepdim=True)
+        tau, normalize = 0.1, False
+    else:
+        t = s + 0.05 * t  # correlated teacher: p(positive) near 1
+    return s.to(pair[0]), t.to(pair[1]), tau, normalize
 
 
 SATURATION = ["tau=1e-3", "tau=1e-4", "tau=1e-5", "tau=1e-30", "unnormalized-norm-30", "correlated-tau=0.05"]
@@ -75,9 +80,12 @@ SATURATION = ["tau=1e-3", "tau=1e-4", "tau=1e-5", "tau=1e-30", "unnormalized-nor
 
 def assert_case_within_rule(s, t, mask, tau, normalize, grad, loss, ds, dt):
     """DESIGN.md's rule: each fused result's error against float64 is at most 2x plain torch's error in float32
-    (the reference computed in float32), plus a small floor; losses finite and non-negative."""
+    (the reference computed in float32), plus a small floor; losses finite and non-negative. The rule holds the
+    loss and each float32 gradient (a 16-bit side's gradient carries its dtype's rounding, far above it)."""
     exact = reference(s, t, mask, None, tau, normalize, grad)
     plain = reference(s, t, mask, None, tau, normalize, grad, dtype=torch.float32)
     assert torch.isfinite(loss).all() and (loss >= 0).all()
     for name, got, torch32, want in zip(["loss", "d_student", "d_teacher"], [loss, ds, dt], plain, exact):
+        if got.dtype != torch.float32:
+            continue
         assert_within_rule(name, got, torch32, want, floor=1e-6 * want.abs().max().item())

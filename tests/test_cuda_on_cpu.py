@@ -283,6 +283,12 @@ MUTANTS = {
         "  if (threadIdx.x < kTile) {\n    const int m = m0 + threadIdx.x;",
         "  if (threadIdx.x <= kTile) {\n    const int m = m0 + threadIdx.x;",
     ),
+    # make: a pair with an fp32 side keeps its split (TF32) logits at large logits too
+    "exact-logits-ungated": (
+        PC,
+        "  a.exact_logits = !(p.normalize && 1.0 / p.inv_tau >= kTf32x3MinTau);",
+        "  a.exact_logits = false;",
+    ),
     # ema_kernel: 16-byte vectors whatever the alignment
     "vector-alignment-unchecked": (
         EMA,
@@ -346,10 +352,20 @@ def test_executor_catches_a_misaligned_vector(on_cpu, mutants):
         native.ema_update_cuda_(teacher, student, 0.9)
 
 
+FP32_SIDES = [(F32, F32), (F32, BF16), (BF16, F32), (F32, F16), (F16, F32)]
+
+
+@pytest.mark.parametrize("pair", FP32_SIDES, ids=pair_id)
 @pytest.mark.parametrize("kind", SATURATION)
-def test_loss_accuracy_with_large_logits_and_saturated_softmax(on_cpu, kind):
+def test_loss_accuracy_with_large_logits_and_saturated_softmax(on_cpu, kind, pair):
+    """Every pair with an fp32 side (its logits on 3xTF32 or 2xTF32 MMA where tau >= 0.05 with normalized rows,
+    else on fp32 FMA): the loss and each fp32 side's gradient within DESIGN.md's rule."""
     on_cpu("forward")
-    s, t, tau, normalize = saturation_case(kind)
+    check_saturation_case(kind, pair)
+
+
+def check_saturation_case(kind, pair):
+    s, t, tau, normalize = saturation_case(kind, pair)
     mask = make_mask("ragged", 2, 40, seed=2)
     grad = torch.randn(2, 40, generator=torch.Generator().manual_seed(3))
     loss, lse = native.patch_contrast_forward_cuda(s, t, mask, None, tau, normalize)
@@ -357,10 +373,18 @@ def test_loss_accuracy_with_large_logits_and_saturated_softmax(on_cpu, kind):
     assert_case_within_rule(s, t, mask, tau, normalize, grad, loss, ds, dt)
 
 
-@pytest.mark.parametrize("pair", [(F32, F32), (F32, BF16), (BF16, F32), (F32, F16), (F16, F32)], ids=pair_id)
+def test_large_logits_need_fp32_fma_logits(on_cpu, mutants):
+    """The gate at csrc/cuda's Mma matters: with split logits at tau = 1e-3, an fp32 pair's d(student) breaks
+    DESIGN.md's rule (the same case passes above with the gate)."""
+    on_cpu("forward", mutants["exact-logits-ungated"])
+    with pytest.raises(AssertionError, match="d_student: error"):
+        check_saturation_case("tau=1e-3", (F32, F32))
+
+
+@pytest.mark.parametrize("pair", FP32_SIDES, ids=pair_id)
 def test_fp32_sides_keep_fp32_precision(on_cpu, pair):
     """A 16-bit value is exact in TF32 and each fp32 side is split into TF32 high and low parts (3xTF32 in an fp32
-    pair's gradient products: G_hi X_hi + G_lo X_hi + G_hi X_lo; its logits run on FFMA), so the loss and every
+    pair: A_hi B_hi + A_lo B_hi + A_hi B_lo, its logits too at tau = 0.1), so the loss and every
     fp32 side's gradient carry fp32-level error (a TF32-only product, without the low parts, is ~1e-4 off and fails
     here): tolerances of float32, not of a 16-bit side."""
     on_cpu()

@@ -5,9 +5,9 @@
 // Work is indexed by a device-side order (each image's masked patches first) and per-image counts, so no launch
 // depends on a host-side count. A block owns kTile (32) rows of one image and streams the image's keys in tiles
 // of kTile, the feature dim in chunks of kChunk (32):
-// - S = Q K^T per tile on tensor cores unless both inputs are fp32 (fp32 FMA), fp32 accumulate (see Mma): WMMA
-//   16x16x16 for a bf16 or fp16 pair, TF32 16x16x8 for a mixed pair with the fp32 operand split in two TF32
-//   parts; logits = S / (|q| |k|) / tau with norms accumulated in fp32;
+// - S = Q K^T per tile on tensor cores, fp32 accumulate (see Mma): WMMA 16x16x16 for a bf16 or fp16 pair, TF32
+//   16x16x8 for a pair with an fp32 side, each fp32 operand split in two TF32 parts, unless the logits can be
+//   large (Args::exact_logits: fp32 FMA); logits = S / (|q| |k|) / tau with norms accumulated in fp32;
 // - forward: the block's query rows staged once in dynamic shared memory when the device has room for them
 //   (smem_plan), else streamed chunk by chunk with the keys; the key chunks go through two buffers (the
 //   copy of the next chunk, cp.async where the layout allows, in flight during the product of this one); an
@@ -55,19 +55,26 @@ template <typename TS, typename TT>
 using Staged = typename std::conditional<std::is_same<TS, TT>::value, TS, float>::type;
 
 // How a (student, teacher) pair's products run. kHalf: a bf16 or fp16 pair, staged as such, WMMA m16n16k16.
-// kTf32: a mixed pair, staged as float, TF32 WMMA m16n16k8: bf16 and fp16 values are exact in TF32, and an fp32
-// operand x goes in as two TF32 parts, hi = tf32(x) and lo = tf32(x - hi) (about 21 significant bits; the
-// backward's G always does), so the products keep fp32-level precision. kFfma: an fp32 pair, whose logits run
-// as fp32 FMA (its gradient products run as kTf32's, 3xTF32: G_hi X_hi + G_lo X_hi + G_hi X_lo). 3xTF32 logits
-// (hi + lo a side, lo lo dropped) failed DESIGN.md's rule, at most 2x plain fp32 torch's error, where 1 / tau
-// magnifies the logits' rounding: d(student) came out 4-6x plain torch's error at tau = 1e-3, 1e-4, 1e-5 and on
-// unnormalized rows of norm 30 (tests/test_cuda_on_cpu.py, the large-logit cases), and some of these cases still
-// failed with the low products summed apart from S, or with three TF32 parts a side and six products.
-enum class Mma { kHalf, kTf32, kFfma };
+// kTf32: an fp32 pair or a mixed pair, staged as float, TF32 WMMA m16n16k8: bf16 and fp16 values are exact in
+// TF32, and an fp32 operand x goes in as two TF32 parts, hi = tf32(x) and lo = tf32(x - hi) (about 21
+// significant bits; the backward's G always does), lo lo dropped (an fp32 pair: 3xTF32, A_hi B_hi + A_lo B_hi +
+// A_hi B_lo), so the products keep fp32-level precision. The logits of a pair with an fp32 side run as fp32 FMA
+// instead where they can be large (Args::exact_logits: unnormalized rows, or tau < kTf32x3MinTau, as the Triton
+// kernels' exact_logits): there split logits failed DESIGN.md's rule, at most 2x plain fp32 torch's error, where
+// 1 / tau magnifies the logits' rounding: an fp32 pair's d(student) came out 4-6x plain torch's error at tau =
+// 1e-3, 1e-4, 1e-5 and on unnormalized rows of norm 30 (tests/test_cuda_on_cpu.py, the large-logit cases; some
+// still failed with the low products summed apart from S, or with three TF32 parts a side and six products), and
+// passed at tau = 0.05 with normalized rows (|logit| <= 20); mixed pairs' split logits failed some of these cases
+// too (bf16 with fp32 at tau = 1e-4, fp32 with fp16 at norm 30). The choice is per launch, a uniform branch.
+enum class Mma { kHalf, kTf32 };
 template <typename TS, typename TT>
-constexpr Mma kMma = !std::is_same<TS, TT>::value        ? Mma::kTf32
-                     : std::is_same<TS, float>::value ? Mma::kFfma
-                                                      : Mma::kHalf;
+constexpr Mma kMma = std::is_same<Staged<TS, TT>, float>::value ? Mma::kTf32 : Mma::kHalf;
+// Whether a pair has an fp32 side, whose logits Args::exact_logits moves to fp32 FMA (a mixed bf16 / fp16 pair's
+// TF32 products are exact: it keeps them).
+template <typename TS, typename TT>
+constexpr bool kHasF32 = std::is_same<TS, float>::value || std::is_same<TT, float>::value;
+// The smallest temperature whose (normalized) logits a pair with an fp32 side computes on tensor cores.
+constexpr double kTf32x3MinTau = 0.05;
 // The k of the pair's logits MMA.
 template <typename TS, typename TT>
 constexpr int kMmaK = kMma<TS, TT> == Mma::kHalf ? 16 : 8;
@@ -83,6 +90,7 @@ struct Args {
   int N, D;
   float inv_tau;
   bool normalize;
+  bool exact_logits;        // the logits of a pair with an fp32 side on fp32 FMA (see Mma)
   bool s_copy16, t_copy16;  // rows of 16-byte aligned runs of features (see copy16_ok): cp.async can stage them
   bool q_resident;          // forward: the query rows stay in shared memory (smem_plan)
 };
@@ -123,12 +131,13 @@ struct FwdTiles : TileState {
   float m[kTile], l[kTile], pos_logit[kTile];
 };
 
-// The block's share of S = Q K^T: warp w's 16 x 16 block (w / 2, w % 2) on tensor cores (K: the MMA's k), else
-// the 8 entries (tid / 4, 8 (tid % 4) + i) in fp32.
+// The block's share of S = Q K^T: warp w's 16 x 16 block (w / 2, w % 2) on tensor cores (K: the MMA's k), or
+// with exact logits the 8 entries (tid / 4, 8 (tid % 4) + i) in fp32, held in the fragment's first 8 elements
+// (its 8 registers a thread on a GPU).
 template <int K>
 struct SAcc {
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, K, float> f;
-  float x[8];
+  static_assert(decltype(f)::num_elements >= 8, "the fragment holds a thread's 8 fp32 entries");
 };
 
 // x as T: itself, or converted through float.
@@ -262,21 +271,12 @@ __device__ void mma_rows(float* acc, int ld, GradMma& mm, const Src* src, int64_
   }
 }
 
-template <typename TS, typename TT>
-__device__ __forceinline__ void zero_acc(SAcc<kMmaK<TS, TT>>& acc) {
-  if constexpr (kMma<TS, TT> != Mma::kFfma) {
-    nvcuda::wmma::fill_fragment(acc.f, 0.f);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc.x[i] = 0.f;
-  }
-}
-
 // Adds one staged feature chunk to S (acc) and to the rows' squared norms (ksq, and qsq when want_q): q = the
-// query rows (row stride ldq), k = the key rows (row stride kChunk + kPad), both in shared memory.
+// query rows (row stride ldq), k = the key rows (row stride kChunk + kPad), both in shared memory. exact: the
+// product of a pair with an fp32 side on fp32 FMA (Args::exact_logits).
 template <typename TS, typename TT, typename T = Staged<TS, TT>>
 __device__ void chunk_product(TileState& sh, const T* q, int ldq, const T (*k)[kChunk + kPad], bool want_q,
-                              SAcc<kMmaK<TS, TT>>& acc) {
+                              bool exact, SAcc<kMmaK<TS, TT>>& acc) {
   {  // the rows' squared norms, over all warps: four lanes per row, a quarter of the chunk each
     static_assert(kThreads == 4 * kTile && kChunk % 4 == 0, "four threads per row of the tile");
     const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * (kChunk / 4);
@@ -299,7 +299,7 @@ __device__ void chunk_product(TileState& sh, const T* q, int ldq, const T (*k)[k
       if (want_q) sh.qsq[r] += qq;
     }
   }
-  if constexpr (kMma<TS, TT> != Mma::kFfma) {
+  if (!kHasF32<TS, TT> || !exact) {
     // warp w owns the 16 x 16 output block (w / 2, w % 2); A = Q rows, B = K^T (K rows read column-major).
     using namespace nvcuda;
     using Prec = typename std::conditional<kMma<TS, TT> == Mma::kTf32, wmma::precision::tf32, T>::type;
@@ -312,15 +312,14 @@ __device__ void chunk_product(TileState& sh, const T* q, int ldq, const T (*k)[k
       wmma::fragment<wmma::matrix_b, 16, 16, K, Prec, wmma::col_major> fb;
       wmma::load_matrix_sync(fa, q + br * ldq + kk, ldq);
       wmma::load_matrix_sync(fb, &k[bc][kk], kChunk + kPad);
-      if constexpr (kMma<TS, TT> == Mma::kTf32) {  // at most one side is fp32 (a mixed pair): split it
-        if constexpr (std::is_same<TS, float>::value) {
-          const auto lo = split_fragment(fa);
-          wmma::mma_sync(acc.f, lo, fb, acc.f);
-        } else if constexpr (std::is_same<TT, float>::value) {
-          const auto lo = split_fragment(fb);
-          wmma::mma_sync(acc.f, fa, lo, acc.f);
-        }
-      }
+      // each fp32 side split (both split before any product: a part must meet the other side's TF32 hi)
+      constexpr bool kSplitQ = std::is_same<TS, float>::value, kSplitK = std::is_same<TT, float>::value;
+      decltype(fa) q_lo;
+      decltype(fb) k_lo;
+      if constexpr (kSplitQ) q_lo = split_fragment(fa);
+      if constexpr (kSplitK) k_lo = split_fragment(fb);
+      if constexpr (kSplitQ) wmma::mma_sync(acc.f, q_lo, fb, acc.f);
+      if constexpr (kSplitK) wmma::mma_sync(acc.f, fa, k_lo, acc.f);
       wmma::mma_sync(acc.f, fa, fb, acc.f);
     }
   } else {
@@ -329,23 +328,24 @@ __device__ void chunk_product(TileState& sh, const T* q, int ldq, const T (*k)[k
     for (int c = 0; c < kChunk; ++c) {
       const float qv = to_f(q[r * ldq + c]);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc.x[i] += qv * to_f(k[c0 + i][c]);
+      for (int i = 0; i < 8; ++i) acc.f.x[i] += qv * to_f(k[c0 + i][c]);
     }
   }
 }
 
 // After the last chunk: S (acc) to sh.s, and the rows' inverse norms (inv_q when want_q).
 template <typename TS, typename TT>
-__device__ void finish_logits(TileState& sh, const SAcc<kMmaK<TS, TT>>& acc, bool normalize, bool want_q) {
+__device__ void finish_logits(TileState& sh, const SAcc<kMmaK<TS, TT>>& acc, bool normalize, bool exact,
+                              bool want_q) {
   __syncthreads();
-  if constexpr (kMma<TS, TT> != Mma::kFfma) {
+  if (!kHasF32<TS, TT> || !exact) {
     const int warp = threadIdx.x / 32;
     const int br = (warp / 2) * 16, bc = (warp % 2) * 16;
     nvcuda::wmma::store_matrix_sync(&sh.s[br][bc], acc.f, kTile + 4, nvcuda::wmma::mem_row_major);
   } else {
     const int r = threadIdx.x / 4, c0 = (threadIdx.x % 4) * 8;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) sh.s[r][c0 + i] = acc.x[i];
+    for (int i = 0; i < 8; ++i) sh.s[r][c0 + i] = acc.f.x[i];
   }
   if (threadIdx.x < kTile) {
     sh.inv_k[threadIdx.x] = normalize ? 1.f / fmaxf(sqrtf(sh.ksq[threadIdx.x]), kNormEps) : 1.f;
@@ -362,7 +362,7 @@ __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_
   const TS* s = static_cast<const TS*>(a.s);
   const TT* t = static_cast<const TT*>(a.t);
   SAcc<kMmaK<TS, TT>> acc;
-  zero_acc<TS, TT>(acc);
+  nvcuda::wmma::fill_fragment(acc.f, 0.f);
   if (threadIdx.x < kTile) {
     sh.ksq[threadIdx.x] = 0.f;
     if (want_q) sh.qsq[threadIdx.x] = 0.f;
@@ -372,9 +372,9 @@ __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_
     load_chunk<T, TS>(sh.q, s, a.s_sb, a.s_sn, a.s_sd, b, sh.q_row, sh.q_ok, d0, a.D);
     load_chunk<T, TT>(sh.k, t, a.t_sb, a.t_sn, a.t_sd, b, k_rows, k_ok, d0, a.D);
     __syncthreads();
-    chunk_product<TS, TT>(sh, &sh.q[0][0], kChunk + kPad, sh.k, want_q, acc);
+    chunk_product<TS, TT>(sh, &sh.q[0][0], kChunk + kPad, sh.k, want_q, a.exact_logits, acc);
   }
-  finish_logits<TS, TT>(sh, acc, a.normalize, want_q);
+  finish_logits<TS, TT>(sh, acc, a.normalize, a.exact_logits, want_q);
 }
 
 // Fills the block's query rows from the work order: q_row, q_ok (masked), pos. Returns the block's first row.
@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
     int step = 0;
     for (int n0 = 0; n0 < a.N; n0 += kTile) {
       SAcc<kMmaK<TS, TT>> acc;
-      zero_acc<TS, TT>(acc);
+      nvcuda::wmma::fill_fragment(acc.f, 0.f);
       if (threadIdx.x < kTile) {
         sh.ksq[threadIdx.x] = 0.f;
         if (n0 == 0) sh.qsq[threadIdx.x] = 0.f;
@@ -445,10 +445,10 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
         __pipeline_wait_prior(1);                    // this thread's copies of step `step` have landed
         __syncthreads();                             // and every thread's
         chunk_product<TS, TT>(sh, a.q_resident ? q + d0 : q + step % 2 * kTile * ldq, ldq, sh.k[step % 2], n0 == 0,
-                              acc);
+                              a.exact_logits, acc);
         __syncthreads();
       }
-      finish_logits<TS, TT>(sh, acc, a.normalize, n0 == 0);
+      finish_logits<TS, TT>(sh, acc, a.normalize, a.exact_logits, n0 == 0);
       for (int r = warp; r < kTile; r += kThreads / 32) {
         if (!sh.q_ok[r]) continue;
         const int col = n0 + lane;
@@ -731,6 +731,7 @@ Args make(const LossCall& p) {
   a.D = static_cast<int>(p.D);
   a.inv_tau = static_cast<float>(p.inv_tau);
   a.normalize = p.normalize;
+  a.exact_logits = !(p.normalize && 1.0 / p.inv_tau >= kTf32x3MinTau);
   a.s_copy16 = a.t_copy16 = false;  // the forward's launcher decides, knowing the element types and the device
   a.q_resident = true;
   return a;
