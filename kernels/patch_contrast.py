@@ -751,7 +751,8 @@ def _f32_dots(student_dtype, teacher_dtype, interpret: bool) -> bool:
 # most 2x that of plain fp32 torch). Measured on the CUDA kernels' CPU execution, whose TF32 rounding is exact:
 # 3xTF32 logits failed at tau = 1e-3, 1e-4, 1e-5 and for unnormalised rows of norm 30 (4-6x torch's error),
 # and passed at tau = 0.05 with a saturated softmax. With normalized rows |logit| <= 1 / tau, so 3xTF32 logits
-# only there and for tau >= TF32X3_MIN_TAU; else plain fp32 (FMA), as the CUDA kernels' fp32 logits always are.
+# only there and for tau >= TF32X3_MIN_TAU; else plain fp32 (FMA). The CUDA kernels gate theirs the same way
+# (kTf32x3MinTau in csrc/cuda/patch_contrast.cu; a test keeps the two equal).
 TF32X3_MIN_TAU = 0.05
 
 

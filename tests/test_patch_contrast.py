@@ -534,3 +534,15 @@ def test_fp32_logits_are_exact_where_they_can_be_large(dtypes, normalize, tau, e
     for kernel in ("fwd", "bwd_q", "bwd_k", "bwd_w"):
         const, _ = launch_meta(kernel, *dtypes, 768, False, normalize, temperature=tau, interpret=False)
         assert const["EXACT_LOGITS"] is exact, kernel
+
+
+def test_cuda_and_triton_gate_split_tf32_logits_at_the_same_temperature():
+    import re
+    from pathlib import Path
+
+    from conmim.kernels.patch_contrast import TF32X3_MIN_TAU
+
+    cu = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "patch_contrast.cu").read_text()
+    found = re.search(r"constexpr double kTf32x3MinTau = ([0-9.e+-]+);", cu)
+    assert found is not None, "kTf32x3MinTau not found in csrc/cuda/patch_contrast.cu"
+    assert float(found.group(1)) == TF32X3_MIN_TAU
