@@ -1,95 +1,154 @@
-"""conmim-train's configuration: YAML defaults, presets, command-line overrides, validation.
+"""Configuration for conmim's command-line tools: typed dataclasses whose fields carry their own default, help
+text, choices and range check (the one source of truth), YAML presets as overlays, and argparse generated from
+the fields.
 
-``configs/default.yaml`` is the source of truth for every key's default and help text; :class:`Config` gives each
-key its type (a test keeps the two in step). :func:`resolve` layers defaults <- preset or file <- overrides and
-validates once; the driver then reads typed attributes only.
+    cfg = resolve(TrainConfig, "tiny_demo", {"epochs": 2})      # defaults <- preset or YAML file <- overrides
+    cfg = parse_args(TrainConfig, "conmim-train", sys.argv[1:])  # the same from a command line
+
+Every value is checked once, when the configuration is resolved, so nothing downstream re-validates and a bad
+value fails before anything is written. ``dump`` saves a resolved configuration as YAML (a run folder's
+``config.yaml``), which ``resolve`` reads back as a file.
 """
 
+import argparse
 import dataclasses
-import re
+import math
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-PRESETS = ("tiny_demo", "vit_s", "vit_b", "vit_l")
-CHOICES = {
-    "loader": ("auto", "dali", "torch"),
-    "precision": ("bf16", "fp16", "fp32"),
-    "mask": ("block", "cell"),
-    "device": ("auto", "cpu", "cuda"),
-    "strategy": ("ddp", "fsdp"),
-}
-# Keys that define the network: a run folder's checkpoints only fit a configuration with the same values.
-ARCH_KEYS = ("model", "image_size", "patch_size", "head_hidden", "head_out")
-_AT_LEAST_ONE = ("batch_size", "accum_steps", "epochs", "log_every", "keep_last", "max_bad_steps", "image_size",
-                 "patch_size")  # fmt: skip
+from conmim._fs import write_atomic
+from conmim.data import LOADERS, MASKS
+from conmim.models import MODELS
+from conmim.parallel import DEVICES, PRECISIONS, STRATEGIES
 
 
 class ConfigError(ValueError):
     """A bad configuration key or value (the message names it)."""
 
 
+# --------------------------------------------------------------------------------------------- range checks
+# Each returns None when the value is acceptable, else what was expected (the error names key and value).
+def at_least(low):
+    return lambda v: None if math.isfinite(v) and v >= low else f"a finite number >= {low}"
+
+
+def above(low):
+    return lambda v: None if math.isfinite(v) and v > low else f"a finite number > {low}"
+
+
+def within(low, high, closed=(True, True)):
+    lo_ok = (lambda v: v >= low) if closed[0] else (lambda v: v > low)
+    hi_ok = (lambda v: v <= high) if closed[1] else (lambda v: v < high)
+    text = f"{'[' if closed[0] else '('}{low}, {high}{']' if closed[1] else ')'}"
+    return lambda v: None if math.isfinite(v) and lo_ok(v) and hi_ok(v) else f"a number in {text}"
+
+
+def option(default, help: str, choices=None, check: Callable[[Any], str | None] | None = None, arch=False):
+    """A config field: its default, its one-line help, its allowed values or range check, and whether it
+    defines the network (``arch``: a run folder's checkpoints only fit a configuration with the same value)."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "check": check}
+    meta["arch"] = arch
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def arch(cfg) -> dict:
+    """The values of ``cfg``'s network-defining fields."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("arch")}
+
+
+# ------------------------------------------------------------------------------------------- conmim-train
+_POSITIVE_INT = at_least(1)
+
+
 @dataclass(frozen=True)
-class Config:
-    """A resolved, validated conmim-train configuration (defaults and meanings: configs/default.yaml)."""
+class TrainConfig:
+    """conmim-train's configuration; each field's help is its ``--help`` text."""
 
-    model: str
-    image_size: int
-    patch_size: int
-    head_hidden: int
-    head_out: int
-    data: str | None
-    out: str
-    loader: str
-    num_workers: int
-    batch_size: int
-    accum_steps: int
-    epochs: int
-    max_steps: int | None
-    lr: float
-    min_lr: float
-    warmup_epochs: float
-    weight_decay: float
-    beta1: float
-    beta2: float
-    clip_grad: float
-    precision: str
-    compile: bool
-    temperature: float
-    base_momentum: float
-    final_momentum: float
-    mask: str
-    mask_ratio: float
-    mask_cell: int
-    perturb: bool
-    crop_scale_min: float
-    seed: int
-    device: str
-    strategy: str
-    reshard_after_forward: bool
-    grad_checkpointing: bool
-    log_every: int
-    checkpoint_every: int
-    keep_last: int
-    keep_every_epochs: int
-    max_bad_steps: int
-    progress: bool
-    record_samples: bool
-    eval_every: int
-    eval_data: str
+    PRESET_DIR = "configs"  # presets: conmim/configs/<name>.yaml, overlays on these defaults
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    model: str = option("vit_small_patch16_224", "network (conmim.models.MODELS)", choices=MODELS, arch=True)
+    image_size: int = option(224, "input side in pixels", check=_POSITIVE_INT, arch=True)
+    patch_size: int = option(16, "ViT patch side in pixels (image_size must be a multiple)", check=_POSITIVE_INT, arch=True)  # fmt: skip
+    head_hidden: int = option(4096, "hidden width of the projection head", check=_POSITIVE_INT, arch=True)
+    head_out: int = option(256, "output width of the projection head (the loss's feature size)", check=_POSITIVE_INT, arch=True)  # fmt: skip
+    data: str | None = option(None, "an image folder, or samples:photos / samples:mnist (bundled, built on first use)")  # fmt: skip
+    out: str = option("runs/conmim", "run folder: config, checkpoints, metrics.jsonl, loss_curve.png")
+    loader: str = option("auto", "data loader", choices=LOADERS)
+    num_workers: int = option(
+        4, "data-loading workers (torch) or threads (DALI) per process", check=at_least(0)
+    )
+    batch_size: int = option(64, "images per process per micro-batch", check=_POSITIVE_INT)
+    accum_steps: int = option(1, "micro-batches of batch_size per optimizer step", check=_POSITIVE_INT)
+    epochs: int = option(300, "passes over the data", check=_POSITIVE_INT)
+    max_steps: int | None = option(None, "stop after this many optimizer steps (demos, CI; unset: no limit)", check=_POSITIVE_INT)  # fmt: skip
+    lr: float = option(5e-4, "peak learning rate, reached after the warm-up", check=above(0))
+    min_lr: float = option(1e-5, "learning rate at the end of the cosine decay", check=at_least(0))
+    warmup_epochs: float = option(
+        10.0, "linear warm-up length in epochs (fractions allowed)", check=at_least(0)
+    )
+    weight_decay: float = option(0.05, "AdamW weight decay (not on norms, biases, tokens, position embeddings)", check=at_least(0))  # fmt: skip
+    beta1: float = option(0.9, "AdamW beta1", check=within(0, 1, (True, False)))
+    beta2: float = option(0.98, "AdamW beta2", check=within(0, 1, (True, False)))
+    clip_grad: float = option(1.0, "clip the gradient norm to this value (0: no clipping)", check=at_least(0))
+    precision: str = option("bf16", "autocast dtype (fp16 adds a gradient scaler)", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the student")
+    temperature: float = option(0.1, "softmax temperature of the patch contrast loss", check=above(0))
+    base_momentum: float = option(
+        0.996, "teacher EMA momentum at step 0 (cosine schedule)", check=within(0, 1)
+    )
+    final_momentum: float = option(1.0, "teacher EMA momentum at the last step", check=within(0, 1))
+    mask: str = option("block", "block (BEiT block-wise) or cell (SimMIM cells)", choices=MASKS)
+    mask_ratio: float = option(
+        0.3827, "fraction of patches masked (75 / 196)", check=within(0, 1, (False, False))
+    )
+    mask_cell: int = option(2, "cell side in patches (mask: cell)", check=_POSITIVE_INT)
+    perturb: bool = option(
+        True, "colour jitter, grey and blur on the teacher's view (ConMIM's perturbations)"
+    )
+    crop_scale_min: float = option(0.08, "random-resized-crop area range [crop_scale_min, 1]", check=within(0, 1, (False, True)))  # fmt: skip
+    seed: int = option(0, "seeds weights, views, masks and sampling")
+    device: str = option("auto", "where to train", choices=DEVICES)
+    strategy: str = option("ddp", "ddp: DistributedDataParallel under torchrun (one process trains the model as is) | fsdp: FSDP2, student, teacher and AdamW state sharded over the ranks", choices=STRATEGIES)  # fmt: skip
+    reshard_after_forward: bool = option(True, "fsdp: free each block's gathered parameters after its forward, gather again in the backward")  # fmt: skip
+    grad_checkpointing: bool = option(False, "recompute each transformer block's activations in the backward (ddp or fsdp)")  # fmt: skip
+    log_every: int = option(10, "log metrics every this many optimizer steps (also when bad steps are checked)", check=_POSITIVE_INT)  # fmt: skip
+    checkpoint_every: int = option(0, "also checkpoint every this many optimizer steps (0: only at epoch ends)", check=at_least(0))  # fmt: skip
+    keep_last: int = option(3, "keep this many newest checkpoints", check=_POSITIVE_INT)
+    keep_every_epochs: int = option(50, "also keep the epoch-end checkpoint of every epoch divisible by this (0: none)", check=at_least(0))  # fmt: skip
+    max_bad_steps: int = option(10, "stop after this many skipped steps (non-finite loss) in a row", check=_POSITIVE_INT)  # fmt: skip
+    progress: bool = option(True, "show a progress bar")
+    record_samples: bool = option(False, "write the dataset indices each rank reads, per epoch (samples-e<E>-r<R>.txt)")  # fmt: skip
+    eval_every: int = option(0, "log the teacher's k-NN top-1 on eval_data every this many epochs (0: never)", check=at_least(0))  # fmt: skip
+    eval_data: str = option("samples:mnist", "labelled folder with train/ and val/ (one sub-folder per class) for eval_every")  # fmt: skip
 
-    def arch(self) -> dict:
-        """The values of ARCH_KEYS (what a checkpoint's network depends on)."""
-        return {k: getattr(self, k) for k in ARCH_KEYS}
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
+            )
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr {self.min_lr} must not exceed lr {self.lr}")
+        if self.base_momentum > self.final_momentum:
+            raise ConfigError(
+                f"base_momentum {self.base_momentum} must not exceed final_momentum {self.final_momentum}"
+            )
+        if self.data is None:
+            raise ConfigError(
+                "config key 'data' is required: an image folder, samples:photos or samples:mnist"
+            )
 
 
-_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
+# ------------------------------------------------------------------------------------------------ machinery
+def presets(cls) -> tuple[str, ...]:
+    """The preset names of ``cls``: the YAML files in its ``PRESET_DIR``."""
+    folder = resources.files("conmim").joinpath(cls.PRESET_DIR)
+    return tuple(sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")))
 
 
 def _read_yaml(text: str, where: str) -> dict:
@@ -102,46 +161,44 @@ def _read_yaml(text: str, where: str) -> dict:
     return data
 
 
-def read_file(path: Path) -> dict:
-    """A YAML mapping from ``path`` (e.g. a run folder's config.yaml), unvalidated; ConfigError if malformed."""
-    return _read_yaml(Path(path).read_text(), str(path))
+def read_file(path) -> dict:
+    """A YAML mapping from ``path`` (e.g. a run folder's config.yaml), unvalidated; ConfigError if malformed or
+    unreadable."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{str(path)!r} cannot be read ({exc.strerror or exc})") from None
+    return _read_yaml(text, str(path))
 
 
-def _default_text() -> str:
-    return resources.files("conmim").joinpath("configs/default.yaml").read_text()
-
-
-def defaults() -> dict:
-    return _read_yaml(_default_text(), "default.yaml")
-
-
-def help_lines() -> dict[str, str]:
-    """Each key's one-line meaning: the comment after it in default.yaml."""
-    found = (re.match(r"^(\w+):[^#]*#\s*(.*)$", line) for line in _default_text().splitlines())
-    return {m.group(1): m.group(2).strip() for m in found if m}
-
-
-def _load_config_file(name_or_path: str) -> dict:
-    if name_or_path in PRESETS:
-        text = resources.files("conmim").joinpath(f"configs/{name_or_path}.yaml").read_text()
+def _layer(cls, name_or_path: str) -> dict:
+    if name_or_path in presets(cls):
+        text = resources.files("conmim").joinpath(f"{cls.PRESET_DIR}/{name_or_path}.yaml").read_text()
         return _read_yaml(text, f"preset {name_or_path}")
-    p = Path(name_or_path)
-    if not p.is_file():
+    if not Path(name_or_path).is_file():
         raise ConfigError(
-            f"--config {name_or_path!r}: no such file and not a preset (presets: {', '.join(PRESETS)})"
+            f"--config {name_or_path!r}: no such file and not a preset (presets: {', '.join(presets(cls))})"
         )
-    return read_file(p)
+    return read_file(name_or_path)
 
 
-def _check_value(key: str, value):
-    """``value`` converted to ``key``'s type (an integral float to int, an int to float), or ConfigError."""
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"config key {key!r} must be one of {CHOICES[key]}, got {value!r}")
-    kind = _TYPES[key]
+def _base_type(field: dataclasses.Field):
+    kind = field.type  # a type: this module does not postpone annotations
     if isinstance(kind, types.UnionType):  # X | None
-        if value is None:
-            return None
-        kind = next(k for k in kind.__args__ if k is not type(None))
+        return next(k for k in kind.__args__ if k is not type(None)), True
+    return kind, False
+
+
+def _check_value(field: dataclasses.Field, value):
+    """``value`` converted to ``field``'s type (an integral float to int, an int to float) and checked against
+    its choices and range, or ConfigError naming the key."""
+    key, kind = field.name, None
+    kind, optional = _base_type(field)
+    if value is None and optional:
+        return None
+    choices = field.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key {key!r} must be one of {choices}, got {value!r}")
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
@@ -150,73 +207,32 @@ def _check_value(key: str, value):
             raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
-        return kind(value)
+        value = kind(value)
     elif kind is str and not isinstance(value, str):
         raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+    check = field.metadata.get("check")
+    expected = check(value) if check is not None else None
+    if expected is not None:
+        raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
     return value
 
 
-def _check_ranges(cfg: Config) -> None:
-    for key in _AT_LEAST_ONE:
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)!r}")
-    if cfg.image_size % cfg.patch_size:
-        raise ConfigError(f"image_size {cfg.image_size} must be a multiple of patch_size {cfg.patch_size}")
-    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.temperature <= 0:
-        raise ConfigError("lr and temperature must be > 0 and min_lr >= 0")
-    if not 0 < cfg.crop_scale_min <= 1:
-        raise ConfigError(f"config key 'crop_scale_min' must lie in (0, 1], got {cfg.crop_scale_min}")
-    if not 0 < cfg.mask_ratio < 1:
-        raise ConfigError(f"config key 'mask_ratio' must lie in (0, 1), got {cfg.mask_ratio}")
-    from conmim.models import MODELS
-
-    if cfg.model not in MODELS:
-        raise ConfigError(f"unknown model {cfg.model!r}; expected one of {sorted(MODELS)}")
-    if cfg.eval_every < 0:
-        raise ConfigError(f"config key 'eval_every' must be >= 0, got {cfg.eval_every}")
-    if cfg.data is None:
-        raise ConfigError("config key 'data' is required: an image folder, samples:photos or samples:mnist")
-
-
-def resolve(config: str | None = None, overrides: dict | None = None) -> Config:
+def resolve(cls, config: str | None = None, overrides: dict | None = None):
     """defaults <- preset or YAML file <- overrides; every key checked once against its type and range."""
-    values = {key: _check_value(key, value) for key, value in defaults().items()}
-    layers = []
-    if config:
-        layers.append((f"--config {config}", _load_config_file(config)))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    layers = [(f"--config {config}", _layer(cls, config))] if config else []
     if overrides:
         layers.append(("command line", overrides))
     for where, layer in layers:
         for key, value in layer.items():
-            if key not in values:
-                raise ConfigError(
-                    f"{where}: unknown config key {key!r} (known keys: {', '.join(sorted(values))})"
-                )
-            values[key] = _check_value(key, value)
-    cfg = Config(**values)
-    _check_ranges(cfg)
-    return cfg
-
-
-def parse_overrides(args: list[str]) -> dict:
-    """['--lr', '1e-3', '--compile', 'true'] -> {'lr': 0.001, 'compile': True}."""
-    out = {}
-    i = 0
-    while i < len(args):
-        tok = args[i]
-        if not tok.startswith("--") or len(tok) == 2:
-            raise ConfigError(f"expected --key value, got {tok!r}")
-        key = tok[2:].replace("-", "_")
-        if "=" in key:
-            key, raw = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"--{key} needs a value")
-            raw = args[i + 1]
-            i += 2
-        out[key] = _parse_value(raw)
-    return out
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown config key {key!r} (known keys: {', '.join(fields)})")
+            values[key] = _check_value(fields[key], value)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field without a default
+        raise ConfigError(str(exc)) from None
 
 
 def _parse_value(raw: str):
@@ -232,15 +248,36 @@ def _parse_value(raw: str):
         return raw
 
 
-def options_help() -> str:
-    """conmim-train's option list: every key with its default and meaning (from default.yaml)."""
-    meaning, values = help_lines(), defaults()
-    width = max(map(len, values)) + 2
-    rows = [f"  --{key:<{width}} {meaning.get(key, '')} (default: {values[key]})" for key in values]
-    return "\n".join(rows)
+def parser(cls, prog: str, description: str = "", epilog: str = "") -> argparse.ArgumentParser:
+    """argparse for ``cls``: ``--config`` (a preset or YAML file) and one ``--key value`` per field, with the
+    field's help, choices and default; values are parsed as YAML scalars and checked by :func:`resolve`."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # only what was given overrides the preset
+    )
+    p.add_argument("--config", help=f"a preset ({', '.join(presets(cls))}) or a YAML file of the keys below")
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        what = f" ({' | '.join(map(str, choices))})" if choices and len(choices) < 8 else ""
+        p.add_argument(
+            f"--{f.name}",
+            type=_parse_value,
+            metavar=f.name.upper(),
+            help=f"{f.metadata.get('help', '')}{what} (default: {f.default})",
+        )
+    return p
 
 
-def dump(cfg: Config, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
-    tmp.replace(path)
+def parse_args(cls, prog: str, argv: list[str], description: str = "", epilog: str = ""):
+    """``cls`` resolved from a command line (see :func:`parser`); ConfigError on a bad value."""
+    ns = vars(parser(cls, prog, description, epilog).parse_args(argv))
+    config = ns.pop("config", None)
+    return resolve(cls, config, ns)
+
+
+def dump(cfg, path) -> None:
+    """Write ``cfg`` as YAML, atomically."""
+    write_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=True))

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from conmim import config as cfgmod
+from conmim._fs import write_atomic
 from conmim.data import ImageFolder, samples, scan_folder
 from conmim.data.views import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 
@@ -60,16 +62,12 @@ def load_backbone(
 
     src = Path(source)
     if src.is_dir():
-        from conmim import config as cfgmod
-        from conmim import fsdp
+        from conmim.export import read_run
         from conmim.models import model_spec
-        from conmim.train import load_latest
 
-        cfg = cfgmod.read_file(src / "config.yaml")
+        cfg, state = read_run(src) if not random_init else (cfgmod.read_file(src / "config.yaml"), None)
         name, kwargs = model_spec(cfg["model"])
         kwargs.update(img_size=cfg["image_size"], patch_size=cfg["patch_size"])
-        quiet = lambda m: None
-        state = None if random_init else fsdp.load_latest_state_dict(src, quiet) or load_latest(src, quiet)
         weights = backbone_state(state[which]) if state is not None else None
     elif src.is_file():
         meta = json.loads(Path(str(src) + ".json").read_text())
@@ -255,9 +253,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _results_path(args) -> Path:
+    """Where the results go; checked before any work, so a bad path loses nothing."""
+    src = Path(args.source)
+    name = f"eval_{args.mode}_{args.which}.json" if src.is_dir() else f"eval_{args.mode}.json"
+    out = Path(args.json) if args.json else (src if src.is_dir() else src.parent) / name
+    if out.is_dir():
+        raise ValueError(f"--json {str(out)!r} is a folder: name the file to write")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--json {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    return out
+
+
 def main(argv=None) -> int:
+    from safetensors import SafetensorError
+
+    from conmim.checkpoint import CheckpointError
+
     args = parser().parse_args(argv)
     try:
+        out = _results_path(args)
         result = {
             "mode": args.mode,
             "source": args.source,
@@ -267,13 +282,10 @@ def main(argv=None) -> int:
         }
         if args.compare_random:
             result["top1_random_init"] = evaluate(args.mode, args.source, args.data, random_init=True)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+    except (FileNotFoundError, ValueError, KeyError, CheckpointError, SafetensorError) as exc:
         print(f"conmim-eval: error: {exc}", file=sys.stderr)
         return 2
-    src = Path(args.source)
-    name = f"eval_{args.mode}_{args.which}.json" if src.is_dir() else f"eval_{args.mode}.json"
-    out = Path(args.json) if args.json else (src if src.is_dir() else src.parent) / name
-    out.write_text(json.dumps(result, indent=1))
+    write_atomic(out, json.dumps(result, indent=1))
     what = "k-NN" if args.mode == "knn" else "linear-probe"
     line = f"{what} top-1 of the {args.which}: {100 * result['top1']:.2f}%"
     if "top1_random_init" in result:

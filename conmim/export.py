@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from conmim import checkpoint
 from conmim import config as cfgmod
 from conmim._fs import write_atomic
 from conmim.models import model_spec
@@ -51,21 +52,15 @@ def export(run_dir, out_file, which: str = "teacher") -> tuple[Path, dict]:
     Returns (file, {"timm_model": name, "kwargs": {...}})."""
     from safetensors.torch import save
 
-    from conmim import fsdp
-    from conmim.train import load_latest
-
     run = Path(run_dir)
-    if not run.is_dir():
-        raise FileNotFoundError(f"run folder {str(run)!r} does not exist")
+    out = Path(out_file).expanduser().resolve()
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a folder: name the .safetensors file to write")
     log = lambda m: print(f"conmim-export: {m}", file=sys.stderr)
-    state = fsdp.load_latest_state_dict(run, log) or load_latest(run, log)  # an FSDP run's DCP folders first
-    if state is None:
-        raise FileNotFoundError(f"run folder {str(run)!r} holds no loadable checkpoint")
-    cfg = cfgmod.read_file(run / "config.yaml")
+    cfg, state = read_run(run, log, "exporting")
     timm_name, kwargs = model_spec(cfg["model"])
     kwargs.update(img_size=cfg["image_size"], patch_size=cfg["patch_size"])
     weights = backbone_state(state[which])
-    out = Path(out_file).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(
         out, save(weights, metadata={"format": "pt", "source": f"conmim {which} step {state['step']}"})
@@ -74,6 +69,21 @@ def export(run_dir, out_file, which: str = "teacher") -> tuple[Path, dict]:
     meta["load"] = load_call(meta, out)
     write_atomic(str(out) + ".json", json.dumps(meta, indent=1))
     return out, meta
+
+
+def read_run(run_dir, log=lambda line: None, verb: str = "reading") -> tuple[dict, dict]:
+    """(the run's saved configuration, its newest verified checkpoint as plain state dicts). FileNotFoundError
+    when the folder, its config.yaml or a verified checkpoint is missing: never a network that was not trained."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder {str(run)!r} does not exist")
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run)!r} is not a conmim-train run folder (it has no config.yaml)")
+    cfg = cfgmod.read_file(run / "config.yaml")
+    state = checkpoint.read_latest(run, log, verb)
+    if state is None:
+        raise FileNotFoundError(f"run folder {str(run)!r} holds no checkpoint that verifies")
+    return cfg, state
 
 
 def load_call(meta: dict, path) -> str:
@@ -112,7 +122,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         path, meta = export(args.run_dir, args.out, args.which)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+    except (FileNotFoundError, ValueError, KeyError, checkpoint.CheckpointError) as exc:
         print(f"conmim-export: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {path} and {path}.json: the {args.which} backbone at optimizer step {meta['step']}")

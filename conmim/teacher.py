@@ -13,8 +13,6 @@ from conmim._validate import check_momentum, check_tensor_lists
 from conmim.ops import ema_update_op
 from conmim.reference import momentum_schedule
 
-_ALIGN = 4  # fp32 elements: every parameter view starts on a 16-byte boundary of the flat buffer
-
 
 def ema_update_(teacher, student, momentum, backend: str = "auto") -> None:
     """In place, for every pair: ``teacher <- teacher + (1 - m) (student - teacher)`` (``torch._foreach_lerp_``
@@ -49,23 +47,30 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class MomentumTeacher(nn.Module):
-    """EMA copy of a student network, updated in one fused pass per step; an ``nn.Module``.
+    """EMA copy of a student network, updated in one fused launch per step; an ``nn.Module``.
 
     ``teacher(images)`` runs the copied student (``self.module``) on unmasked images, so for a
     :class:`conmim.models.ConMIMEncoder` it returns the patch features ``[B, N, d]`` the loss compares with.
-    ``state_dict``, ``load_state_dict``, ``to``/``cuda`` and ``train``/``eval`` work as for any module.
+    ``state_dict``, ``load_state_dict`` (``assign=True`` too), ``to``/``cuda`` and ``train``/``eval`` work as for
+    any module. Its gradients are off; it starts in train mode (ConMIM's teacher uses batch statistics in its
+    BatchNorm layers) and keeps whatever mode it is then given. Buffers are not averaged (ConMIM); with
+    ``copy_buffers=True`` they are copied from the student at every update.
 
-    The teacher's parameters are fp32 views into one flat buffer (``self.flat``), so an update is a single
-    kernel over all of them whatever the student's dtype; a device move or dtype cast rebuilds the buffer on the
-    new device, still fp32. Its gradients are off; it starts in train mode (ConMIM's teacher uses batch
-    statistics in its BatchNorm layers). Buffers are not averaged (ConMIM); with ``copy_buffers=True`` they are
-    copied from the student at every update.
+    One teacher for every parallel strategy: for a sharded (FSDP2) student, build the teacher from the student
+    before sharding and shard ``teacher.module`` on the same mesh (``conmim.parallel.Sharded`` does both);
+    ``update`` then averages each rank's local shards, with no communication. The update is one launch of the
+    EMA kernel over the table of all parameter pairs, whatever their number and dtypes.
+
+    Every update compares the student's and the teacher's parameter lists (count, shapes, dtypes, devices,
+    storage) with those last validated, on the host only, and validates them again when anything changed (a
+    replaced parameter, a module moved or loaded with ``assign=True``, another student): a mismatch is an error,
+    never an out-of-bounds read or a silent no-op.
 
     Step convention: ``update(student, step)`` uses the momentum scheduled at ``step``, counted from 0 (the
     first update after the first optimizer step is ``step=0``; ``total_steps`` reaches ``final_momentum``).
 
     Args:
-        student: the student module (DDP and torch.compile wrappers are unwrapped).
+        student: the student module (DDP and torch.compile wrappers are unwrapped), not yet sharded.
         base_momentum, final_momentum: the cosine schedule's ends (0.996 -> 1.0).
         total_steps: steps of the whole run (the schedule reaches ``final_momentum`` there).
         copy_buffers: copy the student's buffers into the teacher at each update.
@@ -85,8 +90,8 @@ class MomentumTeacher(nn.Module):
             raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
         if any(isinstance(p, DTensor) for p in student.parameters()):
             raise TypeError(
-                "student is sharded (FSDP) but MomentumTeacher keeps a whole copy in one flat buffer: build the "
-                "teacher of a sharded student with conmim.fsdp.prepare (a ShardedTeacher, updated on the local shards)"
+                "student is already sharded (FSDP): build the MomentumTeacher from the student before sharding, "
+                "then shard both (conmim.parallel.Sharded does this)"
             )
         momentum_schedule(0, total_steps, base_momentum, final_momentum)  # validates the schedule's arguments
         backends.requested_backend(backend)
@@ -99,38 +104,7 @@ class MomentumTeacher(nn.Module):
         self.module = copy.deepcopy(_unwrap(student))
         self.module.requires_grad_(False)
         self.module.train()
-        self._checked_student: int | None = None  # the student module whose shapes were checked (its id)
-        self._flatten()
-        self.register_load_state_dict_post_hook(_keep_flat)
-
-    def _flatten(self) -> None:
-        params = list(self.module.parameters())
-        device = params[0].device if params else torch.device("cpu")
-        sizes = [p.numel() for p in params]
-        offsets, total = [], 0
-        for n in sizes:
-            offsets.append(total)
-            total += (n + _ALIGN - 1) // _ALIGN * _ALIGN
-        flat = torch.zeros(total, dtype=torch.float32, device=device)
-        with torch.no_grad():
-            for p, off, n in zip(params, offsets, sizes):
-                view = flat[off : off + n].view(p.shape)
-                view.copy_(p.detach().to(device=device, dtype=torch.float32))
-                p.data = view
-        self.flat = flat
-        self.params = params
-        self._checked_student = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.flat.device
-
-    def _apply(self, fn, recurse=True):
-        """Module moves and casts (``to``, ``cuda``, ``half``...) act per parameter; the flat fp32 buffer is then
-        rebuilt from the moved parameters."""
-        super()._apply(fn, recurse)
-        self._flatten()
-        return self
+        self._validated: tuple | None = None  # the parameter lists' signature last validated
 
     def momentum(self, step: int) -> float:
         """The scheduled momentum at ``step``."""
@@ -139,47 +113,47 @@ class MomentumTeacher(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    def _pairs(self, student: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(teacher, student) local tensors to average, validated whenever their signature changed."""
+        mine = [_local(p) for p in self.module.parameters()]
+        theirs = [_local(p) for p in _unwrap(student).parameters()]
+        signature = (_signature(mine), _signature(theirs))
+        if signature != self._validated:
+            if len(theirs) != len(mine):
+                raise ValueError(
+                    f"student has {len(theirs)} parameters but the teacher has {len(mine)}: "
+                    "pass the same architecture the teacher was built from"
+                )
+            check_tensor_lists(mine, theirs)
+            self._validated = signature
+        return mine, theirs
+
     @torch.no_grad()
     def update(self, student: nn.Module, step: int | None = None, momentum=None):
         """One EMA step from ``student`` and the momentum it used: the schedule's at ``step``, or ``momentum`` if
-        given (a float, or a 0-d device tensor, e.g. to replay the update in a CUDA graph).
-
-        The teacher's own flat buffer needs no checks; the student's parameter shapes are checked against it
-        the first time a given student module is passed."""
+        given (a float, or a 0-d device tensor, e.g. to replay the update in a CUDA graph)."""
         if (step is None) == (momentum is None):
             raise ValueError("update needs exactly one of step (scheduled momentum) or momentum")
         m = self.momentum(step) if momentum is None else momentum
-        src = _unwrap(student)
-        student_params = list(src.parameters())
         if momentum is not None:
             check_momentum(momentum)  # the schedule's own values are valid by construction
-        if self._checked_student != id(src):
-            if len(student_params) != len(self.params):
-                raise ValueError(
-                    f"student has {len(student_params)} parameters but the teacher has {len(self.params)}: "
-                    "pass the same architecture the teacher was built from"
-                )
-            check_tensor_lists(self.params, student_params)
-            self._checked_student = id(src)
+        mine, theirs = self._pairs(student)
         name = backends.requested_backend(self.backend)
         if isinstance(m, torch.Tensor):
-            ema_update_op(self.params, student_params, 0.0, m.detach(), name)
+            ema_update_op(mine, theirs, 0.0, m.detach(), name)
         else:
-            ema_update_op(self.params, student_params, float(m), None, name)
+            ema_update_op(mine, theirs, float(m), None, name)
         if self.copy_buffers:
-            for tb, sb in zip(self.module.buffers(), src.buffers()):
+            for tb, sb in zip(self.module.buffers(), _unwrap(student).buffers()):
                 tb.copy_(sb)
         return m
 
 
-def _keep_flat(teacher: MomentumTeacher, _incompatible) -> None:
-    """After ``load_state_dict``: values are copied into the flat views, unless ``assign=True`` replaced the
-    parameters, in which case the flat layout is rebuilt."""
-    if not all(_is_view_of(p, teacher.flat) for p in teacher.module.parameters()):
-        teacher._flatten()
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded parameter (a view: writing it writes the parameter), else ``p``."""
+    return p.to_local() if isinstance(p, DTensor) else p.detach()
 
 
-def _is_view_of(p: torch.Tensor, flat: torch.Tensor) -> bool:
-    base = flat.data_ptr()
-    end = base + flat.numel() * flat.element_size()
-    return base <= p.data_ptr() < end or p.numel() == 0
+def _signature(tensors: list[torch.Tensor]) -> tuple:
+    """What decides whether a list of tensors is still the one validated; read on the host, no device sync."""
+    return tuple((t.shape, t.dtype, t.device, t.data_ptr(), t.stride()) for t in tensors)
