@@ -3,7 +3,7 @@ momentum teacher, for a ConMIM encoder (default vit_large_patch16_224 with the 4
 
 ``python -m benchmarks.bench_fsdp_memory [--model NAME] [--worlds 1,2,4,8]`` builds the encoder on the meta
 device (shapes and dtypes, no memory), and for each world size launches that many real gloo ranks under torchrun
-which run ``conmim.fsdp.prepare`` and one AdamW step on meta gradients, then count the bytes of every rank's
+which run ``conmim.parallel.Sharded`` and one AdamW step on meta gradients, then count the bytes of every rank's
 local shards (the padded storage FSDP allocates). DDP's figure is the same count on the unsharded modules (every
 rank holds all of it). Derived on the CPU from the modules' shapes: no GPU was used, activations and the
 transient all-gathered blocks are not included (the largest gathered unit is reported beside). Writes
@@ -73,14 +73,14 @@ def _largest_gathered_unit(student: nn.Module) -> int:
 
 
 def worker(model: str, out: Path) -> None:
-    """One rank under torchrun: shard with conmim.fsdp.prepare, count this rank's bytes, rank 0 writes all."""
+    """One rank under torchrun: shard with conmim.parallel.Sharded, count this rank's bytes, rank 0 writes all."""
     import torch.distributed as dist
 
-    from conmim import fsdp
+    from conmim.parallel import Sharded
 
     dist.init_process_group("gloo")
-    mesh = fsdp.device_mesh(torch.device("cpu"))
-    student, teacher = fsdp.prepare(_meta_encoder(model), mesh, fsdp.FSDPOptions(precision="bf16"))
+    sharded = Sharded(_meta_encoder(model), torch.device("cpu"), {}, precision="bf16")
+    student, teacher = sharded.student, sharded.teacher
     mine = _state_bytes(student, list(teacher.parameters()), torch.optim.AdamW(student.parameters()))
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         path = harness.RESULTS / f"fsdp-memory-{a.model}.json"
         payload = {
             "method": "derived on the CPU: bytes of every parameter, gradient, AdamW state and teacher tensor "
-            "(local shards under FSDP, padded storage) after conmim.fsdp.prepare and one AdamW step on the meta "
+            "(local shards under FSDP, padded storage) after conmim.parallel.Sharded and one AdamW step on the meta "
             "device, on real gloo ranks under torchrun; DDP = the same on the unsharded modules. No GPU; "
             "activations, DDP buckets and FSDP's transient all-gathered unit (largest_gathered_unit, bytes) "
             "are not in the totals",

@@ -44,14 +44,16 @@ def worker(out: Path, overrides: dict, warmup: int, steps: int) -> dict[str, lis
     """One rank (alone, or under torchrun): ``warmup + steps`` training steps of ``CONFIG`` with ``overrides``
     under each strategy, interleaved; returns (and rank 0 writes to ``out`` as JSON) each strategy's timed steps'
     seconds, each the slowest rank's."""
-    from conmim import config, train
+    from conmim import config, parallel, train
+    from conmim.metrics import Meter
 
-    rank, world, _ = train.dist_env()
+    rank, world, _ = parallel.dist_env()
     if world > 1:
         dist.init_process_group("gloo")
     runs = {}
     for strategy in STRATEGIES:
         cfg = config.resolve(
+            config.TrainConfig,
             CONFIG,
             {"num_workers": 0, "loader": "torch", "progress": False, **overrides, "strategy": strategy},
         )
@@ -61,7 +63,7 @@ def worker(out: Path, overrides: dict, warmup: int, steps: int) -> dict[str, lis
     batches = list(itertools.islice(loader, warmup + steps))
     if len(batches) < warmup + steps:
         raise ValueError(f"steps: {warmup} + {steps} steps need as many batches; an epoch has {len(batches)}")
-    states = {s: (train.RunState(), train.Meter(torch.device("cpu"))) for s in STRATEGIES}
+    states = {s: (train.RunState(), Meter(torch.device("cpu"))) for s in STRATEGIES}
     times = torch.zeros(len(STRATEGIES), warmup + steps, dtype=torch.float64)
     for i, batch in enumerate(batches):
         for j, strategy in enumerate(STRATEGIES):
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
         return 0
     from conmim import config
 
-    batch = config.resolve(CONFIG, {}).batch_size
+    batch = config.resolve(config.TrainConfig, CONFIG, {}).batch_size
     cores = os.cpu_count() or 1
     cpu = torch.device("cpu")
     torch.set_num_threads(a.threads)  # as in the ranks, for the device's description

@@ -4,11 +4,13 @@ reference, and torch.compile of the masked-rows reference; fwd, bwd and fwd+bwd;
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
 import conmim
-from benchmarks import memprobe
 from benchmarks.harness import Variant, fmt_bytes, fmt_time, peak_extra_memory, table, time_interleaved
 from conmim.reference import patch_contrast_loss_official, patch_contrast_loss_reference
 
@@ -27,6 +29,22 @@ CASES = {
     ],
 }
 MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def probe_memory(B: int, N: int, d: int, variant: str) -> int | None:
+    """Peak extra memory of one loss call, measured by ``benchmarks.memprobe`` in a fresh process; None if it
+    failed (the error goes to stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memprobe", str(B), str(N), str(d), variant],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-2000:])
+        return None
+    return int(proc.stdout.strip().splitlines()[-1])
 
 
 def make_case(B, N, d, dtype, device, seed=0):
@@ -96,7 +114,7 @@ def run(suite: str, device: torch.device, ceil: dict, rounds: int, with_compile:
                 mem = None
                 if mode == "fwd+bwd" and tm.error is None:
                     if device.type == "cpu":
-                        mem = memprobe.measure(B, N, d, v.name)
+                        mem = probe_memory(B, N, d, v.name)
                     else:
                         try:
                             mem = peak_extra_memory(v, device)

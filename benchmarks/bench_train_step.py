@@ -14,7 +14,9 @@ from benchmarks.harness import Variant, table, time_interleaved
 from conmim import config, train
 from conmim.loss import FusedPatchContrastLoss
 from conmim.masking import block_masks
+from conmim.metrics import Meter
 from conmim.models import build_encoder
+from conmim.parallel import Replicated
 from conmim.reference import ema_update_loop_, patch_contrast_loss_official
 
 CASES = {
@@ -37,14 +39,15 @@ def step_variants(device: torch.device) -> tuple[list[Variant], dict]:
     torch.manual_seed(0)
     student = build_encoder(name).to(device)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    cfg = config.resolve(None, {"data": "unused", "model": name, "precision": precision, "warmup_epochs": 0})
-    parallel = train.Replicated(student, cfg, device, world=1, total_steps=1000)  # what conmim-train builds
+    over = {"data": "unused", "model": name, "precision": precision, "warmup_epochs": 0}
+    cfg = config.resolve(config.TrainConfig, None, over)
+    parallel = Replicated(student, device, {"total_steps": 1000})  # what conmim-train builds
     teacher = parallel.teacher
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98))
     x = torch.randn(batch, 3, 224, 224, device=device)
     mask = block_masks(batch, (14, 14), generator=torch.Generator().manual_seed(0)).to(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    student_params = list(student.parameters())
+    student_params, teacher_params = list(student.parameters()), list(teacher.parameters())
 
     def reference_step(_):
         with autocast:
@@ -54,16 +57,15 @@ def step_variants(device: torch.device) -> tuple[list[Variant], dict]:
         patch_contrast_loss_official(feats.float(), target.float(), mask).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema_update_loop_(teacher.params, student_params, 0.996)
+        ema_update_loop_(teacher_params, student_params, 0.996)
 
     run = train.Run(
-        cfg=cfg, device=device, rank=0, world=1, out=None, loader=None, student=student, model=parallel.model,
-        parallel=parallel,
-        teacher=teacher, opt=torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True),
+        cfg=cfg, device=device, rank=0, world=1, out=None, loader=None, parallel=parallel,
+        opt=torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True),
         scaler=torch.amp.GradScaler(device.type, enabled=False), loss_fn=FusedPatchContrastLoss(),
-        autocast=autocast, steps_per_epoch=1000, total_steps=1000, warmup=0,
+        autocast=autocast, steps_per_epoch=1000, total_steps=1000, warmup=0, checkpoints=None,
     )  # fmt: skip
-    state, meter = train.RunState(bad_streak=torch.zeros((), device=device)), train.Meter(device)
+    state, meter = train.RunState(bad_streak=torch.zeros((), device=device)), Meter(device)
 
     def trainer_step(_):
         train.train_step(run, state, [(x, x, mask)], meter)

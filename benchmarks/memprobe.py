@@ -3,17 +3,15 @@
 ``python -m benchmarks.memprobe B N d VARIANT`` builds the case's inputs, records the process's peak resident set
 (VmHWM), runs forward + backward once, and prints the growth of VmHWM in bytes. A fresh process has never touched
 the pages the call needs, so they all count (in a long-lived process freed memory is reused and hides the peak).
+``bench_patch_contrast.probe_memory`` starts it.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _hwm() -> int:
@@ -21,21 +19,6 @@ def _hwm() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def measure(B: int, N: int, d: int, variant: str) -> int | None:
-    """Run the probe in a subprocess; None if it failed (the error goes to stderr)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memprobe", str(B), str(N), str(d), variant],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-2000:])
-        return None
-    return int(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv) -> int:

@@ -251,8 +251,7 @@ class CheckpointManager:
         rank = _rank()
         if rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            for stale in [*self.out.glob("ckpt-*.tmp"), *self.out.glob("ckpt-*.deleting")]:
-                shutil.rmtree(stale, ignore_errors=True)
+            self._remove_leftovers()
         _barrier()
         state = _state_of(parts)
         if rank == 0:
@@ -266,15 +265,21 @@ class CheckpointManager:
         if rank == 0:
             _write_manifest(tmp, {**(info or {}), "epoch": epoch, "step": step, "epoch_end": bool(epoch_end)})
             _boundary("manifest written")
-            if path.exists():
-                old = path.with_name(path.name + ".deleting")
+            old = path.with_name(path.name + ".deleting")
+            if path.exists():  # the same step saved again (a resumed run's last checkpoint): replace it
                 os.replace(path, old)
             os.replace(tmp, path)
             _fsync_dir(self.out)
             _boundary("renamed")
+            shutil.rmtree(old, ignore_errors=True)
             self.prune()
         _barrier()
         return path
+
+    def _remove_leftovers(self) -> None:
+        """What a killed save or prune left: a checkpoint being written or being deleted (never a real one)."""
+        for stale in [*self.out.glob("ckpt-*.tmp"), *self.out.glob("ckpt-*.deleting")]:
+            shutil.rmtree(stale, ignore_errors=True)
 
     def prune(self) -> None:
         """Remove the checkpoints beyond the newest ``keep_last`` that do not end an epoch divisible by
@@ -299,6 +304,8 @@ class CheckpointManager:
         it) and return its run state, or None when there is none. A checkpoint that does not verify or load is
         reported in one line and the previous one is tried; every rank reaches the same verdict."""
         refuse_old_format(self.out)
+        if _rank() == 0 and self.out.is_dir():
+            self._remove_leftovers()
         for path in checkpoints(self.out):
             why = _agree(lambda p=path: _verified_or_reason(p))
             if why is None:

@@ -253,6 +253,7 @@ def parser(cls, prog: str, description: str = "", epilog: str = "") -> argparse.
     field's help, choices and default; values are parsed as YAML scalars and checked by :func:`resolve`."""
     p = argparse.ArgumentParser(
         prog=prog,
+        usage="%(prog)s [--config PRESET_OR_YAML] [--KEY VALUE ...]",
         description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -269,13 +270,6 @@ def parser(cls, prog: str, description: str = "", epilog: str = "") -> argparse.
             help=f"{f.metadata.get('help', '')}{what} (default: {f.default})",
         )
     return p
-
-
-def parse_args(cls, prog: str, argv: list[str], description: str = "", epilog: str = ""):
-    """``cls`` resolved from a command line (see :func:`parser`); ConfigError on a bad value."""
-    ns = vars(parser(cls, prog, description, epilog).parse_args(argv))
-    config = ns.pop("config", None)
-    return resolve(cls, config, ns)
 
 
 def dump(cfg, path) -> None:

@@ -77,6 +77,7 @@ def read_run(run_dir, log=lambda line: None, verb: str = "reading") -> tuple[dic
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {str(run)!r} does not exist")
+    checkpoint.refuse_old_format(run)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run)!r} is not a conmim-train run folder (it has no config.yaml)")
     cfg = cfgmod.read_file(run / "config.yaml")

@@ -52,7 +52,9 @@ class MomentumTeacher(nn.Module):
     ``teacher(images)`` runs the copied student (``self.module``) on unmasked images, so for a
     :class:`conmim.models.ConMIMEncoder` it returns the patch features ``[B, N, d]`` the loss compares with.
     ``state_dict``, ``load_state_dict`` (``assign=True`` too), ``to``/``cuda`` and ``train``/``eval`` work as for
-    any module. Its gradients are off; it starts in train mode (ConMIM's teacher uses batch statistics in its
+    any module. Its parameters start as fp32 copies whatever the student's dtype (an update moves a teacher
+    weight by (1 - m) ~ 0.4% of its distance to the student, below bf16's resolution). Its gradients are off; it
+    starts in train mode (ConMIM's teacher uses batch statistics in its
     BatchNorm layers) and keeps whatever mode it is then given. Buffers are not averaged (ConMIM); with
     ``copy_buffers=True`` they are copied from the student at every update.
 
@@ -104,6 +106,9 @@ class MomentumTeacher(nn.Module):
         self.module = copy.deepcopy(_unwrap(student))
         self.module.requires_grad_(False)
         self.module.train()
+        for p in self.module.parameters():  # 1 - m ~ 0.004 is below bf16's resolution: the EMA needs fp32
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
         self._validated: tuple | None = None  # the parameter lists' signature last validated
 
     def momentum(self, step: int) -> float:

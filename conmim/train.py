@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 import sys
 import time
@@ -109,7 +110,7 @@ class Run:
     warmup: int
     checkpoints: ckpt.CheckpointManager
     log: Logger | None = None
-    lock: int | None = None  # the run folder's lock (a file descriptor), held for the process's life
+    lock: int | None = None  # the run folder's lock (a file descriptor), held while the run trains
     progress: object = None
     postfix: dict = field(default_factory=dict)  # what the progress bar shows after the count
 
@@ -393,6 +394,8 @@ def train(cfg: TrainConfig) -> dict:
         if run.progress is not None:
             run.progress.close()
         run.log.close()
+        if run.lock is not None:
+            os.close(run.lock)  # the run is over; a crash releases it too (the OS does)
     if world > 1:  # every rank finishes its last collective before any tears the group down
         torch.distributed.barrier()
     return summary
@@ -447,16 +450,16 @@ def _train(run: Run) -> dict:
     return {"steps": state.step, "epoch": state.epoch, "out": str(run.out)}
 
 
+def parser():
+    """conmim-train's argparse, generated from :class:`conmim.config.TrainConfig`'s fields."""
+    doc = __doc__.split("\n\n")
+    return cfgmod.parser(TrainConfig, "conmim-train", doc[0], "\n\n".join(doc[2:]))
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = vars(parser().parse_args(sys.argv[1:] if argv is None else argv))
     try:
-        cfg = cfgmod.parse_args(
-            TrainConfig,
-            "conmim-train",
-            sys.argv[1:] if argv is None else argv,
-            description=__doc__.split("\n\n")[0],
-            epilog=__doc__.split("\n\n", 2)[2],
-        )
-        train(cfg)
+        train(cfgmod.resolve(TrainConfig, args.pop("config", None), args))
     except (
         cfgmod.ConfigError,
         TrainingError,

@@ -8,6 +8,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,23 @@ def tiny(digits, out, **kw):
     over.update(kw)
     from conmim import config as cfgmod
 
-    return cfgmod.resolve("tiny_demo", over)
+    return cfgmod.resolve(cfgmod.TrainConfig, "tiny_demo", over)
+
+
+def dcp_tensors(path) -> dict:
+    """Every tensor of a checkpoint folder (weights, optimizer state, run state), whole, in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    flat = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.state_dict_metadata.items()
+        if hasattr(m, "properties")
+    }
+    with warnings.catch_warnings():  # DCP: "assuming the intent is to load in a single process", as it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(flat, checkpoint_id=str(path), no_dist=True)
+    return flat
 
 
 def loss_backends_here() -> list:

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from conmim import fsdp
+from conmim import checkpoint as ckpt
+from conmim import parallel
 from conmim.loss import FusedPatchContrastLoss
 from conmim.models import build_encoder
 
@@ -33,6 +34,20 @@ EPS = 1e-6
 def encoder() -> nn.Module:
     torch.manual_seed(0)
     return build_encoder("vit_tiny_demo", 64, 32, img_size=32, patch_size=4)
+
+
+def sharded(precision="bf16", reshard=True, grad_checkpointing=False, model=None, **momentum):
+    """(student, teacher) of conmim.parallel.Sharded on the CPU (its process group started if needed)."""
+    momentum = {"base_momentum": 0.99, "final_momentum": 1.0, "total_steps": TOTAL_STEPS, **momentum}
+    strategy = parallel.Sharded(
+        encoder() if model is None else model,
+        torch.device("cpu"),
+        momentum,
+        precision,
+        grad_checkpointing,
+        reshard,
+    )
+    return strategy.student, strategy.teacher
 
 
 def optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -93,20 +108,20 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = fsdp.device_mesh(torch.device("cpu"))
-    options = fsdp.FSDPOptions(a.precision, a.reshard == "true", a.grad_checkpointing == "true")
-    student, teacher = fsdp.prepare(encoder(), mesh, options, 0.99, 1.0, TOTAL_STEPS)
+    student, teacher = sharded(a.precision, a.reshard == "true", a.grad_checkpointing == "true")
     opt = optimizer(student)
+    parts = {"student": student, "teacher": teacher.module, "optimizer": (student, opt)}
+    manager = ckpt.CheckpointManager(a.out, keep_last=100)
     loss_fn = FusedPatchContrastLoss(temperature=0.1)
     step = 0
     if a.resume:
-        step = fsdp.load(fsdp.checkpoints(a.out)[0], student, teacher, opt)["step"]
+        step = manager.load_latest(parts)["step"]
     losses, norms, momenta = {}, {}, {}
     for k in range(step, a.steps):
         if k == a.die_saving:
             _die_mid_save(rank)
         if k in a.save_at or k == a.die_saving:
-            fsdp.save(a.out / f"ckpt-s{k:04d}.dcp", student, teacher, opt, {"step": k})
+            manager.save(parts, {"step": k}, 0, k, False)
         local, norms[k] = train_step(student, teacher, opt, k, range(rank, MICRO, world), loss_fn)
         dist.all_reduce(local)
         losses[k], momenta[k] = float(local) / MICRO, teacher.momentum(k)
@@ -114,8 +129,8 @@ def main(argv=None) -> None:
         "losses": losses,
         "momenta": momenta,
         "grad_norms": norms,
-        "student": fsdp.full_state_dict(student),
-        "teacher": fsdp.full_state_dict(teacher.module),
+        "student": parallel.full_state_dict(student),
+        "teacher": parallel.full_state_dict(teacher.module),
     }
     if rank == 0:
         torch.save(result, a.out / f"result-w{world}.pt")

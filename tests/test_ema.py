@@ -131,11 +131,6 @@ def test_momentum_teacher_tracks_reference(student_dtype):
         ema_update_reference_(ref, list(student.parameters()), momentum_schedule(step, 10))
     for got, want in zip(teacher.module.parameters(), ref):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    # parameters are views into one flat fp32 buffer
-    flat = teacher.flat
-    for p in teacher.module.parameters():
-        assert flat.data_ptr() <= p.data_ptr() < flat.data_ptr() + flat.numel() * 4
-        assert (p.data_ptr() - flat.data_ptr()) % 16 == 0
 
 
 def test_momentum_teacher_buffers_and_state_dict_round_trip():
@@ -156,9 +151,6 @@ def test_momentum_teacher_buffers_and_state_dict_round_trip():
     other.load_state_dict(state)
     for (k, v), p in zip(state.items(), other.state_dict().values()):
         assert torch.equal(v, p), k
-    flat = other.flat
-    for p in other.module.parameters():  # still views into the flat buffer after loading
-        assert flat.data_ptr() <= p.data_ptr() < flat.data_ptr() + flat.numel() * 4
     other.update(student, 1)
     teacher.update(student, 1)
     for a, b in zip(other.module.parameters(), teacher.module.parameters()):

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from conmim import checkpoint as ckpt
 from conmim import export as X
 from conmim import train as T
 from tests.conftest import tiny
@@ -46,6 +47,6 @@ def test_printed_load_call_loads_the_weights(run, tmp_path, capsys, which):
     assert set(weights) == set(model.state_dict())
     for k, v in weights.items():
         assert torch.equal(model.state_dict()[k], v), k
-    state = torch.load(T.checkpoints(run)[0], weights_only=True)
+    state = ckpt.read(ckpt.checkpoints(run)[0])
     assert torch.equal(weights["blocks.0.attn.qkv.weight"], state[which]["backbone.blocks.0.attn.qkv.weight"])
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, model.embed_dim)

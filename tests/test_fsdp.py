@@ -1,5 +1,5 @@
-"""conmim.fsdp on the CPU with gloo: sharding, mixed precision, activation checkpointing, the EMA on local
-shards, DCP checkpoints (atomic, resumable at another world size, readable by export).
+"""conmim.parallel.Sharded (FSDP2) on the CPU with gloo: sharding, mixed precision, activation checkpointing, the
+EMA on local shards, checkpoints of sharded state (atomic, resumable at another world size, readable by export).
 
 In-process tests run on a one-rank process group; the multi-rank ones launch tests/fsdp_ranks.py under torchrun
 (each rank a real process) and compare with the same steps run here on one process without FSDP.
@@ -19,8 +19,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from conmim import checkpoint as ckpt
 from conmim import config as cfgmod
-from conmim import fsdp
+from conmim import parallel
 from conmim.loss import FusedPatchContrastLoss
 from conmim.teacher import MomentumTeacher
 from tests import fsdp_ranks as R
@@ -105,12 +106,21 @@ def mesh():
     """A one-rank gloo process group and its mesh, for the in-process tests."""
     if dist.is_initialized():
         pytest.fail("a process group is already initialised in this pytest process")
-    yield fsdp.device_mesh(torch.device("cpu"))
+    parallel.init_process_group(torch.device("cpu"))
+    yield
     dist.destroy_process_group()
 
 
-def _prepared(mesh, **options):
-    return fsdp.prepare(R.encoder(), mesh, fsdp.FSDPOptions(**options), 0.99, 1.0, R.TOTAL_STEPS)
+def _prepared(mesh, precision="bf16", grad_checkpointing=False):
+    return R.sharded(precision, True, grad_checkpointing)
+
+
+def _parts(student, teacher, opt) -> dict:
+    return {"student": student, "teacher": teacher.module, "optimizer": (student, opt)}
+
+
+def _save(out, student, teacher, opt, run: dict, step: int) -> Path:
+    return ckpt.CheckpointManager(out, keep_last=100).save(_parts(student, teacher, opt), run, 0, step, False)
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -132,8 +142,9 @@ def test_prepare_shards_every_block_the_head_and_the_root_of_both(mesh):
             assert isinstance(p, DTensor) and p.dtype == torch.float32
     assert all(p.requires_grad for p in student.parameters())
     assert not any(p.requires_grad for p in teacher.parameters())
-    teacher.eval()
-    assert teacher.training and teacher.module.head.net[1].training
+    assert teacher.training and teacher.module.head.net[1].training  # batch statistics, as ConMIM's teacher
+    teacher.eval()  # honoured, as for a replicated student
+    assert not teacher.training and not teacher.module.head.net[1].training
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
@@ -146,7 +157,7 @@ def test_blocks_compute_in_the_precision_and_gradients_stay_fp32(mesh, precision
     feats = student(xs, mask)
     with torch.no_grad():
         target = teacher(xt)
-    assert seen == {"block": fsdp.PARAM_DTYPES[precision], "head": torch.float32}
+    assert seen == {"block": parallel.PRECISIONS[precision], "head": torch.float32}
     assert feats.dtype == target.dtype == torch.float32
     FusedPatchContrastLoss()(feats, target, mask).backward()
     for p in student.parameters():
@@ -173,9 +184,9 @@ def test_grad_checkpointing_recomputes_the_blocks_and_keeps_the_gradients(mesh):
     for k in plain:
         torch.testing.assert_close(recomputed[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
     student = R.encoder()
-    fsdp.checkpoint_blocks(student)
+    parallel.checkpoint_blocks(student)
     with pytest.raises(ValueError, match="already checkpointed"):
-        fsdp.checkpoint_blocks(student)
+        parallel.checkpoint_blocks(student)
 
 
 def test_teacher_update_is_one_fused_call_on_the_local_shards(mesh, monkeypatch):
@@ -185,9 +196,11 @@ def test_teacher_update_is_one_fused_call_on_the_local_shards(mesh, monkeypatch)
             p.to_local().add_(torch.randn_like(p.to_local()))
     before = [p.to_local().clone() for p in teacher.parameters()]
     calls = []
-    fused = fsdp.ema_update_
+    from conmim import teacher as teacher_module
+
+    fused = teacher_module.ema_update_op
     monkeypatch.setattr(
-        fsdp, "ema_update_", lambda t, s, m, backend: calls.append((t, s)) or fused(t, s, m, backend)
+        teacher_module, "ema_update_op", lambda t, s, *a: calls.append((t, s)) or fused(t, s, *a)
     )
     m = teacher.update(student, 5)
     assert m == MomentumTeacher(R.encoder(), 0.99, 1.0, R.TOTAL_STEPS).momentum(5) and 0.99 < m < 1
@@ -198,7 +211,7 @@ def test_teacher_update_is_one_fused_call_on_the_local_shards(mesh, monkeypatch)
 
 def test_momentum_teacher_refuses_a_sharded_student(mesh):
     student, _ = _prepared(mesh)
-    with pytest.raises(TypeError, match=r"student is sharded \(FSDP\).*conmim.fsdp.prepare"):
+    with pytest.raises(TypeError, match=r"student is already sharded \(FSDP\).*conmim.parallel.Sharded"):
         MomentumTeacher(student)
 
 
@@ -213,26 +226,26 @@ def test_save_then_load_restores_weights_optimizer_and_run_state(mesh, tmp_path)
     opt = R.optimizer(student)
     _local_step(student, teacher, opt)
     run = {"step": 1, "rng": torch.get_rng_state(), "python": random.getstate(), "nested": {"lr": 0.5}}
-    path = fsdp.save(tmp_path / "ckpt-s0001.dcp", student, teacher, opt, run)
-    assert fsdp.checkpoints(tmp_path) == [path] and (path / ".metadata").is_file()
+    path = _save(tmp_path, student, teacher, opt, run, 1)
+    assert ckpt.checkpoints(tmp_path) == [path] and ckpt.verify(path)["step"] == 1
     saved = {  # cloned: on one CPU rank the full state dict may share the parameters' storage
-        k: {n: v.clone() for n, v in fsdp.full_state_dict(m).items()}
+        k: {n: v.clone() for n, v in parallel.full_state_dict(m).items()}
         for k, m in (("student", student), ("teacher", teacher.module))
     }
     saved_opt = {k: _plain(v).clone() for k, v in opt.state[next(iter(student.parameters()))].items()}
     _local_step(student, teacher, opt, 1)
     assert not torch.equal(
-        fsdp.full_state_dict(student)["backbone.cls_token"], saved["student"]["backbone.cls_token"]
+        parallel.full_state_dict(student)["backbone.cls_token"], saved["student"]["backbone.cls_token"]
     )
-    back = fsdp.load(path, student, teacher, opt)
+    back = ckpt.CheckpointManager(tmp_path).load_latest(_parts(student, teacher, opt))
     assert back.keys() == run.keys() and back["python"] == run["python"] and back["nested"] == run["nested"]
     assert torch.equal(back["rng"], run["rng"]) and back["step"] == 1
     for which, module in (("student", student), ("teacher", teacher.module)):
-        now = fsdp.full_state_dict(module)
+        now = parallel.full_state_dict(module)
         assert all(torch.equal(now[k], v) for k, v in saved[which].items()), which
     for k, v in opt.state[next(iter(student.parameters()))].items():
         assert torch.equal(_plain(v), saved_opt[k]), k
-    plain = fsdp.read_state_dict(path)
+    plain = ckpt.read(path)
     assert plain.keys() == {"student", "teacher", *run}
     for which in ("student", "teacher"):
         assert plain[which].keys() == saved[which].keys()
@@ -242,9 +255,7 @@ def test_save_then_load_restores_weights_optimizer_and_run_state(mesh, tmp_path)
 def test_an_interrupted_save_leaves_the_previous_checkpoint(mesh, tmp_path, monkeypatch):
     student, teacher = _prepared(mesh)
     opt = R.optimizer(student)
-    first = fsdp.save(tmp_path / "ckpt-s0001.dcp", student, teacher, opt, {"step": 1})
-    stale = tmp_path / "ckpt-s0000.dcp.tmp"
-    stale.mkdir()
+    first = _save(tmp_path, student, teacher, opt, {"step": 1}, 1)
     write = FileSystemWriter.write_data
 
     def write_then_fail(self, plan, planner):
@@ -253,70 +264,70 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(mesh, tmp_path, monk
 
     monkeypatch.setattr(FileSystemWriter, "write_data", write_then_fail)
     with pytest.raises(CheckpointException, match="disk full"):
-        fsdp.save(tmp_path / "ckpt-s0002.dcp", student, teacher, opt, {"step": 2})
-    assert fsdp.checkpoints(tmp_path) == [first]
-    half = tmp_path / "ckpt-s0002.dcp.tmp"
-    assert half.is_dir() and list(half.glob("*.distcp")) and not (half / ".metadata").exists()
-    assert fsdp.load(first, student, teacher, opt) == {"step": 1}
+        _save(tmp_path, student, teacher, opt, {"step": 2}, 2)
+    assert ckpt.checkpoints(tmp_path) == [first]
+    half = tmp_path / "ckpt-e0000-s00000002.tmp"
+    assert half.is_dir() and list(half.glob("*.distcp")) and not (half / ckpt.MANIFEST).exists()
+    assert ckpt.CheckpointManager(tmp_path).load_latest(_parts(student, teacher, opt)) == {"step": 1}
+    assert not half.exists()  # a resume removes what a killed save left
     monkeypatch.setattr(FileSystemWriter, "write_data", write)
-    second = fsdp.save(tmp_path / "ckpt-s0002.dcp", student, teacher, opt, {"step": 2})
-    again = fsdp.save(tmp_path / "ckpt-s0002.dcp", student, teacher, opt, {"step": 3})  # replaces it
-    assert fsdp.checkpoints(tmp_path) == [second, first] and sorted(p.name for p in tmp_path.iterdir()) == [
-        first.name,
-        second.name,
-    ]
-    assert again == second and fsdp.read_state_dict(second)["step"] == 3
+    second = _save(tmp_path, student, teacher, opt, {"step": 2}, 2)
+    again = _save(tmp_path, student, teacher, opt, {"step": 3}, 2)  # replaces it
+    assert ckpt.checkpoints(tmp_path) == [second, first]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, second.name]
+    assert again == second and ckpt.read(second)["step"] == 3
 
 
-def test_load_latest_skips_what_does_not_load(mesh, tmp_path):
+def test_load_latest_skips_what_does_not_verify(mesh, tmp_path):
     student, teacher = _prepared(mesh)
     opt = R.optimizer(student)
-    fsdp.save(tmp_path / "ckpt-s0001.dcp", student, teacher, opt, {"step": 1})
-    (tmp_path / "ckpt-s0002.dcp").mkdir()
-    (tmp_path / "ckpt-s0002.dcp" / ".metadata").write_bytes(b"not a checkpoint")
-    (tmp_path / "ckpt-s0003.dcp").mkdir()  # no metadata: not a checkpoint at all
+    _save(tmp_path, student, teacher, opt, {"step": 1}, 1)
+    forged = tmp_path / "ckpt-e0000-s00000002"
+    forged.mkdir()
+    (forged / ".metadata").write_bytes(b"not a checkpoint")
+    (forged / ckpt.MANIFEST).write_text('{"format": 2, "files": {".metadata": {"bytes": 3, "sha256": "0"}}}')
+    (tmp_path / "ckpt-e0000-s00000003").mkdir()  # no manifest: never complete
     said = []
-    assert fsdp.load_latest(tmp_path, student, teacher, opt, said.append) == {"step": 1}
-    assert len(said) == 2 and said[0].startswith("checkpoint ckpt-s0002.dcp cannot be read")
-    assert said[1] == "resuming from ckpt-s0001.dcp (step 1)"
-    assert fsdp.load_latest(tmp_path / "none", student, teacher, opt, said.append) is None
+    manager = ckpt.CheckpointManager(tmp_path, log=said.append)
+    assert manager.load_latest(_parts(student, teacher, opt)) == {"step": 1}
+    assert said == [
+        "checkpoint ckpt-e0000-s00000003 is not used (incomplete: it has no manifest); trying the previous one",
+        "checkpoint ckpt-e0000-s00000002 is not used (.metadata has 16 bytes, the manifest says 3); trying the "
+        "previous one",
+        "resuming from ckpt-e0000-s00000001 (0 epochs done, step 1)",
+    ]
+    assert ckpt.CheckpointManager(tmp_path / "none").load_latest(_parts(student, teacher, opt)) is None
 
 
 @pytest.mark.parametrize(
     "run, error",
     [
-        ([1], "run must be a dict"),
-        ({"where": Path("x")}, "run must hold only"),
-        ({"f": len}, "run must hold only"),
+        ([1], "run_state must be a dict"),
+        ({"where": Path("x")}, "run_state must hold only"),
+        ({"f": len}, "run_state must hold only"),
     ],
 )
 def test_a_run_state_that_cannot_come_back_is_refused_before_writing(mesh, tmp_path, run, error):
     student, teacher = _prepared(mesh)
     with pytest.raises(TypeError, match=error):
-        fsdp.save(tmp_path / "ckpt-s0001.dcp", student, teacher, R.optimizer(student), run)
-    assert list(tmp_path.iterdir()) == []
+        _save(tmp_path, student, teacher, R.optimizer(student), run, 1)
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
 
 
 def test_bad_arguments_get_clear_errors(mesh, tmp_path):
     with pytest.raises(ValueError, match="precision must be one of"):
-        fsdp.FSDPOptions(precision="fp8")
-    with pytest.raises(TypeError, match="grad_checkpointing must be True or False"):
-        fsdp.FSDPOptions(grad_checkpointing="yes")
-    with pytest.raises(TypeError, match="options must be an FSDPOptions"):
-        fsdp.prepare(R.encoder(), mesh, {"precision": "bf16"})
+        R.sharded(precision="fp8")
+    with pytest.raises(TypeError, match="reshard_after_forward must be True or False"):
+        R.sharded(reshard="yes")
     plain = R.encoder()
     with pytest.raises(ValueError, match="backend must be one of"):
-        fsdp.prepare(plain, mesh, ema_backend="gpu")
+        R.sharded(model=plain, backend="gpu")
     assert not isinstance(plain, FSDPModule)  # refused before anything was sharded
-    student, teacher = _prepared(mesh)
-    opt = R.optimizer(student)
-    with pytest.raises(ValueError, match="path must name a folder"):
-        fsdp.save(tmp_path / "ckpt-s0001.pt", student, teacher, opt, {})
     import torch.distributed.checkpoint as dcp
 
-    dcp.save({"w": torch.zeros(3)}, checkpoint_id=tmp_path / "ckpt-other.dcp")
-    with pytest.raises(ValueError, match="not a conmim FSDP checkpoint"):
-        fsdp.load(tmp_path / "ckpt-other.dcp", student, teacher, opt)
+    dcp.save({"w": torch.zeros(3)}, checkpoint_id=tmp_path / "ckpt-other")
+    with pytest.raises(ckpt.CheckpointError, match="incomplete: it has no manifest"):
+        ckpt.read(tmp_path / "ckpt-other")
 
 
 def test_export_reads_an_fsdp_run_and_timm_loads_it(mesh, tmp_path):
@@ -326,19 +337,19 @@ def test_export_reads_an_fsdp_run_and_timm_loads_it(mesh, tmp_path):
     from conmim import export as X
 
     run = tmp_path / "run"
-    cfg = cfgmod.resolve("tiny_demo", dict(data="unused", head_hidden=64, head_out=32))
+    cfg = cfgmod.resolve(cfgmod.TrainConfig, "tiny_demo", dict(data="unused", head_hidden=64, head_out=32))
     run.mkdir()
     cfgmod.dump(cfg, run / "config.yaml")
     student, teacher = _prepared(mesh)
     opt = R.optimizer(student)
     _local_step(student, teacher, opt)
-    fsdp.save(run / "ckpt-e0000-s00000001.dcp", student, teacher, opt, {"step": 1})
-    broken = run / "ckpt-e0000-s00000002.dcp"  # a newest one that does not read: the previous one is read
+    _save(run, student, teacher, opt, {"step": 1}, 1)
+    broken = run / "ckpt-e0000-s00000002"  # a newest one that does not verify: the previous one is read
     broken.mkdir()
     (broken / ".metadata").write_bytes(b"not a checkpoint")
     path, meta = X.export(run, tmp_path / "teacher.safetensors")
     weights = load_file(str(path))
-    full = fsdp.full_state_dict(teacher.module)
+    full = parallel.full_state_dict(teacher.module)
     assert meta["step"] == 1 and weights.keys() == {
         k[len("backbone.") :] for k in full if k.startswith("backbone.")
     }
@@ -356,7 +367,7 @@ def test_export_reads_an_fsdp_run_and_timm_loads_it(mesh, tmp_path):
 def test_the_memory_benchmark_counts_one_fsdp_rank_as_ddp(mesh):
     from benchmarks import bench_fsdp_memory as B
 
-    student, teacher = fsdp.prepare(B._meta_encoder("vit_tiny_demo"), mesh)
+    student, teacher = R.sharded(model=B._meta_encoder("vit_tiny_demo"))
     got = B._state_bytes(student, list(teacher.parameters()), torch.optim.AdamW(student.parameters()))
     n = sum(p.numel() for p in student.parameters())
     count = len(list(student.parameters()))
@@ -375,7 +386,7 @@ def test_two_ranks_match_one_process(two_ranks, reference):
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 4])
 def test_a_two_rank_checkpoint_resumes_at_another_world_size(two_ranks, tmp_path, world):
-    (tmp_path / "ckpt-s0002.dcp").symlink_to(two_ranks / "ckpt-s0002.dcp")
+    (tmp_path / "ckpt-e0000-s00000002").symlink_to(two_ranks / "ckpt-e0000-s00000002")
     launch(world, tmp_path, "--steps", "4", "--resume")
     got, want = _result(tmp_path, world), _result(two_ranks, 2)
     _assert_steps(got, want, range(2, 4))
@@ -387,11 +398,11 @@ def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint_to_resume_fro
     died = launch(2, tmp_path, "--steps", "4", "--save_at", "1", "--die_saving", "2", "--reshard", "false",
                   "--grad_checkpointing", "true", check=False)  # fmt: skip
     assert died.returncode != 0
-    half = tmp_path / "ckpt-s0002.dcp.tmp"
-    assert fsdp.checkpoints(tmp_path) == [tmp_path / "ckpt-s0001.dcp"]
-    assert (half / "__1_0.distcp").is_file() and not (half / ".metadata").exists()
+    half = tmp_path / "ckpt-e0000-s00000002.tmp"
+    assert ckpt.checkpoints(tmp_path) == [tmp_path / "ckpt-e0000-s00000001"]
+    assert (half / "__1_0.distcp").is_file() and not (half / ckpt.MANIFEST).exists()
     launch(2, tmp_path, "--steps", "4", "--resume", "--save_at", "2")
-    assert not half.exists() and fsdp.checkpoints(tmp_path)[0].name == "ckpt-s0002.dcp"
+    assert not half.exists() and ckpt.checkpoints(tmp_path)[0].name == "ckpt-e0000-s00000002"
     got, want = _result(tmp_path, 2), _result(two_ranks, 2)
     # resumed on as many ranks: the same run bit for bit (rank 0's BatchNorm statistics included), although the
     # first step ran with activation checkpointing and without resharding

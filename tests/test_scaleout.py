@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conmim import checkpoint as ckpt
 from conmim import evaluate as E
 from conmim import export as X
 from conmim import train as T
+from conmim.metrics import Meter
 from tests.conftest import tiny
 
 
@@ -63,8 +65,8 @@ def _accumulated_steps(rank: int, port: int, digits: str, accum: int, result: st
         cfg = tiny(digits, Path(result).parent / f"unused-{accum}", accum_steps=accum, batch_size=8 // accum)
         run = T.build_run(cfg, rank, 2, torch.device("cpu"), Path(cfg.out))
         # batch statistics would make 4 micro-batches differ from one batch: normalise with running statistics
-        run.student.eval()
-        run.teacher.eval()
+        run.parallel.student.eval()
+        run.parallel.teacher.eval()
         reduces = [0]
 
         def counting(_, bucket):
@@ -74,19 +76,21 @@ def _accumulated_steps(rank: int, port: int, digits: str, accum: int, result: st
         run.parallel.ddp.register_comm_hook(None, counting)
         grads = []  # the gradients each optimizer step applies
         run.opt.register_step_pre_hook(
-            lambda opt, *_: grads.append([p.grad.clone() for p in run.student.parameters()])
+            lambda opt, *_: grads.append([p.grad.clone() for p in run.parallel.student.parameters()])
         )
         g = torch.Generator().manual_seed(1)
         xs, xt = torch.randn(2, 16, 3, 32, 32, generator=g), torch.randn(2, 16, 3, 32, 32, generator=g)
         order = torch.rand(2, 16, 64, generator=g).argsort(-1)
         mask = order < 24  # the same number of masked patches in every image: a mean of micro-batch means
-        state, meter = T.RunState(), T.Meter(run.device)
+        state, meter = T.RunState(), Meter(run.device)
         mine = slice(8 * rank, 8 * rank + 8)
         for step in range(2):
             parts = zip(*(t[step, mine].chunk(accum) for t in (xs, xt, mask)))
             T.train_step(run, state, parts, meter)
         if rank == 0:
-            torch.save({"student": run.student.state_dict(), "reduces": reduces[0], "grads": grads}, result)
+            torch.save(
+                {"student": run.parallel.student.state_dict(), "reduces": reduces[0], "grads": grads}, result
+            )
     finally:
         torch.distributed.destroy_process_group()
 
@@ -133,7 +137,7 @@ def test_export_loads_in_timm(digits, tmp_path):
     )
     for k, v in weights.items():
         assert torch.equal(model.state_dict()[k], v), k
-    state = torch.load(T.checkpoints(run)[0], weights_only=True)
+    state = ckpt.read(ckpt.checkpoints(run)[0])
     assert torch.equal(
         weights["blocks.0.attn.qkv.weight"], state["teacher"]["backbone.blocks.0.attn.qkv.weight"]
     )
@@ -191,7 +195,7 @@ def test_a_dying_rank_stops_torchrun_and_the_same_command_resumes(digits, tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob("ckpt-*.pt")):
+    while time.time() < deadline and not ckpt.checkpoints(out):
         time.sleep(0.1)
     workers = _children(proc.pid)
     assert len(workers) == 2, workers
@@ -208,5 +212,5 @@ def test_a_dying_rank_stops_torchrun_and_the_same_command_resumes(digits, tmp_pa
     done = subprocess.run(again, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr
-    state = torch.load(T.checkpoints(out)[0], weights_only=True)
+    state = ckpt.read(ckpt.checkpoints(out)[0])
     assert state["step"] == 30

@@ -1,5 +1,6 @@
 """conmim-train: learning on a fixed batch, kill-and-resume, bad input, config round-trip, logs, checkpoints."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,9 +13,11 @@ import pytest
 import torch
 import yaml
 
+from conmim import checkpoint as ckpt
 from conmim import config as cfgmod
+from conmim import optim
 from conmim import train as T
-from tests.conftest import tiny
+from tests.conftest import dcp_tensors, tiny
 from tests.test_scaleout import _children
 
 
@@ -39,25 +42,24 @@ def test_training_lowers_the_loss_on_a_fixed_batch(digits, tmp_path):
         assert key in rows[-1]
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert saved == cfg.to_dict()  # the resolved configuration, round-tripped
+    assert saved == dataclasses.asdict(cfg)  # the resolved configuration, round-tripped
 
 
 def test_config_file_round_trip_and_overrides(tmp_path):
-    cfg = cfgmod.resolve("vit_b", {"data": "/x", "lr": 1e-4})
+    cfg = cfgmod.resolve(cfgmod.TrainConfig, "vit_b", {"data": "/x", "lr": 1e-4})
     path = tmp_path / "c.yaml"
     cfgmod.dump(cfg, path)
-    assert cfgmod.resolve(str(path)) == cfg
+    assert cfgmod.resolve(cfgmod.TrainConfig, str(path)) == cfg
     assert cfg.model == "vit_base_patch16_224" and cfg.lr == 1e-4 and cfg.epochs == 800
-    assert cfgmod.parse_overrides(["--lr", "3e-4", "--compile=true", "--out", "runs/a"]) == {
-        "lr": 3e-4,
-        "compile": True,
-        "out": "runs/a",
-    }
+    argv = ["--config", "vit_b", "--data", "/x", "--lr", "3e-4", "--compile=true", "--out", "runs/a"]
+    args = vars(T.parser().parse_args(argv))
+    parsed = cfgmod.resolve(cfgmod.TrainConfig, args.pop("config"), args)
+    assert (parsed.lr, parsed.compile, parsed.out, parsed.epochs) == (3e-4, True, "runs/a", 800)
 
 
 def checkpoint_step(path: Path) -> int:
-    """The optimizer step in a checkpoint's name, ckpt-e<epoch>-s<step>.pt or .dcp."""
-    return int(path.stem.split("-s")[1])
+    """The optimizer step in a checkpoint's name, ckpt-e<epoch>-s<step>."""
+    return int(path.name.split("-s")[1])
 
 
 def kill_once_checkpointed(cmd: list[str], found, at_least: int) -> int:
@@ -130,25 +132,26 @@ def test_kill_and_resume_equals_uninterrupted(digits, tmp_path):
 
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "conmim.train", *args, "--out", str(out)]
-    killed_at = kill_once_checkpointed(cmd, lambda: T.checkpoints(out), 5)
+    killed_at = kill_once_checkpointed(cmd, lambda: ckpt.checkpoints(out), 5)
     assert 5 <= killed_at < 12, "the run must be killed in the middle"
     done = cli(*args, "--out", str(out), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr
-    a, b = (torch.load(T.checkpoints(run)[0], weights_only=True) for run in (tmp_path / "a", out))
-    assert a["step"] == 12
-    assert_identical(b, a)
+    a, b = (ckpt.checkpoints(run)[0] for run in (tmp_path / "a", out))
+    assert a.name == b.name == "ckpt-e0003-s00000012"
+    assert_identical(dcp_tensors(b), dcp_tensors(a))
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(digits, tmp_path):
     out = tmp_path / "run"
     T.train(tiny(digits, out, epochs=2, checkpoint_every=1, keep_last=10))
-    newest = T.checkpoints(out)[0]
-    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    newest = ckpt.checkpoints(out)[0]
+    data = newest / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[:100])  # truncated
     messages = []
-    state = T.load_latest(out, messages.append)
-    assert state is not None and state["step"] < int(newest.stem.split("-s")[1])
-    assert "cannot be loaded" in messages[0] and newest.name in messages[0]
+    state = ckpt.read_latest(out, messages.append)
+    assert state is not None and state["step"] < checkpoint_step(newest)
+    assert "is not used" in messages[0] and newest.name in messages[0] and "__0_0.distcp" in messages[0]
 
 
 def test_nonfinite_losses_skip_then_stop(digits, tmp_path, monkeypatch):
@@ -200,19 +203,19 @@ def test_empty_folder_and_incompatible_run_folder(digits, tmp_path):
     r = cli("--config", "tiny_demo", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"))
     assert r.returncode == 2 and "holds no usable" in r.stderr
     T.train(tiny(digits, tmp_path / "run", epochs=1))
-    with pytest.raises(T.TrainingError, match=r"holds checkpoints of another run .*head_out"):
+    with pytest.raises(T.TrainingError, match=r"holds checkpoints of another network .*head_out"):
         T.train(tiny(digits, tmp_path / "run", epochs=1, head_out=16))
 
 
 def test_lr_schedule_and_no_decay_groups():
-    assert T.lr_at(0, 100, 10, 1e-3, 1e-5) == 0.0
-    assert T.lr_at(5, 100, 10, 1e-3, 1e-5) == pytest.approx(5e-4)
-    assert T.lr_at(10, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-3)
-    assert T.lr_at(100, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
+    assert optim.lr_at(0, 100, 10, 1e-3, 1e-5) == 0.0
+    assert optim.lr_at(5, 100, 10, 1e-3, 1e-5) == pytest.approx(5e-4)
+    assert optim.lr_at(10, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-3)
+    assert optim.lr_at(100, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
     from conmim.models import build_encoder
 
     model = build_encoder("vit_tiny_demo", 32, 16)
-    decay, no_decay = T.param_groups(model, 0.05)
+    decay, no_decay = optim.param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     assert {"mask_token", "backbone.cls_token", "backbone.pos_embed"} <= nd

@@ -8,26 +8,36 @@ from pathlib import Path
 import pytest
 import torch
 
+from conmim import checkpoint as ckpt
 from conmim import config as cfgmod
 from conmim import train as T
-from conmim.teacher import MomentumTeacher, _is_view_of
-from tests.conftest import requires_gpu, tiny
+from conmim.metrics import Logger, Meter, loss_plot
+from conmim.teacher import MomentumTeacher
+from tests.conftest import dcp_tensors, requires_gpu, tiny
 
 
 # ------------------------------------------------------------------------------------------------ configuration
-def test_config_fields_are_the_default_keys_and_each_has_help():
-    keys = list(cfgmod.defaults())
-    assert [f.name for f in dataclasses.fields(cfgmod.Config)] == keys
-    assert sorted(cfgmod.help_lines()) == sorted(keys)
-    assert all(cfgmod.help_lines().values())
+def test_every_config_field_has_help_and_the_help_lists_it_with_its_default(capsys):
+    fields = dataclasses.fields(cfgmod.TrainConfig)
+    assert all(f.metadata["help"] for f in fields)
+    with pytest.raises(SystemExit) as info:
+        T.main(["--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps long help lines
+    for f in fields:
+        assert f"--{f.name} {f.name.upper()}" in out
+        assert f"(default: {f.default})" in out
 
 
-def test_help_lists_every_key_with_its_default(capsys):
-    assert T.main(["--help"]) == 0
-    out = capsys.readouterr().out
-    for key, value in cfgmod.defaults().items():
-        line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"--{key} "))
-        assert f"(default: {value})" in line, line
+def test_choice_lists_come_from_the_modules_that_define_them():
+    from conmim import data, models, parallel
+
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(cfgmod.TrainConfig)}
+    assert choices["strategy"] == tuple(parallel.STRATEGIES) and choices["precision"] == tuple(
+        parallel.PRECISIONS
+    )
+    assert choices["loader"] == data.LOADERS and choices["mask"] == data.MASKS
+    assert choices["model"] == tuple(models.MODELS) and choices["device"] == parallel.DEVICES
 
 
 @pytest.mark.parametrize(
@@ -37,18 +47,37 @@ def test_help_lists_every_key_with_its_default(capsys):
         ({"warmup_epochs": "x"}, "'warmup_epochs' must be a number"),
         ({"data": 3}, "'data' must be a string"),
         ({"compile": 1}, "'compile' must be true or false"),
-        ({"accum_steps": 0}, "'accum_steps' must be >= 1"),
-        ({"mask_ratio": 1.0}, "'mask_ratio' must lie in (0, 1)"),
+        ({"accum_steps": 0}, "'accum_steps' must be a finite number >= 1"),
+        ({"mask_ratio": 1.0}, "'mask_ratio' must be a number in (0, 1)"),
+        ({"lr": float("inf")}, "'lr' must be a finite number > 0"),
+        ({"lr": 0}, "'lr' must be a finite number > 0"),
+        ({"min_lr": float("nan")}, "'min_lr' must be a finite number >= 0"),
+        ({"weight_decay": float("nan")}, "'weight_decay' must be a finite number >= 0"),
+        ({"weight_decay": -0.1}, "'weight_decay' must be a finite number >= 0"),
+        ({"clip_grad": float("nan")}, "'clip_grad' must be a finite number >= 0"),
+        ({"clip_grad": -1}, "'clip_grad' must be a finite number >= 0"),
+        ({"max_steps": 0}, "'max_steps' must be a finite number >= 1"),
+        ({"warmup_epochs": -1}, "'warmup_epochs' must be a finite number >= 0"),
+        ({"warmup_epochs": float("nan")}, "'warmup_epochs' must be a finite number >= 0"),
+        ({"head_out": 0}, "'head_out' must be a finite number >= 1"),
+        ({"head_hidden": 0}, "'head_hidden' must be a finite number >= 1"),
+        ({"temperature": float("inf")}, "'temperature' must be a finite number > 0"),
+        ({"beta2": 1.0}, "'beta2' must be a number in [0, 1)"),
+        ({"base_momentum": 1.5}, "'base_momentum' must be a number in [0, 1]"),
+        ({"min_lr": 1.0}, "min_lr 1.0 must not exceed lr"),
+        ({"patch_size": 5}, "must be a multiple of patch_size 5"),
     ],
 )
 def test_config_rejects_bad_values(over, words):
     with pytest.raises(cfgmod.ConfigError) as info:
-        cfgmod.resolve("tiny_demo", over)
+        cfgmod.resolve(cfgmod.TrainConfig, "tiny_demo", {"data": "x", **over})
     assert words in str(info.value)
 
 
 def test_config_converts_numbers_to_the_keys_type():
-    cfg = cfgmod.resolve("tiny_demo", {"epochs": 3.0, "lr": 1, "max_steps": None})
+    cfg = cfgmod.resolve(
+        cfgmod.TrainConfig, "tiny_demo", {"data": "x", "epochs": 3.0, "lr": 1, "max_steps": None}
+    )
     assert type(cfg.epochs) is int and type(cfg.lr) is float and cfg.max_steps is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 2.0
@@ -60,7 +89,7 @@ def _run(digits, tmp_path, **kw) -> tuple[T.Run, T.RunState]:
     out = Path(cfg.out)
     run = T.build_run(cfg, 0, 1, torch.device("cpu"), out)
     out.mkdir(parents=True, exist_ok=True)
-    run.log = T.Logger(out, 0)
+    run.log = Logger(out, 0)
     return run, T.RunState()
 
 
@@ -83,25 +112,29 @@ def test_run_state_round_trips_with_the_rng(digits, tmp_path):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_train_step_updates_student_teacher_and_state(digits, tmp_path, accum):
     run, state = _run(digits, tmp_path, accum_steps=accum, batch_size=4)
-    before_s = [p.detach().clone() for p in run.student.parameters()]
-    before_t = run.teacher.flat.clone()
-    meter = T.Meter(run.device)
+    before_s = [p.detach().clone() for p in run.parallel.student.parameters()]
+    before_t = [p.detach().clone() for p in run.parallel.teacher.parameters()]
+    meter = Meter(run.device)
     T.train_step(run, state, iter(_batches(run, accum)), meter)
     assert (state.step, state.batch, int(state.bad_streak)) == (1, accum, 0)
-    assert all(not torch.equal(a, p) for a, p in zip(before_s, run.student.parameters()) if p.ndim > 1)
-    assert not torch.equal(before_t, run.teacher.flat)
+    assert all(
+        not torch.equal(a, p) for a, p in zip(before_s, run.parallel.student.parameters()) if p.ndim > 1
+    )
+    assert all(
+        not torch.equal(a, p) for a, p in zip(before_t, run.parallel.teacher.parameters()) if p.ndim > 1
+    )
     assert meter.losses == accum and int(meter.sums[1]) == accum and meter.images == 4 * accum
-    assert all(p.grad is None for p in run.student.parameters())
+    assert all(p.grad is None for p in run.parallel.student.parameters())
 
 
 def test_nonfinite_loss_skips_the_update_on_the_device(digits, tmp_path, monkeypatch):
     run, state = _run(digits, tmp_path)
     monkeypatch.setattr(type(run.loss_fn), "forward", lambda self, s, t, m, p=None: s.sum() * float("nan"))
-    before = {k: v.clone() for k, v in run.student.state_dict().items()}
-    meter = T.Meter(run.device)
+    before = {k: v.clone() for k, v in run.parallel.student.state_dict().items()}
+    meter = Meter(run.device)
     for _ in range(2):
         T.train_step(run, state, iter(_batches(run, 1)), meter)
-    after = run.student.state_dict()
+    after = run.parallel.student.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k and "batches" not in k)
     assert all(int(s["step"]) == 0 for s in run.opt.state.values())  # AdamW's step count did not move
     assert (state.step, int(state.bad_streak), int(meter.sums[1]), meter.losses) == (2, 2, 0, 2)
@@ -109,7 +142,7 @@ def test_nonfinite_loss_skips_the_update_on_the_device(digits, tmp_path, monkeyp
 
 def test_log_step_reports_the_mean_finite_loss_and_stops_on_a_streak(digits, tmp_path):
     run, state = _run(digits, tmp_path, max_bad_steps=2)
-    meter = T.Meter(run.device)
+    meter = Meter(run.device)
     for loss in (1.0, 3.0, float("nan")):
         v = torch.tensor(loss)
         meter.add(v, torch.isfinite(v), 8)
@@ -126,29 +159,30 @@ def test_log_step_reports_the_mean_finite_loss_and_stops_on_a_streak(digits, tmp
 
 
 @pytest.mark.parametrize("epoch_end", [False, True])
-def test_checkpoint_saves_the_state_and_names_completed_epochs(digits, tmp_path, epoch_end):
+def test_checkpoint_saves_the_state_and_says_in_its_manifest_whether_it_ends_an_epoch(
+    digits, tmp_path, epoch_end
+):
     run, state = _run(digits, tmp_path)
     state.epoch, state.batch, state.step = 1, 0, 8
     T.save_run_checkpoint(run, state, epoch_end)
-    (path,) = T.checkpoints(run.out)
-    assert path.name == "ckpt-e0001-s00000008.pt"
-    saved = torch.load(path, weights_only=True)
+    (path,) = ckpt.checkpoints(run.out)
+    assert path.name == "ckpt-e0001-s00000008"
+    manifest = ckpt.verify(path)
+    assert (manifest["epoch"], manifest["step"], manifest["epoch_end"]) == (1, 8, epoch_end)
+    assert manifest["images_per_step"] == 8
+    saved = ckpt.read(path)
     assert (saved["epoch"], saved["batch"], saved["step"], saved["bad_streak"]) == (1, 0, 8, 0)
-    assert (
-        saved["arch"] == run.cfg.arch() and saved["teacher"].keys() == run.teacher.module.state_dict().keys()
-    )
-    ends = run.out / "epoch_ends.json"
-    assert (json.loads(ends.read_text()) == [path.name]) if epoch_end else not ends.exists()
+    assert saved["arch"] == cfgmod.arch(run.cfg)
+    assert saved["teacher"].keys() == run.parallel.teacher.module.state_dict().keys()
+    assert any(k.startswith("optimizer.state.") for k in dcp_tensors(path))
 
 
-def test_every_epoch_end_is_recorded_and_named_by_completed_epochs(digits, tmp_path):
+def test_every_epoch_end_is_kept_and_named_by_completed_epochs(digits, tmp_path):
     out = tmp_path / "run"
-    T.train(tiny(digits, out, epochs=2, keep_last=10))  # 4 steps per epoch
-    assert json.loads((out / "epoch_ends.json").read_text()) == [
-        "ckpt-e0001-s00000004.pt",
-        "ckpt-e0002-s00000008.pt",
-    ]
-    assert [p.name for p in T.checkpoints(out)] == ["ckpt-e0002-s00000008.pt", "ckpt-e0001-s00000004.pt"]
+    T.train(tiny(digits, out, epochs=3, keep_last=1, keep_every_epochs=1))  # 4 steps per epoch
+    names = [p.name for p in ckpt.checkpoints(out)]
+    assert names == ["ckpt-e0003-s00000012", "ckpt-e0002-s00000008", "ckpt-e0001-s00000004"]
+    assert all(ckpt.verify(out / n)["epoch_end"] for n in names)
 
 
 # --------------------------------------------------------------------------------------------- no host reads
@@ -227,18 +261,20 @@ def test_a_failed_start_leaves_a_finished_run_unchanged(digits, tmp_path, finish
     assert _snapshot(finished_run) == before
 
 
-def test_load_latest_names_the_action_and_the_progress(finished_run):
+def test_read_latest_names_the_action_and_the_progress(finished_run):
     said = []
-    state = T.load_latest(finished_run, said.append, action="exporting")
-    assert said == ["exporting ckpt-e0001-s00000004.pt (1 epoch done, step 4)"] and state["step"] == 4
-    assert T.progress_text({"epoch": 5, "batch": 62, "step": 372}) == "5 epochs and 62 batches done, step 372"
+    state = ckpt.read_latest(finished_run, said.append, "exporting")
+    assert said == ["exporting ckpt-e0001-s00000004 (1 epoch done, step 4)"] and state["step"] == 4
+    assert (
+        ckpt.progress_text({"epoch": 5, "batch": 62, "step": 372}) == "5 epochs and 62 batches done, step 372"
+    )
 
 
 def test_a_finished_run_started_again_says_so(digits, finished_run, capsys):
-    before = T.checkpoints(finished_run)
+    before = ckpt.checkpoints(finished_run)
     summary = T.train(tiny(digits, finished_run, epochs=1))
     assert "already complete (4 of 4 steps)" in capsys.readouterr().err
-    assert summary["steps"] == 4 and T.checkpoints(finished_run) == before
+    assert summary["steps"] == 4 and ckpt.checkpoints(finished_run) == before
 
 
 def test_excluded_files_are_plain_log_lines(digits, tmp_path, capsys):
@@ -255,7 +291,7 @@ def test_excluded_files_are_plain_log_lines(digits, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ teacher as a module
-def test_momentum_teacher_is_a_module_that_keeps_its_flat_buffer():
+def test_momentum_teacher_is_a_module():
     from conmim.models import build_encoder
 
     student = build_encoder("vit_tiny_demo", 32, 16, img_size=32, patch_size=4)
@@ -263,10 +299,7 @@ def test_momentum_teacher_is_a_module_that_keeps_its_flat_buffer():
     assert isinstance(teacher, torch.nn.Module) and teacher.training
     sd = teacher.state_dict()
     assert all(k.startswith("module.") for k in sd)
-    teacher.double()  # a cast rebuilds the flat buffer, still fp32
-    assert teacher.flat.dtype == torch.float32 and all(_is_view_of(p, teacher.flat) for p in teacher.params)
-    teacher.load_state_dict(sd, assign=True)
-    assert all(_is_view_of(p, teacher.flat) for p in teacher.params)
+    teacher.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=True)
     assert teacher.update(student, 0) == pytest.approx(0.9)
     assert teacher.update(student, momentum=0.5) == 0.5
     assert teacher(torch.randn(2, 3, 32, 32)).shape == (2, 64, 16)
@@ -286,22 +319,22 @@ def test_train_step_under_autocast_feeds_the_loss_low_precision_features(
         return forward(self, student, teacher, *a, **k)
 
     monkeypatch.setattr(type(run.loss_fn), "forward", spy)
-    before = [p.detach().clone() for p in run.student.parameters()]
-    meter = T.Meter(run.device)
+    before = [p.detach().clone() for p in run.parallel.student.parameters()]
+    meter = Meter(run.device)
     T.train_step(run, state, iter(_batches(run, 1)), meter)
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     assert seen == [(low, low)]  # what autocast produced, no cast to fp32 on the way
     assert int(meter.sums[1]) == 1 and torch.isfinite(meter.sums[0])
     assert run.scaler.is_enabled() == (precision == "fp16")
     if precision == "bf16":  # fp16's first step may be skipped by the scaler while it finds its scale
-        assert any(not torch.equal(a, p) for a, p in zip(before, run.student.parameters()))
+        assert any(not torch.equal(a, p) for a, p in zip(before, run.parallel.student.parameters()))
 
 
 @requires_gpu
 def test_training_step_makes_no_cuda_sync(digits, tmp_path):
     run, state = _run(digits, tmp_path, device="cuda", precision="bf16")
     batches = _batches(run, 2)
-    meter = T.Meter(run.device)
+    meter = Meter(run.device)
     T.train_step(run, state, iter(batches[:1]), meter)  # warm-up: kernels compiled, optimizer state created
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -320,7 +353,7 @@ def test_loss_plot_adds_the_knn_curve_and_its_baseline(tmp_path):
         out = tmp_path / name
         out.mkdir()
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        pngs.append(T.loss_plot(out).read_bytes())
+        pngs.append(loss_plot(out).read_bytes())
     assert pngs[1] != pngs[0], "the k-NN curve and its baseline were not drawn"
 
 
@@ -332,7 +365,7 @@ def test_progress_bar_keeps_the_knn_beside_the_loss(digits, labelled_digits, tmp
     run, state = _run(digits, tmp_path, eval_every=1, eval_data=str(labelled_digits))
     run.progress = Bar()
     T.monitor(run, state)  # step 0: the baseline
-    meter = T.Meter(run.device)
+    meter = Meter(run.device)
     meter.add(torch.tensor(2.5), torch.tensor(True), 8)
     state.step = 1
     T.log_step(run, state, meter)

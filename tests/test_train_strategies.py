@@ -7,22 +7,20 @@ import json
 import os
 import shutil
 import subprocess
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+from conmim import checkpoint as ckpt
 from conmim import evaluate as E
 from conmim import export as X
-from conmim import fsdp
 from conmim import train as T
+from conmim.metrics import Meter
 from conmim.models import build_encoder
-from tests.conftest import tiny
+from tests.conftest import dcp_tensors, tiny
 from tests.test_scaleout import torchrun_cmd
 from tests.test_train import assert_identical, checkpoint_step, kill_once_checkpointed
 
@@ -80,23 +78,19 @@ def two_rank_runs(digits, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.slow
 def test_fsdp_on_two_ranks_trains_like_ddp(two_rank_runs):
     ddp, fsdp_run = two_rank_runs["ddp"], two_rank_runs["fsdp"]
-    assert [p.name for p in fsdp.checkpoints(fsdp_run)] == [
-        "ckpt-e0002-s00000004.dcp",
-        "ckpt-e0001-s00000003.dcp",
-        "ckpt-e0001-s00000002.dcp",
-        "ckpt-e0000-s00000001.dcp",
-    ]
-    assert not T.checkpoints(fsdp_run) and not fsdp.checkpoints(ddp)
-    assert json.loads((fsdp_run / "epoch_ends.json").read_text()) == [
-        "ckpt-e0001-s00000002.dcp",
-        "ckpt-e0002-s00000004.dcp",
-    ]
+    for run in (ddp, fsdp_run):  # one checkpoint format for both strategies
+        assert [p.name for p in ckpt.checkpoints(run)] == [
+            "ckpt-e0002-s00000004",
+            "ckpt-e0001-s00000003",
+            "ckpt-e0001-s00000002",
+            "ckpt-e0000-s00000001",
+        ]
+        assert [m["epoch_end"] for m in ckpt.manifests(run)] == [True, False, True, False]
     want, got = losses(ddp), losses(fsdp_run)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in want:  # fp32 on both; only the gradient reduction order differs
         assert got[step] == pytest.approx(want[step], rel=1e-4), step
-    sharded = fsdp.read_state_dict(fsdp.checkpoints(fsdp_run)[0])
-    replicated = torch.load(T.checkpoints(ddp)[0], weights_only=True)
+    sharded, replicated = (ckpt.read(ckpt.checkpoints(run)[0]) for run in (fsdp_run, ddp))
     assert sharded["step"] == replicated["step"] == 4 and sharded["epoch"] == replicated["epoch"] == 2
     for which, atol in (("student", 2e-4), ("teacher", 2e-5)):
         a, b = _weights(sharded[which]), _weights(replicated[which])
@@ -107,37 +101,21 @@ def test_fsdp_on_two_ranks_trains_like_ddp(two_rank_runs):
     assert (ddp / "rank_checksums.json").exists() and not (fsdp_run / "rank_checksums.json").exists()
 
 
-def _dcp_checkpoint(path: Path) -> dict:
-    """All an FSDP checkpoint holds, whole: ``fsdp.read_state_dict`` (student, teacher, run state with its RNG
-    states) and the optimizer's entries (AdamW's moments and step counts per parameter, its param groups)."""
-    meta = dcp.FileSystemReader(str(path)).read_metadata()
-    optimizer = {
-        key: torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata) else None
-        for key, m in meta.state_dict_metadata.items()
-        if key.startswith("optimizer.")
-    }
-    with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the intent here
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(optimizer, checkpoint_id=str(path), no_dist=True)
-    return {**fsdp.read_state_dict(path), "optimizer": optimizer}
-
-
 @pytest.mark.slow
 def test_a_killed_two_rank_fsdp_run_resumes_bit_for_bit(digits, two_rank_runs, tmp_path):
     """The machine dies (torchrun and both ranks SIGKILLed) after the checkpoint of step 1, mid-epoch, or later;
     the same command on 2 ranks resumes and ends with the uninterrupted run's checkpoint, bit for bit."""
     out = tmp_path / "run"
     cmd = command(digits, out, *RUN, "--strategy", "fsdp")
-    killed_at = kill_once_checkpointed(cmd, lambda: fsdp.checkpoints(out), 1)
+    killed_at = kill_once_checkpointed(cmd, lambda: ckpt.checkpoints(out), 1)
     assert 1 <= killed_at < 4, "the run must be killed in the middle"
-    newest = fsdp.checkpoints(out)[0].name
+    newest = ckpt.checkpoints(out)[0].name
     r = launch(digits, out, *RUN, "--strategy", "fsdp")
-    assert f"resuming from {newest} (step {killed_at})" in r.stderr
-    got, want = (_dcp_checkpoint(fsdp.checkpoints(run)[0]) for run in (out, two_rank_runs["fsdp"]))
-    moments = {
-        f"optimizer.state.{k}.{m}" for k in _weights(want["student"]) for m in ("exp_avg", "exp_avg_sq")
-    }
-    assert want["step"] == 4 and moments <= want["optimizer"].keys()
+    assert f"resuming from {newest} (" in r.stderr and f"step {killed_at})" in r.stderr
+    got, want = (dcp_tensors(ckpt.checkpoints(run)[0]) for run in (out, two_rank_runs["fsdp"]))
+    student = _weights(ckpt.read(ckpt.checkpoints(out)[0])["student"])
+    moments = {f"optimizer.state.{k}.{m}" for k in student for m in ("exp_avg", "exp_avg_sq")}
+    assert moments <= want.keys()
     assert_identical(got, want)
 
 
@@ -151,7 +129,7 @@ def test_export_reads_an_fsdp_run_folder(two_rank_runs, tmp_path):
     meta = json.loads((tmp_path / "t.safetensors.json").read_text())
     assert meta["step"] == 4
     weights = load_file(str(tmp_path / "t.safetensors"))
-    teacher = fsdp.read_state_dict(fsdp.checkpoints(run)[0])["teacher"]
+    teacher = ckpt.read(ckpt.checkpoints(run)[0])["teacher"]
     assert weights.keys() == {k.removeprefix("backbone.") for k in teacher if k.startswith("backbone.")}
     for k, v in weights.items():
         assert torch.equal(v, teacher[f"backbone.{k}"]), k
@@ -183,14 +161,14 @@ def test_a_two_rank_fsdp_run_continues_on_one_rank_and_back_on_two(digits, two_r
     whole = two_rank_runs["fsdp"]
     one, two = tmp_path / "one", tmp_path / "two"
     legs = [
-        (whole, "ckpt-e0000-s00000001.dcp", one, 1, ("--accum_steps", "2")),
-        (one, "ckpt-e0001-s00000003.dcp", two, 2, ()),
+        (whole, "ckpt-e0000-s00000001", one, 1, ("--accum_steps", "2")),
+        (one, "ckpt-e0001-s00000003", two, 2, ()),
     ]
     for src, name, out, world, extra in legs:
         shutil.copytree(src / name, out / name)
         r = launch(digits, out, *RUN, "--strategy", "fsdp", *extra, world=world)
-        assert f"resuming from {name} (step {checkpoint_step(out / name)})" in r.stderr
-    want, uninterrupted = _metrics(whole), fsdp.read_state_dict(fsdp.checkpoints(whole)[0])
+        assert f"resuming from {name} (" in r.stderr and f"step {checkpoint_step(out / name)})" in r.stderr
+    want, uninterrupted = _metrics(whole), ckpt.read(ckpt.checkpoints(whole)[0])
     for out, steps in ((one, [2, 3, 4]), (two, [4])):
         got = _metrics(out)
         assert sorted(got) == steps
@@ -201,7 +179,7 @@ def test_a_two_rank_fsdp_run_continues_on_one_rank_and_back_on_two(digits, two_r
             # other masks: up to 0.26 apart here; a run that started again would be near step 1's loss
             assert got[k]["loss"] == pytest.approx(want[k]["loss"], abs=0.35), k
             assert got[k]["loss"] < want[1]["loss"] - 0.3, k
-        final = fsdp.read_state_dict(fsdp.checkpoints(out)[0])
+        final = ckpt.read(ckpt.checkpoints(out)[0])
         assert (final["step"], final["epoch"], final["batch"]) == (4, 2, 0)
         assert_identical(final["rng"], uninterrupted["rng"])
     # epoch 0: step 1 on 2 ranks, step 2 on 1 rank; epoch 1: step 3 on 1 rank, step 4 on 2 ranks
@@ -213,15 +191,15 @@ def test_a_two_rank_fsdp_run_continues_on_one_rank_and_back_on_two(digits, two_r
 
 
 # ----------------------------------------------------------------------------------------- in one process
-def test_fsdp_on_one_process_saves_dcp_and_resumes(digits, tmp_path, single_process_group):
+def test_fsdp_on_one_process_saves_and_resumes(digits, tmp_path, single_process_group):
     out = tmp_path / "run"
     T.train(tiny(digits, out, strategy="fsdp", epochs=1, max_steps=2, checkpoint_every=1))
-    assert [p.name for p in fsdp.checkpoints(out)] == ["ckpt-e0000-s00000002.dcp", "ckpt-e0000-s00000001.dcp"]
-    state = fsdp.read_state_dict(fsdp.checkpoints(out)[0])
+    assert [p.name for p in ckpt.checkpoints(out)] == ["ckpt-e0000-s00000002", "ckpt-e0000-s00000001"]
+    state = ckpt.read(ckpt.checkpoints(out)[0])
     assert (state["step"], state["batch"], state["images"]) == (2, 2, 16)
     summary = T.train(tiny(digits, out, strategy="fsdp", epochs=1))
     assert summary["steps"] == 4 and sorted(losses(out)) == [1, 2, 3, 4]
-    assert fsdp.checkpoints(out)[0].name == "ckpt-e0001-s00000004.dcp"
+    assert ckpt.checkpoints(out)[0].name == "ckpt-e0001-s00000004"
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -236,13 +214,13 @@ def test_grad_checkpointing_recomputes_the_blocks_under_either_strategy(
         tmp_path / "run",
     )
     calls = []
-    run.student.backbone.blocks[0].attn.register_forward_hook(lambda *_: calls.append(1))
+    run.parallel.student.backbone.blocks[0].attn.register_forward_hook(lambda *_: calls.append(1))
     run.loader.set_epoch(0)
     xs, xt, mask = next(iter(run.loader))
-    before = [p.detach().clone() for p in run.teacher.parameters()]
-    T.train_step(run, T.RunState(), [(xs, xt, mask)], T.Meter(run.device))
+    before = [p.detach().clone() for p in run.parallel.teacher.parameters()]
+    T.train_step(run, T.RunState(), [(xs, xt, mask)], Meter(run.device))
     assert len(calls) == 2  # the forward, and its recomputation in the backward
-    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, run.teacher.parameters()))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, run.parallel.teacher.parameters()))
 
 
 def test_the_step_benchmark_runs_both_strategies(digits, tmp_path, single_process_group):
@@ -272,16 +250,20 @@ def test_eval_every_logs_the_teachers_knn(
     T.train(tiny(digits, out, strategy=strategy, epochs=3, eval_every=2, eval_data=str(labelled_digits)))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in rows if "knn_top1" in r]
-    assert [(r["epoch"], r["step"]) for r in knn] == [(2, 8)] and set(knn[0]) == {"epoch", "step", "knn_top1"}
+    assert [(r["epoch"], r["step"]) for r in knn] == [(2, 8)]
+    assert knn[0].keys() == {"epoch", "step", "knn_top1", "knn_data"} and knn[0]["knn_data"] == str(
+        labelled_digits
+    )
     base = [r for r in rows if "knn_top1_random_init" in r]
     assert [(r["epoch"], r["step"]) for r in base] == [(0, 0)], (
         "the baseline is logged once, before the first step"
     )
     gain = 100 * (knn[0]["knn_top1"] - base[0]["knn_top1_random_init"])
     err = capsys.readouterr().err
-    assert f"random initialisation: teacher k-NN top-1 {100 * base[0]['knn_top1_random_init']:.2f}%" in err
+    where = f"teacher k-NN top-1 on {labelled_digits}"
+    assert f"random initialisation: {where} {100 * base[0]['knn_top1_random_init']:.2f}%" in err
     assert (
-        f"2 epochs done, step 8: teacher k-NN top-1 {100 * knn[0]['knn_top1']:.2f}% "
+        f"2 epochs done, step 8: {where} {100 * knn[0]['knn_top1']:.2f}% "
         f"({gain:+.2f} points over random initialisation)" in err
     )
     # the baseline is the teacher before any step: the student as initialised from the run's seed
@@ -290,12 +272,7 @@ def test_eval_every_logs_the_teachers_knn(
     want = knn_monitor(init, data=str(labelled_digits))
     assert base[0]["knn_top1_random_init"] == pytest.approx(want, abs=1e-6)
     # the value is the k-NN of the teacher saved at that epoch's end
-    ckpt = next(p for p in [*T.checkpoints(out), *fsdp.checkpoints(out)] if p.name.startswith("ckpt-e0002"))
-    saved = (
-        fsdp.read_state_dict(ckpt)["teacher"]
-        if ckpt.suffix == ".dcp"
-        else torch.load(ckpt, weights_only=True)["teacher"]
-    )
+    saved = ckpt.read(next(p for p in ckpt.checkpoints(out) if p.name.startswith("ckpt-e0002")))["teacher"]
     model = build_encoder("vit_tiny_demo", 64, 32, img_size=32, patch_size=4)
     model.load_state_dict(saved)
     assert knn[0]["knn_top1"] == pytest.approx(knn_monitor(model, data=str(labelled_digits)), abs=1e-6)
@@ -319,18 +296,16 @@ def test_eval_data_is_checked_before_anything_is_written(digits, tmp_path):
 def test_bad_strategy_is_refused():
     from conmim import config as cfgmod
 
-    assert tuple(T.STRATEGIES) == cfgmod.CHOICES["strategy"]
     with pytest.raises(cfgmod.ConfigError, match="'strategy' must be one of \\('ddp', 'fsdp'\\)"):
-        cfgmod.resolve("tiny_demo", {"strategy": "zero3"})
+        cfgmod.resolve(cfgmod.TrainConfig, "tiny_demo", {"data": "x", "strategy": "zero3"})
 
 
-def test_a_run_folder_of_the_other_strategy_is_refused(digits, tmp_path):
+def test_a_ddp_run_continues_under_fsdp(digits, tmp_path, capsys, single_process_group):
     out = tmp_path / "run"
-    T.train(tiny(digits, out, epochs=1, max_steps=1))
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    with pytest.raises(T.TrainingError, match=r"checkpoints of strategy ddp .*resume with --strategy ddp"):
-        T.train(tiny(digits, out, epochs=1, strategy="fsdp"))
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    T.train(tiny(digits, out, epochs=1, max_steps=2))
+    T.train(tiny(digits, out, epochs=1, strategy="fsdp"))
+    assert "resuming from ckpt-e0000-s00000002" in capsys.readouterr().err
+    assert sorted(losses(out)) == [1, 2, 3, 4] and ckpt.read_latest(out)["step"] == 4
 
 
 @pytest.mark.parametrize(
@@ -339,14 +314,13 @@ def test_a_run_folder_of_the_other_strategy_is_refused(digits, tmp_path):
         (8, 1, 16, (0, 2)),  # the same layout: the same batch
         (8, 2, 16, (0, 2)),  # one rank doing two ranks' work with accum_steps 2
         (8, 2, 24, (0, 2)),  # mid-step at this layout: back to the step's start (8 images read again)
-        (12, 1, 28, (1, 0)),  # 2 batches of 12 per epoch here: the epoch is over
     ],
 )
 def test_resume_position_is_counted_in_images(digits, tmp_path, monkeypatch, batch_size, accum, images, want):
     cfg = tiny(digits, tmp_path / "run", batch_size=batch_size, accum_steps=accum)
     run = T.build_run(cfg, 0, 1, torch.device("cpu"), tmp_path / "run")
     saved = {**T.RunState(batch=99, step=3).state_dict(), "images": images, "scaler": run.scaler.state_dict()}
-    monkeypatch.setattr(run.parallel, "load", lambda run: saved)
+    monkeypatch.setattr(run.checkpoints, "load_latest", lambda parts: saved)
     state = T.RunState()
     T.restore(run, state)
     assert (state.epoch, state.batch, state.step) == (*want, 3)
@@ -359,11 +333,13 @@ def test_fsdp_steps_under_low_precision(digits, tmp_path, precision, single_proc
     # fp16: the sharded gradient scaler, whose overflow flag the fused AdamW cannot take (see Sharded)
     assert isinstance(run.scaler, ShardedGradScaler) and run.scaler.is_enabled() == (precision == "fp16")
     assert run.opt.defaults["fused"] == (precision == "bf16")
-    before = [p.detach().to_local().clone() for p in run.student.parameters()]
+    before = [p.detach().to_local().clone() for p in run.parallel.student.parameters()]
     run.loader.set_epoch(0)
-    state, meter = T.RunState(), T.Meter(run.device)
+    state, meter = T.RunState(), Meter(run.device)
     for batch in itertools.islice(run.loader, 3):
         T.train_step(run, state, [batch], meter)
     assert state.step == 3 and meter.sums[1] == 3  # three finite losses
-    assert all(torch.isfinite(p.to_local()).all() for p in run.student.parameters())
-    assert any(not torch.equal(a, p.detach().to_local()) for a, p in zip(before, run.student.parameters()))
+    assert all(torch.isfinite(p.to_local()).all() for p in run.parallel.student.parameters())
+    assert any(
+        not torch.equal(a, p.detach().to_local()) for a, p in zip(before, run.parallel.student.parameters())
+    )
