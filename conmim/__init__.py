@@ -16,7 +16,7 @@ from conmim.reference import (
 )
 from conmim.teacher import MomentumTeacher, ema_update_
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ConMIMEncoder",

@@ -418,8 +418,11 @@ def lock_run_folder(out) -> int:
     stale lock never blocks a resume. RunFolderBusy, naming the holder's PID and host, when a live process
     holds it."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise CheckpointError(f"run folder {str(out)!r} cannot be written ({exc.strerror or exc})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -7,7 +7,8 @@
 
 Both build the one :class:`conmim.teacher.MomentumTeacher` and expose the same small interface to the loop:
 ``model`` (what to call), ``student`` (the module whose parameters the optimizer holds), ``teacher``,
-``grad_scaler``, ``fused_adamw``, ``no_sync``, ``grad_norm``, ``eval_model`` and ``finish``. Checkpoints are the
+``grad_scaler`` (its class), ``fused_adamw_with_scaler``, ``no_sync``, ``grad_norm``, ``eval_model`` and
+``finish``. Checkpoints are the
 same for both (:mod:`conmim.checkpoint`), so a run saved under one resumes under the other at any world size.
 """
 
@@ -131,12 +132,8 @@ class Replicated:
                 student, device_ids=[device.index] if device.type == "cuda" else None
             )
 
-    def grad_scaler(self, device: torch.device, enabled: bool) -> torch.amp.GradScaler:
-        return torch.amp.GradScaler(device.type, enabled=enabled)
-
-    def fused_adamw(self, scaled: bool) -> bool:
-        """The fused AdamW takes the gradient scaler's overflow flag on the device."""
-        return True
+    grad_scaler = torch.amp.GradScaler
+    fused_adamw_with_scaler = True  # the fused AdamW takes the gradient scaler's overflow flag on the device
 
     def no_sync(self, last_micro_batch: bool):
         """DDP all-reduces gradients on the last micro-batch of an accumulation only."""
@@ -208,15 +205,11 @@ class Sharded:
         self.student = self.model = student
         self.device = device
 
-    def grad_scaler(self, device: torch.device, enabled: bool) -> torch.amp.GradScaler:
-        """Each rank sees its gradient shards only: the sharded scaler agrees on overflow across ranks."""
-        return ShardedGradScaler(device.type, enabled=enabled)
-
-    def fused_adamw(self, scaled: bool) -> bool:
-        """Not with the sharded gradient scaler (fp16): its overflow flag has shape [1], which the fused AdamW
-        cannot subtract from its step counters of shape [] (torch 2.14); the foreach AdamW then skips an
-        overflowing step after one host read of that flag."""
-        return not scaled
+    # each rank sees its gradient shards only: the sharded scaler agrees on overflow across ranks
+    grad_scaler = ShardedGradScaler
+    # its overflow flag has shape [1], which the fused AdamW cannot subtract from its step counters of shape []
+    # (torch 2.14): with fp16 the foreach AdamW skips an overflowing step after one host read of that flag
+    fused_adamw_with_scaler = False
 
     @contextmanager
     def no_sync(self, last_micro_batch: bool):

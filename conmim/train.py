@@ -194,7 +194,8 @@ def build_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, out
     if cfg.compile:
         parallel.model = torch.compile(parallel.model)
     low = PRECISIONS[cfg.precision] if cfg.precision != "fp32" else None
-    fused = parallel.fused_adamw(scaled=low is torch.float16)  # skips a bad step on the device, no host read
+    scaled = low is torch.float16
+    fused = not scaled or parallel.fused_adamw_with_scaler  # skips a bad step on the device, no host read
     opt = adamw(parallel.student, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, fused)
     return Run(
         cfg=cfg,
@@ -205,7 +206,7 @@ def build_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, out
         loader=loader,
         parallel=parallel,
         opt=opt,
-        scaler=parallel.grad_scaler(device, enabled=low is torch.float16),
+        scaler=parallel.grad_scaler(device.type, enabled=scaled),
         loss_fn=FusedPatchContrastLoss(temperature=cfg.temperature),
         autocast=torch.autocast(device.type, dtype=low) if low is not None else nullcontext(),
         steps_per_epoch=steps_per_epoch,
@@ -310,6 +311,11 @@ def restore(run: Run, state: RunState) -> None:
     position is the saved count of images (:func:`check_compatible` made sure the images per step agree)."""
     saved = run.checkpoints.load_latest(run.parts)
     if saved is None:
+        if ckpt.checkpoints(run.out):  # starting over would prune them away
+            raise TrainingError(
+                f"run folder {str(run.out)!r} holds checkpoints but none can be used (see above): move them "
+                "away to start over, or choose another --out"
+            )
         return
     run.scaler.load_state_dict(saved["scaler"])
     state.load_state_dict(saved)
@@ -443,7 +449,8 @@ def _train(run: Run) -> dict:
             if finished:
                 break
     run.parallel.finish(run.out, run.log.msg)
-    plot = loss_plot(run.out) if run.rank == 0 else None
+    label = f"teacher k-NN top-1 on {cfg.eval_data} (%)"
+    plot = loss_plot(run.out, knn_label=label) if run.rank == 0 else None
     run.log.msg(
         f"done: {state.step} steps; checkpoints in {run.out}" + (f"; loss curve {plot}" if plot else "")
     )

@@ -132,5 +132,8 @@ def test_touching_one_source_rebuilds_only_it(tmp_path):
     assert all("Linking" in ln for ln in steps if ln not in compiles), dry.stdout
 
 
-def test_version():
-    assert conmim.__version__ == "0.1.0"
+def test_version_is_the_packages():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert conmim.__version__ == project["version"]

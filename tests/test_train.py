@@ -171,8 +171,8 @@ def test_nonfinite_losses_skip_then_stop(digits, tmp_path, monkeypatch):
     "args,words",
     [
         (["--data", "/nonexistent/folder"], "does not exist"),
-        (["--model", "vit_gigantic"], "unknown model 'vit_gigantic'"),
-        (["--learning_rate", "1"], "unknown config key 'learning_rate'"),
+        (["--model", "vit_gigantic"], "config key 'model' must be one of"),
+        (["--learning_rate", "1"], "unrecognized arguments: --learning_rate 1"),
         (["--precision", "fp8"], "'precision' must be one of"),
         (["--batch_size", "many"], "'batch_size' must be a number"),
         (["--config", "nope.yaml"], "no such file and not a preset"),

@@ -174,6 +174,16 @@ def test_a_resume_with_other_images_per_step_is_refused_before_anything_is_writt
     assert ckpt.read_latest(out)["step"] == 16
 
 
+def test_a_run_folder_whose_checkpoints_are_all_unusable_is_not_started_over(digits, tmp_path):
+    out = tmp_path / "run"
+    T.train(tiny(digits, out, epochs=1, keep_last=1))
+    (newest,) = ckpt.checkpoints(out)
+    (newest / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(T.TrainingError, match="holds checkpoints but none can be used"):
+        T.train(tiny(digits, out, epochs=2))
+    assert ckpt.checkpoints(out) == [newest]
+
+
 def test_old_format_run_folders_get_a_one_line_error(digits, tmp_path):
     out = tmp_path / "old"
     out.mkdir()
