@@ -96,7 +96,12 @@ def test_fsdp_on_two_ranks_trains_like_ddp(two_rank_runs):
         a, b = _weights(sharded[which]), _weights(replicated[which])
         assert a.keys() == b.keys()
         for k in b:
-            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=f"{which} {k}")
+            # the final norm's bias has a zero true gradient (the head's BatchNorm removes any constant shift):
+            # its gradient is rounding noise, which AdamW's normalisation turns into steps of up to lr that
+            # differ with the reduction order; bounded by the 4 steps' lr (1e-3) instead, times the teacher's
+            # 1 - momentum (at most 0.04 in tiny_demo) for the teacher
+            tol = 4 * 1e-3 * (1 if which == "student" else 0.04) if k == "backbone.norm.bias" else atol
+            torch.testing.assert_close(a[k], b[k], atol=tol, rtol=0, msg=f"{which} {k}")
     # DDP compares the replicas at the end; FSDP's ranks hold different shards, so it does not
     assert (ddp / "rank_checksums.json").exists() and not (fsdp_run / "rank_checksums.json").exists()
 
