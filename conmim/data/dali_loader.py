@@ -21,6 +21,26 @@ def dali_status() -> str | None:
     return None
 
 
+def dali_paths(files, workdir) -> list[str]:
+    """``files`` as names DALI can take: DALI's Python binding takes UTF-8 strings only, so a file whose name
+    is not UTF-8 (a str with surrogate escapes) is reached through a link with a plain name in ``workdir``."""
+    import os
+
+    out = []
+    for i, f in enumerate(files):
+        try:
+            f.encode("utf-8")
+            out.append(f)
+        except UnicodeEncodeError:
+            link = os.path.join(
+                workdir, f"{i:012d}{os.path.splitext(f)[1].encode('ascii', 'replace').decode()}"
+            )
+            if not os.path.lexists(link):
+                os.symlink(os.path.abspath(f), link)
+            out.append(link)
+    return out
+
+
 def decode_device(device_id: int | None) -> str:
     """ "mixed" (decode on the GPU) when a GPU is used, "cpu" otherwise."""
     return "cpu" if device_id is None else "mixed"
@@ -105,10 +125,13 @@ class DaliTwoViewLoader:
         drop_last: bool = True,
         shuffle: bool = True,
     ):
+        import tempfile
+
         why = dali_status()
         if why is not None:
             raise RuntimeError(why)
-        self.args = (files, cfg, rank, world_size)
+        self._links = tempfile.TemporaryDirectory(prefix="conmim-dali-")  # removed with the loader
+        self.args = (dali_paths(files, self._links.name), cfg, rank, world_size)
         self.seed, self.device_id, self.batch_size, self.num_threads = (
             seed,
             device_id,
