@@ -31,10 +31,28 @@ class ViewConfig:
     blur_p: float = 0.1
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.2
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] | None = None  # per channel, of [0, 1] pixels; None: ImageNet's (3), 0.5 (1)
+    std: tuple[float, ...] | None = None  # per channel; None: ImageNet's (3), 0.25 (1)
+    channels: int = 3  # 3: RGB; 1: grayscale (every image reduced to one channel, for in_chans = 1)
 
     def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels!r}")
+        for name, default in (("mean", (IMAGENET_MEAN, (0.5,))), ("std", (IMAGENET_STD, (0.25,)))):
+            v = getattr(self, name)
+            if v is None:
+                v = default[0] if self.channels == 3 else default[1]
+            try:
+                v = tuple(float(x) for x in v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a sequence of {self.channels} numbers, got {v!r}") from None
+            if len(v) != self.channels:
+                raise ValueError(
+                    f"{name} must have one value per channel ({self.channels}), got {len(v)}: {v}"
+                )
+            if not all(math.isfinite(x) for x in v) or (name == "std" and not all(x > 0 for x in v)):
+                raise ValueError(f"{name} must be finite{' and positive' if name == 'std' else ''}, got {v}")
+            object.__setattr__(self, name, v)
         if not isinstance(self.image_size, int) or self.image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
         for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
@@ -46,8 +64,8 @@ class ViewConfig:
 
 
 def _normalize(img_u8: torch.Tensor, cfg: ViewConfig) -> torch.Tensor:
-    mean = torch.tensor(cfg.mean).view(3, 1, 1)
-    std = torch.tensor(cfg.std).view(3, 1, 1)
+    mean = torch.tensor(cfg.mean).view(-1, 1, 1)
+    std = torch.tensor(cfg.std).view(-1, 1, 1)
     return (img_u8.float() / 255.0 - mean) / std
 
 
@@ -118,7 +136,7 @@ def load_rgb(path) -> torch.Tensor:
 
 
 def two_views(img: torch.Tensor, cfg: ViewConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student view, teacher view), each float32 [3, S, S] normalised, from a uint8 [3, H, W] image; all random
+    """(student view, teacher view), each float32 [C, S, S] normalised, from a uint8 [C, H, W] image; all random
     draws come from ``seed`` (same seed, same views, whatever the worker)."""
     from torchvision.transforms import InterpolationMode, v2
     from torchvision.transforms.v2 import functional as F
@@ -137,7 +155,7 @@ def two_views(img: torch.Tensor, cfg: ViewConfig, seed: int) -> tuple[torch.Tens
             if torch.rand(()) < cfg.jitter_p:
                 b, c, s, hue = cfg.jitter
                 teacher = v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=hue)(teacher)
-            if torch.rand(()) < cfg.gray_p:
+            if torch.rand(()) < cfg.gray_p and cfg.channels == 3:
                 teacher = F.rgb_to_grayscale(teacher, num_output_channels=3)
             if torch.rand(()) < cfg.blur_p:
                 sigma = float(torch.empty(()).uniform_(*cfg.blur_sigma))
