@@ -303,3 +303,88 @@ def test_torch_and_dali_decode_every_kind_alike(tmp_path):
         assert diff.max() <= 1, (
             f"{kind}: torch and DALI differ by up to {diff.max()} (mean {diff.mean():.3f})"
         )
+
+
+def _dali_decode_gray(paths: list[Path]) -> list[np.ndarray]:
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def pipe():
+        encoded, _ = fn.readers.file(files=[str(p) for p in paths])
+        return fn.decoders.image(encoded, device="cpu", output_type=types.GRAY)
+
+    p = pipe(batch_size=len(paths), num_threads=1, device_id=None)
+    p.build()
+    (out,) = p.run()
+    return [np.asarray(out[i])[..., 0] for i in range(len(paths))]
+
+
+@needs_dali
+def test_torch_and_dali_decode_every_kind_alike_in_grayscale(tmp_path):
+    from conmim.data.views import load_image
+
+    made = [_kind(tmp_path, k)[0] for k in KINDS]
+    for kind, path, d in zip(KINDS, made, _dali_decode_gray(made)):
+        t = load_image(path, channels=1)[0].numpy()
+        diff = np.abs(t.astype(int) - d.astype(int))
+        assert diff.max() <= 1, f"{kind}: torch and DALI grayscale differ by up to {diff.max()}"
+
+
+# --------------------------------------------------------------------------------------------- one channel
+@pytest.mark.parametrize("loader", LOADERS)
+def test_one_channel_views_with_their_own_mean_and_std(tmp_path, loader):
+    root = tmp_path / "data"
+    _tree(root, n=4)
+    _kind(root / "a", "png16-gray")
+    views = ViewConfig(image_size=32, channels=1, mean=(0.4,), std=(0.2,), jitter_p=1.0, gray_p=1.0)
+    L = build_loader(root, 5, views, loader=loader, num_workers=0, verbose=False)
+    s, t, _ = next(iter(L))
+    assert s.shape == t.shape == (5, 1, 32, 32)
+    assert s.min() >= (0 - 0.4) / 0.2 - 1e-4 and s.max() <= (1 - 0.4) / 0.2 + 1e-4
+    assert not torch.allclose(s, t), "the teacher view is still perturbed (brightness, contrast)"
+
+
+def test_view_config_checks_channels_mean_and_std():
+    assert ViewConfig().mean == (0.485, 0.456, 0.406) and ViewConfig(channels=1).std == (0.25,)
+    with pytest.raises(ValueError, match="channels must be 1"):
+        ViewConfig(channels=4)
+    with pytest.raises(ValueError, match="one value per channel"):
+        ViewConfig(channels=1, mean=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="std must be finite and positive"):
+        ViewConfig(std=(0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match="mean must be a sequence"):
+        ViewConfig(mean="abc")
+
+
+# ------------------------------------------------------------------------------------------------ scan modes
+def test_stat_mode_trusts_the_index_but_sees_a_rewrite_through_ctime(tmp_path, monkeypatch):
+    from conmim.data import scan as scanmod
+
+    root = tmp_path / "data"
+    files = _tree(root)
+    scan_folder(root, index_dir=tmp_path / "idx", verbose=False, scan="stat")
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: reads.append(p) or real_open(p, *a, **k))
+    scan_folder(root, index_dir=tmp_path / "idx", verbose=False, scan="stat")
+    assert not [p for p in reads if str(p).endswith(".png")], "a warm stat scan reads no image"
+    monkeypatch.undo()
+    st = files[1].stat()
+    files[1].write_bytes(bytes(st.st_size))
+    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    folder = scan_folder(root, index_dir=tmp_path / "idx", verbose=False, scan="stat")
+    assert [p for p, _ in folder.bad] == [str(files[1])]
+    with pytest.raises(ValueError, match="scan must be one of"):
+        scan_folder(root, scan="fast")
+    assert scanmod.SCANS == ("content", "stat", "off")
+
+
+def test_scan_off_lists_without_checking_and_torch_names_a_bad_file(tmp_path):
+    root = tmp_path / "data"
+    _tree(root, n=3)
+    (root / "a" / "zz-empty.png").write_bytes(b"")
+    folder = scan_folder(root, index_dir=tmp_path / "idx", verbose=False, scan="off")
+    assert len(folder) == 4 and not folder.bad and not (tmp_path / "idx").exists()
+    L = build_loader(root, 4, SMALL, loader="torch", num_workers=0, shuffle=False, verbose=False, scan="off")
+    with pytest.raises(RuntimeError, match=r"cannot decode .*zz-empty\.png"):
+        next(iter(L))
