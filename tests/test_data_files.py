@@ -388,3 +388,19 @@ def test_scan_off_lists_without_checking_and_torch_names_a_bad_file(tmp_path):
     L = build_loader(root, 4, SMALL, loader="torch", num_workers=0, shuffle=False, verbose=False, scan="off")
     with pytest.raises(RuntimeError, match=r"cannot decode .*zz-empty\.png"):
         next(iter(L))
+
+
+def test_parallel_scan_gives_the_in_process_verdicts_and_a_progress_bar(tmp_path, monkeypatch, capsys):
+    from conmim.data import scan as scanmod
+
+    root = tmp_path / "data"
+    _tree(root, n=6)
+    _gif(root / "a" / "g.png")
+    (root / "b" / "e.jpg").write_bytes(b"")
+    one = scan_folder(root, index_dir=tmp_path / "i1", verbose=False)
+    monkeypatch.setattr(scanmod, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(scanmod, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(scanmod, "workers", lambda: 2)
+    many = scan_folder(root, index_dir=tmp_path / "i2", verbose=True)
+    assert (many.files, many.bad, many.labels) == (one.files, one.bad, one.labels) and len(many.bad) == 2
+    assert "checking images" in capsys.readouterr().err

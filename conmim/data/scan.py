@@ -249,12 +249,24 @@ def run_checks(
     return out
 
 
-def _check_paths(paths: list[str], cache: dict, mode: str, verbose: bool) -> dict[str, dict]:
+def _check_paths(
+    paths: list[str], cache: dict, mode: str, verbose: bool, keys: list | None = None
+) -> dict[str, dict]:
+    """Verdict per path; ``keys``: the walk's stat keys, with which a "stat" scan settles unchanged files here,
+    without a worker."""
     from functools import partial
 
-    jobs = [(p, cache.get(p)) for p in paths]
+    out: dict[str, dict] = {}
+    jobs = []
+    for i, p in enumerate(paths):
+        known = cache.get(p)
+        if mode == "stat" and keys is not None and known is not None and known.get("key") == keys[i]:
+            out[p] = known
+        else:
+            jobs.append((p, known))
     results = run_checks(jobs, partial(_check_chunk, mode=mode), verbose, "checking images")
-    return dict(zip(paths, results))
+    out.update(zip((p for p, _ in jobs), results))
+    return {p: out[p] for p in paths}
 
 
 # ------------------------------------------------------------------------------------------------------ sources
@@ -285,7 +297,8 @@ def scan_folder(
     listed, problems = walk_images(root)
     rels = [r for r, _ in listed]
     paths = [os.path.join(root, r) for r in rels]
-    verdicts = _verdicts(root, paths, index_dir, report_dir, scan, verbose)
+    keys = [_stat_key(st) for _, st in listed]
+    verdicts = _verdicts(root, paths, index_dir, report_dir, scan, verbose, keys)
     good = [r for r, p in zip(rels, paths) if verdicts[p] is None]
     bad = [(printable(p), why) for p, why in problems]
     bad += [(printable(p), verdicts[p]) for p in paths if verdicts[p] is not None]
@@ -351,16 +364,18 @@ def _check_mode(scan: str) -> None:
         raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
 
 
-def _verdicts(source: Path, paths: list[str], index_dir, report_dir, scan: str, verbose: bool) -> dict:
+def _verdicts(
+    source: Path, paths: list[str], index_dir, report_dir, scan: str, verbose: bool, keys: list | None = None
+) -> dict:
     """path -> None (usable) or the reason it is not, through the cached index unless ``scan`` is "off"."""
     if scan == "off":
         return dict.fromkeys(paths)
     index_path = _index_path(source, index_dir, report_dir)
     if index_path is None:
-        checked = _check_paths(paths, {}, scan, verbose)
+        checked = _check_paths(paths, {}, scan, verbose, keys)
     else:
         with exclusive(index_path.with_suffix(".lock")):
-            checked = _check_paths(paths, _load_index(index_path, source), scan, verbose)
+            checked = _check_paths(paths, _load_index(index_path, source), scan, verbose, keys)
             save_index(index_path, source, checked)
     return {p: v["bad"] for p, v in checked.items()}
 
