@@ -379,15 +379,20 @@ def test_stat_mode_trusts_the_index_but_sees_a_rewrite_through_ctime(tmp_path, m
     assert scanmod.SCANS == ("content", "stat", "off")
 
 
-def test_scan_off_lists_without_checking_and_torch_names_a_bad_file(tmp_path):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_scan_off_lists_without_checking_and_a_bad_file_stops_with_one_line(tmp_path, loader):
     root = tmp_path / "data"
     _tree(root, n=3)
-    (root / "a" / "zz-empty.png").write_bytes(b"")
+    (root / "a" / "zz-bad.png").write_bytes(b"\x89PNG\r\n\x1a\n but no image")
     folder = scan_folder(root, index_dir=tmp_path / "idx", verbose=False, scan="off")
     assert len(folder) == 4 and not folder.bad and not (tmp_path / "idx").exists()
-    L = build_loader(root, 4, SMALL, loader="torch", num_workers=0, shuffle=False, verbose=False, scan="off")
-    with pytest.raises(RuntimeError, match=r"cannot decode .*zz-empty\.png"):
+    want = r"cannot decode .*zz-bad\.png" if loader == "torch" else r"DALI stopped on a file it cannot read"
+    with pytest.raises(RuntimeError, match=want) as info:
+        L = build_loader(
+            root, 4, SMALL, loader=loader, num_workers=0, shuffle=False, verbose=False, scan="off"
+        )
         next(iter(L))
+    assert "\n" not in str(info.value)
 
 
 def test_parallel_scan_gives_the_in_process_verdicts_and_a_progress_bar(tmp_path, monkeypatch, capsys):

@@ -8,6 +8,8 @@ excludes bad files first, since one undecodable JPEG aborts a DALI pipeline.
 
 from __future__ import annotations
 
+import contextlib
+
 from conmim.data.shards import DALI_EXT, ShardSet
 from conmim.data.views import ViewConfig
 
@@ -193,21 +195,26 @@ class DaliTwoViewLoader:
             self.num_threads,
             self.shuffle,
         )
-        self.pipe.build()
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-        self.it = DALIGenericIterator(
-            [self.pipe],
-            ["student", "teacher", "index"],
-            reader_name="Reader",
-            last_batch_policy=policy,
-            auto_reset=True,
-        )
+        with _dali_errors():
+            self.pipe.build()
+            self.it = DALIGenericIterator(
+                [self.pipe],
+                ["student", "teacher", "index"],
+                reader_name="Reader",
+                last_batch_policy=policy,
+                auto_reset=True,
+            )
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.it)
 
     def __iter__(self):
+        with _dali_errors():
+            yield from self._batches()
+
+    def _batches(self):
         for out in self.it:
             d = out[0]
             if d["student"].shape[0] == 0:  # a rank whose part ran out one batch early (partial batches only)
@@ -216,6 +223,23 @@ class DaliTwoViewLoader:
                 yield d["student"], d["teacher"], d["index"].reshape(-1).long()
             else:
                 yield d["student"], d["teacher"], _sample_numbers(d["index"])
+
+
+@contextlib.contextmanager
+def _dali_errors():
+    """DALI's failure on a file the scan would have excluded (scan="off") as one line naming the cause."""
+    try:
+        yield
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "C++ context" not in ln]
+        cause = next(
+            (ln for ln in lines if "failed" in ln.lower() or "failure" in ln.lower()),
+            lines[0] if lines else "",
+        )
+        raise RuntimeError(
+            f"DALI stopped on a file it cannot read ({cause}); scan='content' (the default) finds and excludes "
+            "such files before the run"
+        ) from exc
 
 
 def _sample_numbers(info):
