@@ -138,11 +138,12 @@ def test_file_list_labels_missing_and_bad_entries(tmp_path, caplog):
     assert found.files == [str(f) for f in files[:2]] and found.labels == [-1, -1] and found.classes == []
 
 
-def test_list_and_folder_give_the_same_batches(tmp_path):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_list_and_folder_give_the_same_batches(tmp_path, loader):
     files = _folder(tmp_path / "imgs", 8)
     (tmp_path / "list.txt").write_text("".join(f"{f}\n" for f in files))
-    a = build_loader(tmp_path / "imgs", 4, SMALL, loader="torch", seed=5, num_workers=0, verbose=False)
-    b = build_loader(tmp_path / "list.txt", 4, SMALL, loader="torch", seed=5, num_workers=0, verbose=False)
+    a = build_loader(tmp_path / "imgs", 4, SMALL, loader=loader, seed=5, num_workers=0, verbose=False)
+    b = build_loader(tmp_path / "list.txt", 4, SMALL, loader=loader, seed=5, num_workers=0, verbose=False)
     for x, y in zip(_epoch(a, 1), _epoch(b, 1), strict=True):
         for u, v in zip(x, y):
             assert torch.equal(u, v)
