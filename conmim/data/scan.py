@@ -34,6 +34,7 @@ import os
 import re
 import stat as statmod
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,11 +295,14 @@ def scan_folder(
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {printable(root)!r} does not exist or is not a folder")
-    listed, problems = walk_images(root)
-    rels = [r for r, _ in listed]
-    paths = [os.path.join(root, r) for r in rels]
-    keys = [_stat_key(st) for _, st in listed]
-    verdicts = _verdicts(root, paths, index_dir, report_dir, scan, verbose, keys)
+
+    def listing():
+        listed, problems = walk_images(root)
+        paths = [os.path.join(root, r) for r, _ in listed]
+        return paths, [_stat_key(st) for _, st in listed], problems
+
+    paths, verdicts, problems = _verdicts(root, listing, index_dir, report_dir, scan, verbose, True)
+    rels = [os.path.relpath(p, root).replace(os.sep, "/") for p in paths]
     good = [r for r, p in zip(rels, paths) if verdicts[p] is None]
     bad = [(printable(p), why) for p, why in problems]
     bad += [(printable(p), verdicts[p]) for p in paths if verdicts[p] is not None]
@@ -344,8 +348,10 @@ def scan_list(list_file, index_dir=None, report_dir=None, verbose: bool = True, 
             entries.append((os.path.normpath(os.path.join(base, path.strip())), label))
     seen: set[str] = set()
     unique = [(p, lab) for p, lab in entries if not (p in seen or seen.add(p))]
+    _, verdicts, _ = _verdicts(
+        list_file, lambda: ([p for p, _ in unique], None, []), index_dir, report_dir, scan, verbose, False
+    )
     paths = [p for p, _ in unique]
-    verdicts = _verdicts(list_file, paths, index_dir, report_dir, scan, verbose)
     good = [(p, lab) for p, lab in unique if verdicts[p] is None]
     bad = [(printable(p), verdicts[p]) for p in paths if verdicts[p] is not None]
     labelled = bool(good) and all(lab is not None for _, lab in good)
@@ -364,20 +370,37 @@ def _check_mode(scan: str) -> None:
         raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
 
 
-def _verdicts(
-    source: Path, paths: list[str], index_dir, report_dir, scan: str, verbose: bool, keys: list | None = None
-) -> dict:
-    """path -> None (usable) or the reason it is not, through the cached index unless ``scan`` is "off"."""
+def _verdicts(source: Path, listing, index_dir, report_dir, scan: str, verbose: bool, reuse_listing: bool):
+    """(paths, {path: None (usable) or the reason it is not}, problems) through the cached index unless ``scan``
+    is "off"; ``listing() -> (paths, stat keys or None, problems)`` finds the files (``reuse_listing``: a fresh
+    index's file list may stand in for it, as for a folder walk; a file list is always read).
+
+    When another process (another rank of the run) finished a scan of the same source while this one waited
+    for the lock, its result is taken as it is: the ranks of a run then scan once between them, not once each.
+    """
     if scan == "off":
-        return dict.fromkeys(paths)
+        paths, _, problems = listing()
+        return paths, dict.fromkeys(paths), problems
     index_path = _index_path(source, index_dir, report_dir)
     if index_path is None:
+        paths, keys, problems = listing()
         checked = _check_paths(paths, {}, scan, verbose, keys)
     else:
+        waiting_since = time.time()
         with exclusive(index_path.with_suffix(".lock")):
-            checked = _check_paths(paths, _load_index(index_path, source), scan, verbose, keys)
-            save_index(index_path, source, checked)
-    return {p: v["bad"] for p, v in checked.items()}
+            doc = _load_index_doc(index_path, source)
+            fresh = doc.get("written", 0) >= waiting_since and doc.get("mode") in (scan, "content")
+            if fresh:
+                checked = doc["files"]
+                paths, problems = list(checked), [tuple(x) for x in doc.get("problems", [])]
+                if not reuse_listing:
+                    paths = listing()[0]
+                    fresh = all(p in checked for p in paths)
+            if not fresh:
+                paths, keys, problems = listing()
+                checked = _check_paths(paths, doc.get("files", {}), scan, verbose, keys)
+                save_index(index_path, source, checked, problems, scan)
+    return paths, {p: checked[p]["bad"] for p in paths}, problems
 
 
 def _finish(found: ImageFolder, what: str, report_dir, verbose: bool) -> ImageFolder:
@@ -427,7 +450,7 @@ def index_path_for(source: Path, index_dir=None, report_dir=None) -> Path | None
     return _index_path(Path(source), index_dir, report_dir)
 
 
-def _load_index(path: Path | None, source: Path) -> dict:
+def _load_index_doc(path: Path | None, source: Path) -> dict:
     if path is None or not path.exists():
         return {}
     try:
@@ -436,15 +459,30 @@ def _load_index(path: Path | None, source: Path) -> dict:
         return {}
     if not isinstance(data, dict) or data.get("version") != _INDEX_VERSION or data.get("root") != str(source):
         return {}
-    files = data.get("files", {})
-    return files if isinstance(files, dict) else {}
+    if not isinstance(data.get("files"), dict):
+        return {}
+    return data
+
+
+def _load_index(path: Path | None, source: Path) -> dict:
+    return _load_index_doc(path, source).get("files", {})
 
 
 def load_index(path: Path | None, source: Path) -> dict:
     return _load_index(path, Path(source))
 
 
-def save_index(path: Path, source: Path, entries: dict) -> None:
+def save_index(path: Path, source: Path, entries: dict, problems=(), mode: str = "content") -> None:
+    """The index: the entries, the problems of the walk, the mode and when it was written (a process that
+    waited for the lock meanwhile takes this result as it is)."""
+    doc = {
+        "version": _INDEX_VERSION,
+        "root": str(source),
+        "mode": mode,
+        "written": time.time(),
+        "problems": [list(x) for x in problems],
+        "files": entries,
+    }
     # json escapes the surrogates of non-UTF-8 names (\udcff) and reads them back as the same str
     with contextlib.suppress(OSError):  # a read-only location: the scan still works, it is just not cached
-        write_atomic(path, json.dumps({"version": _INDEX_VERSION, "root": str(source), "files": entries}))
+        write_atomic(path, json.dumps(doc))

@@ -29,6 +29,7 @@ import random
 import re
 import sys
 import tarfile
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -218,9 +219,17 @@ def scan_shards(
     if index_path is None:
         entries = check({})
     else:
+        waiting_since = time.time()
         with exclusive(index_path.with_suffix(".lock")):
-            entries = check(scanmod._load_index(index_path, source))
-            scanmod.save_index(index_path, source, entries)
+            doc = scanmod._load_index_doc(index_path, source)
+            files = doc.get("files", {})
+            # another rank finished scanning these shards while this one waited: take its result
+            fresh = doc.get("written", 0) >= waiting_since and doc.get("mode") in (scan, "content")
+            if fresh and all(s in files for s in shards):
+                entries = files
+            else:
+                entries = check(files)
+                scanmod.save_index(index_path, source, entries, mode=scan)
 
     found = ShardSet(root, shards)
     labels: list[int | None] = []
