@@ -157,7 +157,7 @@ def _timed(fn) -> tuple[float, object]:
 
 
 def _imagenet_like_cost(n: int = 64) -> dict:
-    """Seconds per check of a 500 x 375 JPEG (ImageNet's median size, ~110 kB at quality 90), and the digest's
+    """Seconds per check of a 500 x 375 JPEG (ImageNet's typical size; the mean bytes are recorded), and the digest's
     bytes/s: the two per-file costs a scan of ImageNet-1K pays."""
     import io
 
