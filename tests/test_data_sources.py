@@ -108,6 +108,8 @@ def test_resolve_data_kinds_and_errors(tmp_path):
         resolve_data(f"{tmp_path}/sh/*.tgz.tar")
     with pytest.raises(FileNotFoundError, match=r"shard-003\.tar"):
         resolve_data(f"{tmp_path}/sh/shard-{{000..003}}.tar")
+    with pytest.raises(ValueError, match=r"holds \.tar files: for shards give .*\*\.tar"):
+        build_loader(tmp_path / "sh", 1, SMALL, loader="torch", index_dir=tmp_path / "idx")
     with pytest.raises(ValueError, match="bundled sets"):
         resolve_data("samples:cats")
     with pytest.raises(ValueError, match=r"must be \.tar"):

@@ -311,9 +311,12 @@ def scan_folder(
     classes = sorted(top) if nested else []
     cls_idx = {c: i for i, c in enumerate(classes)}
     labels = [cls_idx[r.split("/", 1)[0]] for r in good] if nested else [-1] * len(good)
+    what = f"data folder {printable(root)!r}"
+    if not good and not bad and any(root.glob("*.tar")):
+        what += f" (it holds .tar files: for shards give {printable(root / '*.tar')!r})"
     return _finish(
         ImageFolder(root, [os.path.join(root, r) for r in good], labels, classes, bad),
-        f"data folder {printable(root)!r}",
+        what,
         report_dir,
         verbose,
     )
