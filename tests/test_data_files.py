@@ -406,6 +406,8 @@ def test_parallel_scan_gives_the_in_process_verdicts_and_a_progress_bar(tmp_path
     monkeypatch.setattr(scanmod, "PARALLEL_MIN", 1)
     monkeypatch.setattr(scanmod, "PROGRESS_DELAY_S", 0.0)
     monkeypatch.setattr(scanmod, "workers", lambda: 2)
-    many = scan_folder(root, index_dir=tmp_path / "i2", verbose=True)
+    many = scan_folder(root, index_dir=tmp_path / "i2", verbose=False, progress=True)
     assert (many.files, many.bad, many.labels) == (one.files, one.bad, one.labels) and len(many.bad) == 2
     assert "checking images" in capsys.readouterr().err
+    scan_folder(root, index_dir=tmp_path / "i3", verbose=False)
+    assert "checking images" not in capsys.readouterr().err, "no bar unless asked for"

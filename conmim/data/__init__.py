@@ -137,6 +137,7 @@ def build_loader(
     verbose: bool = True,
     scan: str = "content",
     index_dir=None,
+    progress: bool | None = None,
 ) -> TwoViewLoader:
     """Loader of ConMIM batches from an image folder (class sub-folders or a flat tree, searched recursively),
     a file list or tar shards.
@@ -154,9 +155,11 @@ def build_loader(
         num_workers: DataLoader workers (torch) or DALI CPU threads.
         drop_last: drop each epoch's last partial batch (training).
         run_dir: where ``bad_files.tsv`` lists the excluded files.
-        verbose: log each excluded file; progress bar on long scans.
+        verbose: log each excluded file.
         scan: "content" (default), "stat" or "off": how files are checked (see :mod:`conmim.data.scan`).
         index_dir: where the scan's index is cached (default: the user's cache folder).
+        progress: a progress bar on stderr once the scan takes more than a few seconds (default: ``verbose``;
+            a trainer logging excluded files itself passes ``verbose=False, progress=(rank == 0)``).
     """
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
@@ -171,7 +174,9 @@ def build_loader(
     if scan not in SCANS:
         raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
     source = resolve_data(root)
-    folder = scan_source(source, index_dir=index_dir, report_dir=run_dir, verbose=verbose, scan=scan)
+    folder = scan_source(
+        source, index_dir=index_dir, report_dir=run_dir, verbose=verbose, scan=scan, progress=progress
+    )
     items = folder if isinstance(folder, ShardSet) else folder.files
     per_rank = -(-len(folder) // world_size)
     if drop_last and per_rank < batch_size:

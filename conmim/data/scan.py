@@ -272,7 +272,12 @@ def _check_paths(
 
 # ------------------------------------------------------------------------------------------------------ sources
 def scan_folder(
-    root, index_dir=None, report_dir=None, verbose: bool = True, scan: str = "content"
+    root,
+    index_dir=None,
+    report_dir=None,
+    verbose: bool = True,
+    scan: str = "content",
+    progress: bool | None = None,
 ) -> ImageFolder:
     """Scan ``root`` recursively for images (.jpg/.jpeg/.png/.webp/.tif/.tiff/.bmp) and check each one.
 
@@ -283,8 +288,9 @@ def scan_folder(
         root: the image folder.
         index_dir: where the cached index lives (default: the cache folder).
         report_dir: if given, the excluded files are listed there in ``bad_files.tsv`` (path, reason).
-        verbose: log one line per excluded file, naming it and the reason; progress bar on long scans.
+        verbose: log one line per excluded file, naming it and the reason.
         scan: "content", "stat" or "off" (see the module's doc).
+        progress: a progress bar on stderr once the checks take more than a few seconds (default: ``verbose``).
 
     Raises:
         FileNotFoundError: ``root`` does not exist or is not a folder.
@@ -301,7 +307,8 @@ def scan_folder(
         paths = [os.path.join(root, r) for r, _ in listed]
         return paths, [_stat_key(st) for _, st in listed], problems
 
-    paths, verdicts, problems = _verdicts(root, listing, index_dir, report_dir, scan, verbose, True)
+    bar = verbose if progress is None else progress
+    paths, verdicts, problems = _verdicts(root, listing, index_dir, report_dir, scan, bar, True)
     rels = [os.path.relpath(p, root).replace(os.sep, "/") for p in paths]
     good = [r for r, p in zip(rels, paths) if verdicts[p] is None]
     bad = [(printable(p), why) for p, why in problems]
@@ -322,7 +329,14 @@ def scan_folder(
     )
 
 
-def scan_list(list_file, index_dir=None, report_dir=None, verbose: bool = True, scan: str = "content"):
+def scan_list(
+    list_file,
+    index_dir=None,
+    report_dir=None,
+    verbose: bool = True,
+    scan: str = "content",
+    progress: bool | None = None,
+):
     """Scan a file list: a text file with one image path per line, relative paths taken from the list's own
     folder, blank lines and lines starting with ``#`` skipped. A line may end in an integer label after a tab
     or spaces (``train/n01440764/x.JPEG 0``); the labels are used when every line has one. Paths that are
@@ -351,8 +365,9 @@ def scan_list(list_file, index_dir=None, report_dir=None, verbose: bool = True, 
             entries.append((os.path.normpath(os.path.join(base, path.strip())), label))
     seen: set[str] = set()
     unique = [(p, lab) for p, lab in entries if not (p in seen or seen.add(p))]
+    bar = verbose if progress is None else progress
     _, verdicts, _ = _verdicts(
-        list_file, lambda: ([p for p, _ in unique], None, []), index_dir, report_dir, scan, verbose, False
+        list_file, lambda: ([p for p, _ in unique], None, []), index_dir, report_dir, scan, bar, False
     )
     paths = [p for p, _ in unique]
     good = [(p, lab) for p, lab in unique if verdicts[p] is None]
@@ -373,7 +388,7 @@ def _check_mode(scan: str) -> None:
         raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
 
 
-def _verdicts(source: Path, listing, index_dir, report_dir, scan: str, verbose: bool, reuse_listing: bool):
+def _verdicts(source: Path, listing, index_dir, report_dir, scan: str, bar: bool, reuse_listing: bool):
     """(paths, {path: None (usable) or the reason it is not}, problems) through the cached index unless ``scan``
     is "off"; ``listing() -> (paths, stat keys or None, problems)`` finds the files (``reuse_listing``: a fresh
     index's file list may stand in for it, as for a folder walk; a file list is always read).
@@ -387,7 +402,7 @@ def _verdicts(source: Path, listing, index_dir, report_dir, scan: str, verbose: 
     index_path = _index_path(source, index_dir, report_dir)
     if index_path is None:
         paths, keys, problems = listing()
-        checked = _check_paths(paths, {}, scan, verbose, keys)
+        checked = _check_paths(paths, {}, scan, bar, keys)
     else:
         waiting_since = time.time()
         with exclusive(index_path.with_suffix(".lock")):
@@ -401,7 +416,7 @@ def _verdicts(source: Path, listing, index_dir, report_dir, scan: str, verbose: 
                     fresh = all(p in checked for p in paths)
             if not fresh:
                 paths, keys, problems = listing()
-                checked = _check_paths(paths, doc.get("files", {}), scan, verbose, keys)
+                checked = _check_paths(paths, doc.get("files", {}), scan, bar, keys)
                 save_index(index_path, source, checked, problems, scan)
     return paths, {p: checked[p]["bad"] for p in paths}, problems
 

@@ -189,7 +189,12 @@ def _scan_chunk(chunk, mode):
 
 
 def scan_shards(
-    shards, index_dir=None, report_dir=None, verbose: bool = True, scan: str = "content"
+    shards,
+    index_dir=None,
+    report_dir=None,
+    verbose: bool = True,
+    scan: str = "content",
+    progress: bool | None = None,
 ) -> ShardSet:
     """Index and check tar shards (in the order given). Same arguments as :func:`conmim.data.scan_folder`;
     excluded samples are named ``SHARD:KEY``, a shard that cannot be read ``SHARD``.
@@ -199,6 +204,7 @@ def scan_shards(
         ValueError: no usable sample, or an unknown ``scan``.
     """
     scanmod._check_mode(scan)
+    bar = verbose if progress is None else progress
     shards = [os.path.abspath(os.path.expanduser(os.fspath(s))) for s in shards]
     if not shards:
         raise ValueError("shards: no tar file given")
@@ -214,7 +220,7 @@ def scan_shards(
     def check(cache):
         jobs = [(s, cache.get(s)) for s in shards]
         fn = partial(_scan_chunk, mode=jobs_mode)
-        return dict(zip(shards, scanmod.run_checks(jobs, fn, verbose, "checking shards", chunk=1)))
+        return dict(zip(shards, scanmod.run_checks(jobs, fn, bar, "checking shards", chunk=1)))
 
     if index_path is None:
         entries = check({})

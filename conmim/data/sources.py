@@ -118,13 +118,20 @@ def resolve_data(spec) -> DataSource:
     return DataSource("shards", root if root.is_dir() else root.parent, shards, text)
 
 
-def scan_source(source, index_dir=None, report_dir=None, verbose: bool = True, scan: str = "content"):
+def scan_source(
+    source,
+    index_dir=None,
+    report_dir=None,
+    verbose: bool = True,
+    scan: str = "content",
+    progress: bool | None = None,
+):
     """Scan what :func:`resolve_data` returned: an ``ImageFolder`` (folder, list) or a ``ShardSet`` (shards)."""
     source = resolve_data(source)
     if source.kind == "folder":
-        return scan_folder(source.path, index_dir, report_dir, verbose, scan)
+        return scan_folder(source.path, index_dir, report_dir, verbose, scan, progress)
     if source.kind == "list":
-        return scan_list(source.path, index_dir, report_dir, verbose, scan)
+        return scan_list(source.path, index_dir, report_dir, verbose, scan, progress)
     from conmim.data.shards import scan_shards
 
-    return scan_shards(list(source.shards), index_dir, report_dir, verbose, scan)
+    return scan_shards(list(source.shards), index_dir, report_dir, verbose, scan, progress)
