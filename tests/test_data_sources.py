@@ -21,8 +21,8 @@ from conmim.data import (
     scan_shards,
     write_shards,
 )
-from conmim.data.shards import main as shards_main
 from conmim.data.sources import expand_braces
+from conmim.shards import main as shards_main
 
 HAS_DALI = dali_status() is None
 needs_dali = pytest.mark.skipif(not HAS_DALI, reason=f"optional dependency missing: {dali_status()}")
