@@ -112,3 +112,46 @@ def test_a_killed_build_leaves_nothing_behind_the_next_one(tmp_path):
     (stale / "half.png").write_bytes(b"")
     samples.build(dest, photos=True, mnist=False)
     assert sorted(p.name for p in dest.iterdir()) == sorted(["photos", samples._MARK, samples._LOCK])
+
+
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_a_rank_that_waited_for_the_lock_takes_the_fresh_result(tmp_path, monkeypatch, kind):
+    """The ranks of a run start together: the first to hold the index lock scans, the others find an index
+    written while they waited and take it as it is (no walk, no read of any image) instead of each rescanning."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from conmim.data import scan as scanmod
+    from conmim.data import scan_source
+
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), i * 50, np.uint8)).save(root / "a" / f"{i}.png")
+    (root / "a" / "bad.png").write_bytes(b"")
+    spec = root
+    if kind == "shards":
+        with tarfile.open(tmp_path / "s.tar", "w") as tar:
+            for p in sorted((root / "a").iterdir()):
+                info = tarfile.TarInfo(f"{p.stem}.png")
+                info.size = p.stat().st_size
+                tar.addfile(info, io.BytesIO(p.read_bytes()))
+        spec = str(tmp_path / "s.tar")
+    first = scan_source(spec, index_dir=tmp_path / "idx", verbose=False)
+    real_time = scanmod.time.time
+    monkeypatch.setattr(scanmod.time, "time", lambda: real_time() - 3600)  # "started waiting an hour ago"
+
+    def no(*a, **k):
+        raise AssertionError("the fresh index should have been taken as it is")
+
+    monkeypatch.setattr(scanmod, "walk_images", no)
+    monkeypatch.setattr(scanmod, "run_checks", no)
+    again = scan_source(spec, index_dir=tmp_path / "idx", verbose=False)
+    assert (again.files, again.bad, again.labels) == (first.files, first.bad, first.labels)
+    assert len(again.bad) == 1 and len(again) == 3
+    monkeypatch.setattr(scanmod.time, "time", real_time)
+    with pytest.raises(AssertionError, match="taken as it is"):  # an older index is checked again
+        scan_source(spec, index_dir=tmp_path / "idx", verbose=False)

@@ -89,14 +89,14 @@ def test_scan_index_rechecks_only_changed_files(tmp_path, sample_root, monkeypat
     root = _photo_folder(tmp_path, sample_root, n=4)
     scan_folder(root, index_dir=tmp_path / "idx")
     calls = []
-    real = scan.check_image
-    monkeypatch.setattr(scan, "check_image", lambda p: calls.append(Path(p).name) or real(p))
+    real = scan.check_bytes
+    monkeypatch.setattr(scan, "check_bytes", lambda data: calls.append(data) or real(data))
     scan_folder(root, index_dir=tmp_path / "idx")
     assert calls == []
     target = root / "b" / "gray.jpeg"
     target.write_bytes(b"")
     folder = scan_folder(root, index_dir=tmp_path / "idx")
-    assert calls == ["gray.jpeg"] and len(folder.bad) == 1
+    assert calls == [b""] and len(folder.bad) == 1
     assert _excluded(caplog) == [f"excluding {target}: empty file"]
     assert sorted(p.name for p in (tmp_path / "idx").iterdir() if not p.name.endswith(".lock")) == [
         next((tmp_path / "idx").glob("index-*.json")).name

@@ -1,9 +1,11 @@
 """Data for ConMIM pretraining: two pixel-aligned views of each image plus a patch mask, on the training device.
 
-``build_loader(root, batch_size, ...)`` scans the folder (bad files excluded and listed), builds the DALI
-pipeline or the torch fallback, and yields ``(student_view, teacher_view, mask)``: float32 [B, 3, S, S] twice and
-bool [B, N] with N = (S / patch_size)^2, masks generated on the training device's side from a seeded generator.
-``synthetic_loader`` yields random batches of the same shapes for benchmarks.
+``resolve_data(spec)`` names the source (image folder, file list, tar shards, ``samples:photos|mnist``);
+``build_loader(source, batch_size, ...)`` scans it (bad files excluded and listed), builds the DALI pipeline or
+the torch fallback, and yields ``(student_view, teacher_view, mask)``: float32 [B, C, S, S] twice (C =
+``views.channels``, 3 by default) and bool [B, N] with N = (S / patch_size)^2, masks generated on the training
+device's side from a seeded generator. ``synthetic_loader`` yields random batches of the same shapes for
+benchmarks.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from conmim.data.dali_loader import DaliTwoViewLoader, dali_status
-from conmim.data.scan import ImageFolder, check_image, scan_folder, write_bad_files
+from conmim.data.scan import SCANS, ImageFolder, check_image, scan_folder, scan_list, write_bad_files
+from conmim.data.shards import ShardSet, scan_shards, write_shards
+from conmim.data.sources import DataSource, resolve_data, scan_source
 from conmim.data.torch_loader import make_torch_loader
 from conmim.data.views import ViewConfig
 from conmim.masking import block_masks, cell_masks
@@ -131,11 +135,16 @@ def build_loader(
     shuffle: bool = True,
     run_dir=None,
     verbose: bool = True,
+    scan: str = "content",
+    index_dir=None,
+    progress: bool | None = None,
 ) -> TwoViewLoader:
-    """Loader of ConMIM batches from an image folder (class sub-folders or a flat tree, searched recursively).
+    """Loader of ConMIM batches from an image folder (class sub-folders or a flat tree, searched recursively),
+    a file list or tar shards.
 
     Args:
-        root: image folder (.jpg/.jpeg/.png).
+        root: what :func:`resolve_data` returned, or anything it accepts (a folder, a file list, a shard
+            pattern, ``samples:photos``).
         batch_size: images per batch on this rank.
         views: augmentation parameters (default: the ConMIM recipe at 224 px).
         masks: mask parameters (default: BEiT block masks, 75 of 196).
@@ -146,6 +155,11 @@ def build_loader(
         num_workers: DataLoader workers (torch) or DALI CPU threads.
         drop_last: drop each epoch's last partial batch (training).
         run_dir: where ``bad_files.tsv`` lists the excluded files.
+        verbose: log each excluded file.
+        scan: "content" (default), "stat" or "off": how files are checked (see :mod:`conmim.data.scan`).
+        index_dir: where the scan's index is cached (default: the user's cache folder).
+        progress: a progress bar on stderr once the scan takes more than a few seconds (default: ``verbose``;
+            a trainer logging excluded files itself passes ``verbose=False, progress=(rank == 0)``).
     """
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
@@ -157,7 +171,13 @@ def build_loader(
     masks = masks or MaskConfig()
     masks.grid(views.image_size)
     device = torch.device(device)
-    folder = scan_folder(root, report_dir=run_dir, verbose=verbose)
+    if scan not in SCANS:
+        raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+    source = resolve_data(root)
+    folder = scan_source(
+        source, index_dir=index_dir, report_dir=run_dir, verbose=verbose, scan=scan, progress=progress
+    )
+    items = folder if isinstance(folder, ShardSet) else folder.files
     per_rank = -(-len(folder) // world_size)
     if drop_last and per_rank < batch_size:
         raise ValueError(
@@ -169,7 +189,7 @@ def build_loader(
     if loader == "dali":
         device_id = None if device.type == "cpu" else (device.index or 0)
         inner = DaliTwoViewLoader(
-            folder.files,
+            items,
             views,
             batch_size,
             rank,
@@ -183,7 +203,7 @@ def build_loader(
         sampler = None
     else:
         inner, sampler = make_torch_loader(
-            folder.files,
+            items.reader() if isinstance(items, ShardSet) else items,
             views,
             batch_size,
             rank,
@@ -212,7 +232,7 @@ def synthetic_loader(
     masks = masks or MaskConfig()
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
-    shape = (batch_size, 3, views.image_size, views.image_size)
+    shape = (batch_size, views.channels, views.image_size, views.image_size)
     student = torch.randn(shape, generator=g).to(device)
     teacher = torch.randn(shape, generator=g).to(device)
     for _ in range(steps):
@@ -220,14 +240,22 @@ def synthetic_loader(
 
 
 __all__ = [
+    "SCANS",
+    "DataSource",
     "ImageFolder",
     "MaskConfig",
+    "ShardSet",
     "TwoViewLoader",
     "ViewConfig",
     "build_loader",
     "check_image",
     "dali_status",
+    "resolve_data",
     "scan_folder",
+    "scan_list",
+    "scan_shards",
+    "scan_source",
     "synthetic_loader",
     "write_bad_files",
+    "write_shards",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from conmim.data.views import ViewConfig, load_rgb, two_views
+from conmim.data.views import ViewConfig, decode_image, two_views
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -15,18 +15,33 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class TwoViewDataset(Dataset):
-    """Items are (index, seed) pairs from :class:`ShardSampler`; returns (student view, teacher view, index)."""
+    """Items are (index, seed) pairs from :class:`ShardSampler`; returns (student view, teacher view, index).
 
-    def __init__(self, files: list[str], cfg: ViewConfig):
-        self.files = files
+    ``items``: the image files, or a reader of samples inside tar shards (``read(i) -> bytes``)."""
+
+    def __init__(self, items, cfg: ViewConfig):
+        self.items = items
         self.cfg = cfg
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.items)
+
+    def _read(self, index: int) -> bytes:
+        if isinstance(self.items, list):
+            with open(self.items[index], "rb") as fh:
+                return fh.read()
+        return self.items.read(index)
 
     def __getitem__(self, item):
         index, seed = item
-        s, t = two_views(load_rgb(self.files[index]), self.cfg, seed)
+        try:
+            img = decode_image(self._read(index), self.cfg.channels)
+        except Exception as exc:  # scan="off": name the file the way DALI does, then stop
+            from conmim.data.scan import printable
+
+            name = self.items[index] if isinstance(self.items, list) else self.items.name(index)
+            raise RuntimeError(f"cannot decode {printable(name)}: {printable(exc)}") from exc
+        s, t = two_views(img, self.cfg, seed)
         return s, t, index
 
 
@@ -66,7 +81,7 @@ class ShardSampler(Sampler):
 
 
 def make_torch_loader(
-    files,
+    items,
     cfg: ViewConfig,
     batch_size: int,
     rank: int,
@@ -82,9 +97,9 @@ def make_torch_loader(
     Its own generator: each ``iter`` of a DataLoader draws a seed for its workers, by default from the global
     torch generator, so a run resumed mid-epoch (one more ``iter`` than the uninterrupted run) would continue
     the global RNG stream one draw later; the views and masks take their randomness from their own seeds."""
-    sampler = ShardSampler(len(files), rank, world_size, seed, shuffle)
+    sampler = ShardSampler(len(items), rank, world_size, seed, shuffle)
     loader = DataLoader(
-        TwoViewDataset(files, cfg), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        TwoViewDataset(items, cfg), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         pin_memory=pin_memory, drop_last=drop_last, persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
