@@ -153,6 +153,19 @@ def test_transforms_use_randaugment_and_erasing():
     assert train(img).shape == (3, 32, 32) and val(img).shape == (3, 32, 32)
 
 
+def test_randaugment_posterize_at_full_magnitude():
+    """'inc1' at magnitude 10 keeps 0 bits; Pillow 13 refuses that, older Pillow (the official runs) gave black."""
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+
+    recipe.make_transforms(cfg_for(), 16)
+    policy = rand_augment_transform("rand-n1-m10-mstd0-inc1", {})
+    op = next(o for o in policy.ops if o.name == "PosterizeIncreasing")
+    op.prob = 1.0
+    img = Image.fromarray(np.full((16, 16, 3), 200, np.uint8))
+    assert np.asarray(op(img)).max() == 0
+
+
 # ----------------------------------------------------------------------------------------------- initialise
 def _encoder_state(seed):
     from conmim.models import build_encoder

@@ -199,6 +199,32 @@ def make_criterion(cfg: FinetuneConfig, mixup) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+def posterize_keep_zero_bits(img, bits_to_keep, **kwargs):
+    """timm's RandAugment posterize, keeping Pillow < 13's answer for 0 bits (an all-black image): Pillow 13
+    refuses 0 bits, which the official policy ('inc1' at magnitude 10, reached with mstd 0.5) asks for."""
+    if bits_to_keep <= 0:
+        from PIL import Image
+
+        return Image.new(img.mode, img.size)
+    return _TIMM_POSTERIZE(img, bits_to_keep, **kwargs)
+
+
+_TIMM_POSTERIZE = None
+
+
+def _posterize_compat() -> None:
+    """Route timm's posterize ops through :func:`posterize_keep_zero_bits` (before any policy is built: the
+    ops look their function up when created)."""
+    global _TIMM_POSTERIZE
+    from timm.data import auto_augment as aa
+
+    if _TIMM_POSTERIZE is None:
+        _TIMM_POSTERIZE = aa.posterize
+    for name, fn in aa.NAME_TO_OP.items():
+        if fn is _TIMM_POSTERIZE:
+            aa.NAME_TO_OP[name] = posterize_keep_zero_bits
+
+
 def make_transforms(cfg: FinetuneConfig, image_size: int):
     """(train, eval) transforms from timm's ``create_transform`` on PIL images: random-resized crop (bicubic),
     flip, RandAugment, ImageNet normalisation, random erasing; eval: resize to size / crop_pct, centre crop."""
@@ -206,6 +232,7 @@ def make_transforms(cfg: FinetuneConfig, image_size: int):
 
     from conmim.data.views import IMAGENET_MEAN, IMAGENET_STD
 
+    _posterize_compat()
     train = create_transform(
         image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), auto_augment=cfg.auto_augment,
         interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN,
