@@ -95,6 +95,7 @@ class FinetuneConfig:
     # augmentation and loss
     auto_augment: str | None = option("rand-m9-mstd0.5-inc1", "timm RandAugment policy (none: off)")
     crop_scale_min: float = option(0.08, "random-resized-crop smallest area fraction", check=unit)
+    hflip: float = option(0.5, "horizontal flip probability", check=unit)
     reprob: float = option(0.25, "random erasing probability", check=unit)
     mixup: float = option(0.8, "mixup alpha (0: off)", check=non_negative)
     cutmix: float = option(1.0, "cutmix alpha (0: off)", check=non_negative)
@@ -112,6 +113,9 @@ class FinetuneConfig:
     precision: str = option("bf16", "autocast dtype (fp32: none)", ("bf16", "fp32"))
     grad_checkpointing: bool = option(False, "recompute block activations in backward (less memory)")
     num_workers: int = option(8, "data-loading worker processes per rank", check=non_negative)
+    eval_every: int = option(
+        1, "epochs between validations (the last epoch is always validated)", check=at_least_one
+    )
     eval_batch_size: int = option(192, "validation images per forward pass", check=at_least_one)
     log_every: int = option(20, "optimizer steps between metrics records", check=at_least_one)
     checkpoint_every: int = option(0, "also checkpoint every this many optimizer steps (0: epoch ends only)",

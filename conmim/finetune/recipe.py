@@ -234,7 +234,7 @@ def make_transforms(cfg: FinetuneConfig, image_size: int):
 
     _posterize_compat()
     train = create_transform(
-        image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), auto_augment=cfg.auto_augment,
+        image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip, auto_augment=cfg.auto_augment,
         interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     )  # fmt: skip

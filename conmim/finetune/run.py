@@ -205,6 +205,7 @@ class Run:
     log: Logger | None = None
     ckpt: Checkpoints | None = None
     progress: object = None
+    postfix: dict = field(default_factory=dict)  # what the progress bar shows after its count
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -325,6 +326,21 @@ def evaluate(run: Run) -> dict:
     return {"top1": top1 / n, "top5": top5 / n, "val_loss": loss / n}
 
 
+def validate(run: Run, state: RunState) -> None:
+    """Evaluate, record (metrics.jsonl, the log, the state's history) and show the best so far."""
+    ev = evaluate(run) | {"epoch": state.epoch, "step": state.step}
+    state.evals.append(ev)
+    best = max(e["top1"] for e in state.evals)
+    run.log.metrics(ev | {"best_top1": best})
+    run.log.msg(
+        f"epoch {state.epoch}: top-1 {100 * ev['top1']:.2f}%, top-5 {100 * ev['top5']:.2f}% "
+        f"(best top-1 {100 * best:.2f}%)"
+    )
+    if run.progress is not None:
+        run.postfix["top1"] = f"{100 * ev['top1']:.1f}%"
+        run.progress.set_postfix(run.postfix)
+
+
 def checkpoint(run: Run, state: RunState) -> None:
     if run.rank == 0:
         blob = state.state_dict()
@@ -403,19 +419,16 @@ def _loop(run: Run) -> dict:
                           "images_per_s": n * cfg.batch_size * run.world / (now - since)}  # fmt: skip
                 run.log.metrics(record)
                 if run.progress is not None:
-                    run.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+                    run.postfix.update(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+                    run.progress.set_postfix(run.postfix)
                 sums.zero_()
                 since = now
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 checkpoint(run, state)
         del batches
         state.epoch, state.batch = state.epoch + 1, 0
-        ev = evaluate(run) | {"epoch": state.epoch, "step": state.step}
-        state.evals.append(ev)
-        best = max(e["top1"] for e in state.evals)
-        run.log.metrics(ev | {"best_top1": best})
-        run.log.msg(f"epoch {state.epoch}: top-1 {100 * ev['top1']:.2f}%, top-5 {100 * ev['top5']:.2f}% "
-                    f"(best top-1 {100 * best:.2f}%)")  # fmt: skip
+        if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs:
+            validate(run, state)
         checkpoint(run, state)
         since = time.perf_counter()
     return results(run, state)
