@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from conmim.finetune import config as cfgmod
+from conmim import config as cfgmod
+from conmim.checkpoint import CheckpointManager
 from conmim.finetune import recipe, run
 from conmim.finetune.config import ConfigError, FinetuneConfig
 from conmim.finetune.data import class_subset
@@ -175,15 +176,21 @@ def _encoder_state(seed):
 
 
 def _run_folder(tmp_path) -> Path:
+    """A pretraining run folder in conmim-train's format: config.yaml and one verified checkpoint."""
     import yaml
+
+    from conmim.models import build_encoder
 
     run_dir = tmp_path / "pretrain"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(
         yaml.safe_dump({"model": "vit_tiny_demo", "image_size": 16, "patch_size": 4})
     )
-    state = {"student": _encoder_state(1), "teacher": _encoder_state(2), "epoch": 1, "batch": 0, "step": 7}
-    torch.save(state, run_dir / "ckpt-e0001-s00000007.pt")
+    nets = {}
+    for name, seed in (("student", 1), ("teacher", 2)):
+        nets[name] = build_encoder("vit_tiny_demo", head_hidden=16, head_out=8, img_size=16)
+        nets[name].load_state_dict(_encoder_state(seed))
+    CheckpointManager(run_dir, log=lambda m: None).save(nets, {"epoch": 1, "batch": 0, "step": 7}, 1, 7, True)
     return run_dir
 
 
@@ -253,16 +260,20 @@ def test_beit_shared_relative_position_table_expanded_per_block():
 def test_config_presets_and_errors():
     official = cfgmod.resolve(FinetuneConfig, "official")
     assert official == FinetuneConfig()  # the preset states the defaults
+    assert cfgmod.resolve(FinetuneConfig) == official
     demo = cfgmod.resolve(FinetuneConfig, "cpu_demo")
     assert demo.data == "samples:mnist" and demo.train_fraction < 1
     with pytest.raises(ConfigError, match="unknown config key 'lrr'"):
         cfgmod.resolve(FinetuneConfig, None, {"lrr": 1})
-    with pytest.raises(ConfigError, match="'layer_decay' must be in"):
+    with pytest.raises(ConfigError, match="'layer_decay' must be a number in"):
         cfgmod.resolve(FinetuneConfig, None, {"layer_decay": 1.5})
     with pytest.raises(ConfigError, match="'precision' must be one of"):
         cfgmod.resolve(FinetuneConfig, None, {"precision": "fp8"})
-    cfg = cfgmod.parse_args(FinetuneConfig, "x", ["--config", "cpu_demo", "--lr", "3e-3", "--init", "none"])
-    assert cfg.lr == 3e-3 and cfg.init is None
+    with pytest.raises(ConfigError, match="batch_size must be even"):
+        cfgmod.resolve(FinetuneConfig, None, {"batch_size": 3})
+    args = vars(run.parser().parse_args(["--config", "cpu_demo", "--lr", "3e-3", "--init", "none"]))
+    cfg = cfgmod.resolve(FinetuneConfig, args.pop("config"), args)
+    assert cfg.lr == 3e-3 and cfg.init == "none" and cfg.train_fraction == 0.1
 
 
 def test_class_subset_per_class_and_seeded():
@@ -275,9 +286,11 @@ def test_class_subset_per_class_and_seeded():
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-def _final(out: Path) -> dict:
-    ckpt = sorted(out.glob("ckpt-*.pt"))[-1]
-    return torch.load(ckpt, weights_only=True)
+def _final(out: Path, cfg: FinetuneConfig) -> dict:
+    """The newest checkpoint's run state and weights (loaded into a fresh classifier)."""
+    model = tiny_classifier(cfg, num_classes=3, seed=123)
+    state = CheckpointManager(out, log=lambda m: None).load_latest({"model": model})
+    return state | {"model": model.state_dict()}
 
 
 def test_resume_after_crash_is_bit_identical(folder, tmp_path, monkeypatch):
@@ -298,7 +311,7 @@ def test_resume_after_crash_is_bit_identical(folder, tmp_path, monkeypatch):
     monkeypatch.setattr(run, "train_step", real)
     assert not (tmp_path / "cut" / run.RESULTS).exists()
     resumed = run.train(cfg_for(out=str(tmp_path / "cut"), **common))
-    a, b = _final(tmp_path / "whole"), _final(tmp_path / "cut")
+    a, b = _final(tmp_path / "whole", cfg_for(**common)), _final(tmp_path / "cut", cfg_for(**common))
     assert a["step"] == b["step"] == 9
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -364,13 +377,14 @@ def test_kill_minus_9_then_resume_matches(folder, tmp_path):
     cut = tmp_path / "cut"
     proc = subprocess.Popen([*cmd, *args, "--out", str(cut)], env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(cut.glob("ckpt-*.pt"))) < 2:
+    while time.time() < deadline and len(list(cut.glob("ckpt-*[0-9]"))) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (cut / run.RESULTS).exists(), "the run finished before it was killed"
     subprocess.run([*cmd, *args, "--out", str(cut)], env=env, check=True)
-    a, b = _final(tmp_path / "whole"), _final(cut)
+    cfg = cfg_for(image_size=16)
+    a, b = _final(tmp_path / "whole", cfg), _final(cut, cfg)
     assert a["step"] == b["step"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

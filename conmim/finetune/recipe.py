@@ -17,13 +17,11 @@ from conmim.finetune.config import FinetuneConfig
 
 # ------------------------------------------------------------------------------------------- initialisation
 def read_pretraining_checkpoint(run_dir: Path, log) -> dict | None:
-    """The newest loadable checkpoint of a conmim-train run folder as ``{"student": sd, "teacher": sd, ...}``,
-    or None. Every read of a pretraining run goes through here (one line to change when the project's
-    checkpoint module replaces these two readers)."""
-    from conmim import fsdp
-    from conmim.train import load_latest
+    """The newest verified checkpoint of a conmim-train run folder as ``{"student": sd, "teacher": sd, ...}``,
+    or None. Every read of a pretraining run goes through here."""
+    from conmim.checkpoint import read_latest
 
-    return fsdp.load_latest_state_dict(run_dir, log) or load_latest(run_dir, log, action="initialising from")
+    return read_latest(run_dir, log, verb="initialising from")
 
 
 @dataclass(frozen=True)
@@ -233,8 +231,9 @@ def make_transforms(cfg: FinetuneConfig, image_size: int):
     from conmim.data.views import IMAGENET_MEAN, IMAGENET_STD
 
     _posterize_compat()
+    policy = None if cfg.auto_augment in (None, "none") else cfg.auto_augment
     train = create_transform(
-        image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip, auto_augment=cfg.auto_augment,
+        image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip, auto_augment=policy,
         interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     )  # fmt: skip

@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from conmim.finetune import config as cfgmod
+from conmim import config as cfgmod
+from conmim.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    checkpoints,
+    lock_run_folder,
+    rng_state,
+    set_rng_state,
+)
 from conmim.finetune.config import ConfigError, FinetuneConfig
 from conmim.finetune.data import _Seeded, class_subset, eval_loader, train_loader
 from conmim.finetune.recipe import (
@@ -39,6 +47,8 @@ from conmim.finetune.recipe import (
     peak_lr,
     resolve_init,
 )
+from conmim.metrics import Logger
+from conmim.parallel import ParallelError, dist_env, init_process_group, pick_device
 
 PROG = "conmim-finetune"
 RESULTS = "eval_finetune.json"
@@ -47,84 +57,7 @@ MACHINERY = ("out", "device", "num_workers", "eval_batch_size", "log_every", "ch
              "progress", "baseline")  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-class Checkpoints:
-    """``ckpt-e<epoch>-s<step>.pt`` files in the run folder, each written to a temporary file, flushed and
-    renamed into place (a kill leaves the previous one whole), the newest ``keep_last`` kept. Every read and
-    write of this run's checkpoints goes through here."""
-
-    GLOB = "ckpt-e*-s*.pt"
-
-    def __init__(self, out: Path, keep_last: int, log):
-        self.out, self.keep_last, self.log = out, keep_last, log
-
-    def found(self) -> list[Path]:
-        return sorted(self.out.glob(self.GLOB), key=lambda p: p.name, reverse=True)
-
-    def save(self, state: dict, epoch: int, step: int) -> Path:
-        from conmim._fs import unique_sibling
-
-        path = self.out / f"ckpt-e{epoch:04d}-s{step:08d}.pt"
-        tmp = unique_sibling(path)
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        for old in self.found()[self.keep_last :]:
-            old.unlink(missing_ok=True)
-        return path
-
-    def load_latest(self) -> dict | None:
-        """The newest checkpoint that loads (``weights_only=True``); one that does not is reported and skipped."""
-        for path in self.found():
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                if not isinstance(state, dict) or "model" not in state:
-                    raise ValueError("not a conmim-finetune checkpoint")
-                self.log(f"resuming from {path.name} (epoch {state['epoch']}, step {state['step']})")
-                return state
-            except Exception as exc:
-                self.log(f"checkpoint {path.name} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); "
-                         "trying the previous one")  # fmt: skip
-        return None
-
-
 # ------------------------------------------------------------------------------------------------------ logging
-class Logger:
-    """metrics.jsonl and TensorBoard (when installed) on rank 0; messages on stderr."""
-
-    def __init__(self, out: Path | None, rank: int):
-        self.rank, self.file, self.tb = rank, None, None
-        if rank == 0 and out is not None:
-            self.file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 (kept for the run)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tb"))
-            except Exception:
-                self.tb = None
-
-    def msg(self, text: str) -> None:
-        if self.rank == 0:
-            print(f"{PROG}: {text}", file=sys.stderr, flush=True)
-
-    def metrics(self, record: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        for f in (self.file, self.tb):
-            if f is not None:
-                f.close()
-
-
 def plot(out: Path) -> Path | None:
     """loss_curve.png: training loss per optimizer step, validation top-1 (right axis) after each epoch."""
     try:
@@ -167,16 +100,17 @@ class RunState:
     evals: list = field(default_factory=list)  # {"epoch", "step", "top1", "top5", "val_loss"} per epoch
 
     def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "evals": self.evals, "rng": rng}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "evals": self.evals,
+            "rng": rng_state(),
+        }
 
     def load_state_dict(self, s: dict) -> None:
         self.epoch, self.batch, self.step, self.evals = s["epoch"], s["batch"], s["step"], list(s["evals"])
-        torch.set_rng_state(s["rng"]["torch"])
-        if "cuda" in s["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(s["rng"]["cuda"])
+        set_rng_state(s["rng"])
 
 
 @dataclass
@@ -203,23 +137,10 @@ class Run:
     total_steps: int
     lr: float
     log: Logger | None = None
-    ckpt: Checkpoints | None = None
+    ckpt: CheckpointManager | None = None
     progress: object = None
+    lock: int | None = None  # the run folder's lock (rank 0), released when the run ends
     postfix: dict = field(default_factory=dict)  # what the progress bar shows after its count
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment (0, 1, 0 without it)."""
-    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-
-
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("device cuda was asked for but torch sees no GPU")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def build_run(
@@ -232,12 +153,6 @@ def build_run(
         raise ValueError("out is required: the run folder (config, metrics, checkpoints, results)")
     if cfg.data is None:
         raise ValueError("data is required: a folder with train/<class>/ and val/<class>/, or samples:mnist")
-    if cfg.warmup_epochs > cfg.epochs:
-        raise ValueError(f"warmup_epochs {cfg.warmup_epochs} exceeds epochs {cfg.epochs}")
-    if cfg.mixup + cfg.cutmix > 0 and cfg.batch_size % 2:
-        raise ValueError(
-            f"batch_size must be even with mixup/cutmix (it pairs a batch with its flip), got {cfg.batch_size}"
-        )
     tr, va = labelled_split(cfg.data)
     keep = class_subset(tr.labels, cfg.train_fraction, cfg.seed)
     files, labels = [tr.files[i] for i in keep], [tr.labels[i] for i in keep]
@@ -341,32 +256,28 @@ def validate(run: Run, state: RunState) -> None:
         run.progress.set_postfix(run.postfix)
 
 
+def _parts(run: Run) -> dict:
+    return {"model": run.net, "optimizer": (run.net, run.opt)}
+
+
 def checkpoint(run: Run, state: RunState) -> None:
-    if run.rank == 0:
-        blob = state.state_dict()
-        blob.update(model=run.net.state_dict(), optimizer=run.opt.state_dict())
-        run.ckpt.save(blob, state.epoch, state.step)
-    if run.world > 1:
-        torch.distributed.barrier()
+    """Every rank: the weights, the optimizer and the run state as one verified checkpoint (conmim.checkpoint)."""
+    run.ckpt.save(_parts(run), state.state_dict(), state.epoch, state.step, epoch_end=state.batch == 0)
 
 
 def restore(run: Run, state: RunState) -> None:
-    saved = run.ckpt.load_latest()
-    if saved is None:
-        return
-    run.net.load_state_dict(saved["model"])
-    run.opt.load_state_dict(saved["optimizer"])
-    state.load_state_dict(saved)
+    """The newest verified checkpoint of the run folder, if any, into the network, the optimizer and ``state``."""
+    saved = run.ckpt.load_latest(_parts(run))
+    if saved is not None:
+        state.load_state_dict(saved)
 
 
 def check_compatible(out: Path, cfg: FinetuneConfig) -> None:
     """Refuse a run folder holding checkpoints of another configuration (reads only)."""
     saved = out / "config.yaml"
-    if not saved.exists() or not any(out.glob(Checkpoints.GLOB)):
+    if not saved.exists() or not checkpoints(out):
         return
-    import yaml
-
-    old = yaml.safe_load(saved.read_text()) or {}
+    old = cfgmod.read_file(saved)
     diff = [k for k, v in cfg.to_dict().items() if k not in MACHINERY and old.get(k) != v]
     if diff:
         what = ", ".join(f"{k}: {old.get(k)!r} there vs {getattr(cfg, k)!r} here" for k in diff)
@@ -435,19 +346,19 @@ def _loop(run: Run) -> dict:
 
 
 def _start(cfg: FinetuneConfig, init: Init | None = None) -> Run:
+    """Build (validating everything), then, and only then, lock and write to the run folder."""
     rank, world, local_rank = dist_env()
     device = pick_device(cfg.device, local_rank)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    init_process_group(device)
     run = build_run(cfg, rank, world, device, init)
     check_compatible(run.out, cfg)
     if rank == 0:
-        run.out.mkdir(parents=True, exist_ok=True)
+        run.lock = lock_run_folder(run.out)
         cfgmod.dump(cfg, run.out / "config.yaml")
     if world > 1:
         torch.distributed.barrier()
-    run.log = Logger(run.out, rank)
-    run.ckpt = Checkpoints(run.out, cfg.keep_last, run.log.msg)
+    run.log = Logger(run.out, rank, PROG)
+    run.ckpt = CheckpointManager(run.out, cfg.keep_last, 0, run.log.msg)
     return run
 
 
@@ -463,6 +374,8 @@ def train(cfg: FinetuneConfig, init: Init | None = None) -> dict:
         if run.progress is not None:
             run.progress.close()
         run.log.close()
+        if run.lock is not None:
+            os.close(run.lock)
     if cfg.baseline:
         scratch = train(
             dataclasses.replace(cfg, init="none", out=str(run.out / "scratch"), baseline=False),
@@ -481,11 +394,18 @@ def _percent(v) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
+def parser():
+    """conmim-finetune's argparse, generated from :class:`FinetuneConfig`'s fields."""
+    doc = __doc__.split("\n\n")
+    return cfgmod.parser(FinetuneConfig, PROG, doc[0], "\n\n".join(doc[1:]))
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = vars(parser().parse_args(sys.argv[1:] if argv is None else argv))
     try:
-        cfg = cfgmod.parse_args(FinetuneConfig, PROG, argv, __doc__)
+        cfg = cfgmod.resolve(FinetuneConfig, args.pop("config", None), args)
         res = train(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, KeyError, CheckpointError, ParallelError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     finally:
