@@ -388,3 +388,23 @@ def test_kill_minus_9_then_resume_matches(folder, tmp_path):
     assert a["step"] == b["step"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun(folder, tmp_path):
+    """DDP on gloo: 2 ranks with gradient accumulation run to the end; each epoch has the steps of the global
+    batch, and the ranks' validation shares add up to every image once."""
+    out = tmp_path / "ddp"
+    args = ["--init", "none", "--model", "vit_tiny_demo", "--image_size", "16", "--data", str(folder),
+            "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "2", "--accum_steps", "2", "--num_workers",
+            "0", "--precision", "fp32", "--progress", "false", "--out", str(out)]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run([*cmd, "-m", "conmim.finetune", *args], env=env, check=True, timeout=300)
+    res = json.loads((out / run.RESULTS).read_text())
+    assert res["epochs"] == 2 and 0 <= res["top1"] <= res["top5"] <= 1
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # 24 images / (2 per micro-batch x 2 micro-batches x 2 ranks) = 3 steps per epoch
+    assert max(r["step"] for r in rows) == 6
+    top1 = [r["top1"] for r in rows if "top1" in r]
+    assert all(abs(t * 12 - round(t * 12)) < 1e-9 for t in top1)  # counts over all 12 validation images
