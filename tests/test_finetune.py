@@ -340,6 +340,22 @@ def test_cli_run_folder_results_and_baseline(folder, tmp_path, capsys):
     assert "fine-tuned top-1" in capsys.readouterr().out
 
 
+def test_grad_checkpointing_and_bf16(folder, tmp_path):
+    cfg = cfg_for(data=str(folder), out=str(tmp_path / "x"), drop_path=0.0, grad_checkpointing=True)
+    r = run.build_run(dataclasses.replace(cfg, precision="bf16"), 0, 1, torch.device("cpu"))
+    assert r.net.grad_checkpointing and r.autocast.fast_dtype == torch.bfloat16
+    assert not (tmp_path / "x").exists()
+    plain = tiny_classifier(dataclasses.replace(cfg, grad_checkpointing=False), num_classes=3)
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    for net in (r.net, plain):
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    for (name, a), b in zip(r.net.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    with r.autocast:
+        out = r.net(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
 def test_bad_input_writes_nothing(folder, tmp_path, capsys):
     out = tmp_path / "never"
     base = [
@@ -408,3 +424,16 @@ def test_two_ranks_under_torchrun(folder, tmp_path):
     assert max(r["step"] for r in rows) == 6
     top1 = [r["top1"] for r in rows if "top1" in r]
     assert all(abs(t * 12 - round(t * 12)) < 1e-9 for t in top1)  # counts over all 12 validation images
+
+
+def test_demo_benchmark_commands_are_valid_configs():
+    from benchmarks.finetune_demo import finetune_command
+
+    for init in ("runs/tiny_demo", "none"):
+        cmd = finetune_command(init, 1, Path("out"))
+        assert cmd[0] == "conmim-finetune"
+        args = vars(run.parser().parse_args(cmd[1:]))
+        cfg = cfgmod.resolve(FinetuneConfig, args.pop("config"), args)
+        assert cfg.seed == 1 and cfg.train_fraction == 0.1 and cfg.data == "samples:mnist"
+        if init == "none":
+            assert recipe.resolve_init(cfg).kwargs["img_size"] == 32
