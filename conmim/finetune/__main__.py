@@ -1,0 +1,5 @@
+import sys
+
+from conmim.finetune.run import main
+
+sys.exit(main())
