@@ -11,7 +11,6 @@ import conmim
 from conmim import evaluate as E
 from conmim import models as M
 from conmim._validate import check_vit_backbone
-from tests.conftest import tiny
 
 OFFICIAL = ["beit_small_conmim", "beit_base_conmim", "beit_large_conmim"]
 # (embed_dim, depth, heads, layer scale) of the official conmim_{small,base,large}_patch16_224
@@ -20,6 +19,16 @@ SIZES = {
     "beit_base_conmim": (768, 12, 12, 0.1),
     "beit_large_conmim": (1024, 24, 16, 1e-5),
 }
+
+
+def train_config(digits, out, **kw):
+    """conmim-train's tiny_demo preset on the 32-digit folder, small and quiet, with ``kw`` on top."""
+    from conmim import config as cfgmod
+
+    over = dict(data=str(digits), out=str(out), batch_size=8, epochs=1, num_workers=0, loader="torch")
+    over.update(progress=False, log_every=1, head_hidden=64, head_out=32, warmup_epochs=0.0, eval_every=0)
+    over.update(kw)
+    return cfgmod.resolve(cfgmod.TrainConfig, "tiny_demo", over)
 
 
 def _tiny(seed=0):
@@ -163,15 +172,16 @@ def test_train_and_export_beit(digits, tmp_path, capsys):
 
     from conmim import export as X
     from conmim import train as T
+    from conmim.checkpoint import read_latest
 
     out = tmp_path / "run"
-    T.train(tiny(digits, out, model="beit_tiny_demo", epochs=1, max_steps=3))
+    T.train(train_config(digits, out, model="beit_tiny_demo", max_steps=3))
     assert X.main([str(out), "--out", str(tmp_path / "b.safetensors")]) == 0
     call = capsys.readouterr().out.splitlines()[-1].removeprefix("load it with: ")
     meta = json.loads((tmp_path / "b.safetensors.json").read_text())
     assert meta["timm_model"] == "beit_base_patch16_224" and meta["kwargs"]["use_shared_rel_pos_bias"] is True
     model = eval(call, {"timm": timm}).eval()
-    state = torch.load(T.checkpoints(out)[0], weights_only=True)["teacher"]
+    state = read_latest(out)["teacher"]
     enc = M.build_encoder("beit_tiny_demo", 64, 32)
     enc.load_state_dict(state)
     x = torch.randn(2, 3, 32, 32)
