@@ -19,8 +19,10 @@ Two backbone families:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -256,3 +258,241 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
         or name.endswith(".bias")
         or any(k in name for k in ("cls_token", "mask_token", "pos_embed"))
     )
+
+
+# ------------------------------------------------------------------------------------ starting from weights
+@dataclasses.dataclass
+class InitReport:
+    """What :func:`init_from` did. Keys are the backbone's (timm's) parameter names."""
+
+    source: str
+    loaded: list[str]
+    missing: list[str]  # the backbone's keys the source lacks: left at their fresh initialisation
+    unexpected: list[str]  # the source's keys the backbone has no place for (or not that shape): ignored
+    resampled: list[str]  # loaded after resampling to this backbone's grid (position tables, patch embedding)
+    fresh: list[str]  # parts of the source deliberately not used (its mask token and projection head)
+
+    def lines(self) -> list[str]:
+        """The report, one line per list: what was loaded, then missing, unexpected, resampled keys."""
+        out = [
+            f"init_from {self.source}: {len(self.loaded)} backbone tensors loaded; mask token and head fresh"
+        ]
+        for label, keys in (
+            ("missing (kept fresh)", self.missing),
+            ("unexpected (ignored)", self.unexpected),
+            ("resampled to this image size", self.resampled),
+        ):
+            out.append(f"init_from {label}: " + (", ".join(keys) if keys else "none"))
+        return out
+
+
+_WRAPPERS = ("model", "module", "state_dict", "model_ema")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def read_weights(path) -> dict:
+    """A weights file as a dict: safetensors, or a torch pickle read with ``weights_only=True`` (tensors,
+    containers and, for the official ConMIM checkpoints, ``argparse.Namespace``; nothing else is unpickled)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    import argparse
+
+    # official checkpoints pickle their argparse.Namespace; nothing else but tensors and containers is allowed
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{str(path)!r} holds objects other than tensors, containers and argparse.Namespace, which are not "
+            f"unpickled ({first})"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"init_from: {str(path)!r} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _timm_weights(name: str, file) -> dict:
+    """The state dict of timm model ``name`` from local weights only: ``file`` (timm's
+    ``pretrained_cfg_overlay=dict(file=...)``, converted by the model's own checkpoint filter) or the Hub cache."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if file is None:
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = get_pretrained_cfg(name)
+        repo = cfg.hf_hub_id if cfg is not None else None
+        if repo is None:
+            raise FileNotFoundError(
+                f"init_from: timm model {name!r} names no Hub weights; pass its weights file (file=...)"
+            )
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        found = [try_to_load_from_cache(repo, n) for n in names]
+        file = next((f for f in found if isinstance(f, str)), None)
+        if file is None:
+            raise FileNotFoundError(
+                f"init_from: the weights of timm model {name!r} ({repo}) are not in the local Hub cache; "
+                f"download them first or pass a weights file"
+            )
+    if not Path(file).is_file():
+        raise FileNotFoundError(f"init_from: weights file {str(file)!r} does not exist")
+    model = timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), num_classes=0
+    )
+    return model.state_dict()
+
+
+def _source_state(source, file, which: str, log) -> tuple[dict, str]:
+    """(a state dict, as found, and a description) from any supported source."""
+    from collections.abc import Mapping
+
+    if isinstance(source, Mapping):
+        state, what = dict(source), "a state dict"
+    elif isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            from conmim.checkpoint import read_latest
+
+            state = read_latest(path, log)
+            if state is None:
+                raise FileNotFoundError(
+                    f"init_from: run folder {str(path)!r} holds no checkpoint that verifies"
+                )
+            what = f"run {str(path)!r}"
+        elif path.is_file():
+            state, what = read_weights(path), repr(str(path))
+        elif isinstance(source, str) and _is_timm_name(source):
+            return _timm_weights(source, file), f"timm {source!r}"
+        else:
+            raise FileNotFoundError(
+                f"init_from must be a weights file (.safetensors, .pth), a conmim run folder or a timm model "
+                f"name, got {str(source)!r} (no such file, folder or timm model)"
+            )
+    else:
+        raise TypeError(
+            f"init_from source must be a path, a timm model name or a state dict, got {type(source).__name__}"
+        )
+    if "student" in state and "teacher" in state:  # a conmim run's checkpoint: one of its two networks
+        if which not in ("student", "teacher"):
+            raise ValueError(f"which must be 'student' or 'teacher', got {which!r}")
+        state, what = state[which], f"{what} ({which})"
+    for key in _WRAPPERS:
+        if key in state and isinstance(state[key], Mapping):
+            state = state[key]
+            break
+    return {_strip_prefixes(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}, what
+
+
+def _has_owner(module: nn.Module, key: str) -> bool:
+    owner, _, leaf = key.rpartition(".")
+    try:
+        return getattr(module.get_submodule(owner), leaf, None) is not None
+    except AttributeError:
+        return False
+
+
+def _is_timm_name(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
+
+
+def _adapt_rel_pos_layout(state: dict, backbone: nn.Module) -> dict:
+    """A shared relative position table (the pretraining layout) copied into each block where the backbone has
+    per-block tables (the fine-tuning layout), as the official fine-tuning does."""
+    shared = "rel_pos_bias.relative_position_bias_table"
+    per_block = [
+        f"blocks.{i}.attn.relative_position_bias_table"
+        for i, b in enumerate(getattr(backbone, "blocks", ()))
+        if getattr(getattr(b, "attn", None), "relative_position_bias_table", None) is not None
+    ]
+    if shared in state and per_block and getattr(backbone, "rel_pos_bias", None) is None:
+        table = state.pop(shared)
+        for key in per_block:
+            state.setdefault(key, table.clone())
+    return state
+
+
+_FILTERS = {"vit": "timm.models.vision_transformer", "beit": "timm.models.beit"}
+
+
+def init_from(encoder: ConMIMEncoder, source, *, file=None, which: str = "teacher", log=None) -> InitReport:
+    """Load existing weights into ``encoder``'s backbone (in place); the mask token and projection head keep
+    their fresh initialisation. Call it on the student before the teacher is made from it.
+
+    Args:
+        encoder: a :class:`ConMIMEncoder` (ViT or Beit).
+        source: one of
+            - a ``.safetensors`` file (a timm state dict, a ``conmim-export`` or ``conmim-import`` output, or a
+              ConMIMEncoder state dict, whose ``backbone.*`` entries are used);
+            - a ``.pth`` / ``.pt`` / ``.bin`` file, read with ``weights_only=True`` (``{'model': ...}``,
+              ``{'module': ...}`` and ``{'state_dict': ...}`` wrappers are unwrapped);
+            - a conmim-train run folder: its newest verified checkpoint's ``which`` network;
+            - a timm model name (``"vit_base_patch16_224.mae"``) whose weights are in the local Hub cache, or in
+              ``file`` (given to timm as ``pretrained_cfg_overlay=dict(file=file)``); nothing is downloaded;
+            - a state dict (a mapping of tensors, or a run checkpoint's ``{"student": ..., "teacher": ...}``).
+        file: the weights file of a timm model name ``source``.
+        which: "teacher" (default, the network ConMIM fine-tunes) or "student", for run folders and checkpoints.
+        log: called with each line of the report (default: nothing).
+
+    Position embeddings, relative position tables and patch embeddings are resampled to the encoder's grid when
+    the image or patch size differs (timm's checkpoint filter of the backbone's family: ``resample_abs_pos_embed``,
+    ``resize_rel_pos_bias_table``, ``resample_patch_embed``); a shared relative position table fills per-block
+    tables. Keys the backbone lacks and keys the source lacks are reported, never an error; a source with no
+    usable key at all is a ValueError.
+    """
+    import importlib
+
+    if not isinstance(encoder, ConMIMEncoder):
+        raise TypeError(f"encoder must be a ConMIMEncoder, got {type(encoder).__name__}")
+    log = log or (lambda line: None)
+    state, what = _source_state(source, file, which, log)
+    fresh = []
+    if any(k.startswith("backbone.") for k in state):
+        fresh = sorted(k for k in state if not k.startswith("backbone."))
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    backbone = encoder.backbone
+    state = _adapt_rel_pos_layout(state, backbone)
+    # keys whose owner this backbone lacks (an absolute position embedding, per-block tables) go straight to the
+    # report: timm's filters look their owners up to resample them
+    homeless = {k: v for k, v in state.items() if not _has_owner(backbone, k)}
+    state = {k: v for k, v in state.items() if k not in homeless}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    filt = importlib.import_module(_FILTERS[encoder.family]).checkpoint_filter_fn
+    state = {**filt(state, backbone), **homeless}
+    target = backbone.state_dict()
+    usable = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
+    if not usable:
+        raise ValueError(
+            f"init_from: {what} holds no tensor this {type(backbone).__name__} can use "
+            f"(e.g. {', '.join(sorted(state)[:3]) or 'nothing'}); is it a {encoder.family} state dict?"
+        )
+    unexpected = sorted(
+        k if k not in target else f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
+        for k, v in state.items()
+        if k not in usable
+    )
+    missing = sorted(k for k in target if k not in usable)
+    resampled = sorted(k for k in usable if k in shapes and shapes[k] != tuple(usable[k].shape))
+    with torch.no_grad():
+        backbone.load_state_dict(usable, strict=False)
+    report = InitReport(what, sorted(usable), missing, unexpected, resampled, fresh)
+    for line in report.lines():
+        log(line)
+    return report

@@ -187,3 +187,10 @@ def test_train_and_export_beit(digits, tmp_path, capsys):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), enc.eval().features(x), rtol=0, atol=0)
+    # the run folder as a starting point: its teacher's backbone, the mask token and head fresh
+    fresh = M.build_encoder("beit_tiny_demo", 64, 32)
+    report = M.init_from(fresh, out)
+    assert report.missing == [] and report.unexpected == [] and "(teacher)" in report.source
+    for k, v in fresh.backbone.state_dict().items():
+        assert torch.equal(v, enc.backbone.state_dict()[k]), k
+    assert not torch.equal(fresh.mask_token, enc.mask_token)
