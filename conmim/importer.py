@@ -170,13 +170,29 @@ def _encoder_spec(arch: dict, sd: dict) -> dict:
     return {"model": name, "head_hidden": hidden, "head_out": out, "kwargs": overrides}
 
 
-def _load_call(timm_name: str, kwargs: dict, path: Path, num_classes: int) -> str:
+def normalisation(args: argparse.Namespace | None) -> tuple[tuple, tuple]:
+    """(mean, std) the official network was trained with: ImageNet's with --imagenet_default_mean_and_std (the
+    README's ViT-L and fine-tuning commands, assumed when there are no args), else the script default 0.5."""
+    from timm.data import (
+        IMAGENET_DEFAULT_MEAN,
+        IMAGENET_DEFAULT_STD,
+        IMAGENET_INCEPTION_MEAN,
+        IMAGENET_INCEPTION_STD,
+    )
+
+    if args is None or getattr(args, "imagenet_default_mean_and_std", True):
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    return tuple(IMAGENET_INCEPTION_MEAN), tuple(IMAGENET_INCEPTION_STD)
+
+
+def _load_call(timm_name: str, kwargs: dict, path: Path, num_classes: int, norm: tuple) -> str:
+    overlay = [f"file={str(path)!r}", f"mean={norm[0]!r}", f"std={norm[1]!r}"]
+    if num_classes:  # timm drops a classifier whose size differs from its pretrained config's
+        overlay.append(f"num_classes={num_classes}")
     args = [
         repr(timm_name),
         "pretrained=True",
-        # timm drops a classifier whose size differs from its pretrained config's: the overlay says it matches
-        f"pretrained_cfg_overlay=dict(file={str(path)!r}"
-        + (f", num_classes={num_classes})" if num_classes else ")"),
+        f"pretrained_cfg_overlay=dict({', '.join(overlay)})",
         f"num_classes={num_classes}",
         *(f"{k}={v!r}" for k, v in kwargs.items()),
     ]
@@ -212,7 +228,8 @@ def import_checkpoint(src, out) -> dict:
         write_atomic(str(enc_path) + ".json", json.dumps({**spec, "which": which, "epoch": epoch}, indent=1))
     write_atomic(out, save(timm_sd, metadata={"format": "pt", "source": origin}))
     meta = {"timm_model": _timm_name(arch), "kwargs": kwargs, "step": None, "which": which, "epoch": epoch}
-    meta["load"] = _load_call(meta["timm_model"], kwargs, out, num_classes)
+    meta["mean"], meta["std"] = normalisation(args)
+    meta["load"] = _load_call(meta["timm_model"], kwargs, out, num_classes, (meta["mean"], meta["std"]))
     write_atomic(str(out) + ".json", json.dumps(meta, indent=1))
     return {**meta, "encoder": str(enc_path) if enc_path else None, "dropped": dropped}
 

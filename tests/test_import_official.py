@@ -149,7 +149,13 @@ def official_finetuned_logits(sd, images):
 
 
 def _args(**kw):
-    return argparse.Namespace(model="conmim_base_patch16_224", input_size=S, layer_scale_init_value=0.1, **kw)
+    return argparse.Namespace(
+        model="conmim_base_patch16_224",
+        input_size=S,
+        layer_scale_init_value=0.1,
+        imagenet_default_mean_and_std=False,
+        **kw,
+    )
 
 
 def _save(path, sd, epoch=299):
@@ -216,6 +222,7 @@ def test_timm_file_and_export_round_trip_give_the_official_tokens(tmp_path, imag
     meta = I.import_checkpoint(_save(tmp_path / "checkpoint_copy-9.pth", sd), tmp_path / "t.safetensors")
     want = _ln(official_tokens(sd, x), sd["norm.weight"], sd["norm.bias"])
     model = eval(meta["load"], {"timm": timm}).eval()
+    assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)  # the script's default normalisation (no flag)
     assert model.rel_pos_bias is None and model.blocks[1].attn.relative_position_bias_table is not None
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), want, rtol=1e-5, atol=1e-5)
@@ -245,6 +252,7 @@ def test_finetuned_model_gives_the_official_logits(tmp_path, images, wrapper):
     meta = I.import_checkpoint(tmp_path / "conmim_ft.pth", tmp_path / "ft.safetensors")
     assert meta["which"] == "fine-tuned" and meta["encoder"] is None and "num_classes=5" in meta["load"]
     model = eval(meta["load"], {"timm": timm}).eval()
+    assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)  # the README's fine-tuning command's
     with torch.no_grad():
         torch.testing.assert_close(model(x), official_finetuned_logits(sd, x), rtol=1e-5, atol=1e-5)
 
