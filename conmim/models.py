@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -415,7 +416,8 @@ def _is_timm_name(name: str) -> bool:
 
 def _adapt_rel_pos_layout(state: dict, backbone: nn.Module) -> dict:
     """A shared relative position table (the pretraining layout) copied into each block where the backbone has
-    per-block tables (the fine-tuning layout), as the official fine-tuning does."""
+    per-block tables (the fine-tuning layout), as the official fine-tuning does; per-block tables that are all
+    equal become the shared table of a shared-layout backbone."""
     shared = "rel_pos_bias.relative_position_bias_table"
     per_block = [
         f"blocks.{i}.attn.relative_position_bias_table"
@@ -426,6 +428,14 @@ def _adapt_rel_pos_layout(state: dict, backbone: nn.Module) -> dict:
         table = state.pop(shared)
         for key in per_block:
             state.setdefault(key, table.clone())
+    # the reverse (a conmim-import timm file into the shared layout) only where every block holds the same table
+    theirs = [k for k in state if re.fullmatch(r"blocks\.\d+\.attn\.relative_position_bias_table", k)]
+    has_shared = getattr(backbone, "rel_pos_bias", None) is not None
+    same = bool(theirs) and all(torch.equal(state[k], state[theirs[0]]) for k in theirs)
+    if same and has_shared and not per_block and shared not in state:
+        state[shared] = state[theirs[0]]
+        for k in theirs:
+            del state[k]
     return state
 
 

@@ -230,6 +230,13 @@ def test_timm_file_and_export_round_trip_give_the_official_tokens(tmp_path, imag
     assert set(saved) >= {"timm_model", "kwargs", "step", "which", "load"} and saved["load"] == meta["load"]
 
     enc = _encoder(meta["encoder"] + ".json")
+    from_timm_file = M.init_from(
+        enc, tmp_path / "t.safetensors"
+    )  # per-block copies back into the shared table
+    assert from_timm_file.missing == [] and from_timm_file.unexpected == []
+    with torch.no_grad():
+        torch.testing.assert_close(enc.eval().features(x), want, rtol=1e-5, atol=1e-5)
+    enc = _encoder(meta["encoder"] + ".json")
     report = M.init_from(enc, meta["encoder"])
     assert report.missing == [] and report.unexpected == []
     spec = _json(meta["encoder"] + ".json")
