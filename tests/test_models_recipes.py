@@ -49,13 +49,14 @@ def test_batch_note():
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(R.PRESETS))
 def test_twenty_steps_of_each_presets_network(preset, digits, tmp_path):
-    """The preset's network and optimiser settings at a CPU size: 64 px images of 8 px patches, 8 images a step."""
+    """The preset's network, masking and optimiser settings at a CPU size: 32 px images of 8 px patches (a 4 x 4
+    grid), one image a step, so that the 20 steps end inside the first epoch (one checkpoint, at the end)."""
     from conmim import train as T
     from conmim.checkpoint import read_latest
 
-    over = dict(data=str(digits), out=str(tmp_path / "run"), image_size=64, patch_size=8, batch_size=8)
+    over = dict(data=str(digits), out=str(tmp_path / "run"), image_size=32, patch_size=8, batch_size=1)
     over.update(head_hidden=64, head_out=32, max_steps=20, precision="fp32", num_workers=0, loader="torch")
-    over.update(progress=False, log_every=5, eval_every=0, epochs=1000, warmup_epochs=0.01)
+    over.update(progress=False, log_every=5, eval_every=0, warmup_epochs=0.1)
     cfg = cfgmod.resolve(cfgmod.TrainConfig, preset, over)
     T.train(cfg)
     state = read_latest(tmp_path / "run")
