@@ -310,8 +310,6 @@ def read_weights(path) -> dict:
 
         return load_file(str(path))
     import argparse
-
-    # official checkpoints pickle their argparse.Namespace; nothing else but tensors and containers is allowed
     import pickle
 
     try:
@@ -324,7 +322,7 @@ def read_weights(path) -> dict:
             f"unpickled ({first})"
         ) from None
     if not isinstance(state, dict):
-        raise ValueError(f"init_from: {str(path)!r} holds a {type(state).__name__}, not a state dict")
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
     return state
 
 
@@ -390,8 +388,6 @@ def _source_state(source, file, which: str, log) -> tuple[dict, str]:
             f"init_from source must be a path, a timm model name or a state dict, got {type(source).__name__}"
         )
     if "student" in state and "teacher" in state:  # a conmim run's checkpoint: one of its two networks
-        if which not in ("student", "teacher"):
-            raise ValueError(f"which must be 'student' or 'teacher', got {which!r}")
         state, what = state[which], f"{what} ({which})"
     for key in _WRAPPERS:
         if key in state and isinstance(state[key], Mapping):
@@ -471,6 +467,8 @@ def init_from(encoder: ConMIMEncoder, source, *, file=None, which: str = "teache
 
     if not isinstance(encoder, ConMIMEncoder):
         raise TypeError(f"encoder must be a ConMIMEncoder, got {type(encoder).__name__}")
+    if which not in ("student", "teacher"):
+        raise ValueError(f"which must be 'student' or 'teacher', got {which!r}")
     log = log or (lambda line: None)
     state, what = _source_state(source, file, which, log)
     fresh = []

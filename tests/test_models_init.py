@@ -156,3 +156,5 @@ def test_bad_sources(tmp_path):
         init_from(enc, {"foo.weight": torch.zeros(2)})
     with pytest.raises(TypeError, match="ConMIMEncoder"):
         init_from(enc.backbone, {})
+    with pytest.raises(ValueError, match="which must be"):
+        init_from(enc, {}, which="ema")
