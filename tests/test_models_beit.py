@@ -165,6 +165,7 @@ def test_knn_monitor_on_beit(labelled_digits):
     assert got == pytest.approx(E.knn_top1(ftr, torch.tensor(tr.labels), fva, torch.tensor(va.labels)), abs=0)
 
 
+@pytest.mark.slow
 def test_train_and_export_beit(digits, tmp_path, capsys):
     """conmim-train on the Beit demo model, then conmim-export: the printed timm call builds a Beit that gives
     the teacher's backbone tokens."""
@@ -221,6 +222,7 @@ print("sharded ok")
 """
 
 
+@pytest.mark.slow
 def test_sharded_with_checkpointed_blocks():
     """FSDP2 on a one-rank gloo group (in a subprocess: a process group per test process) with activation
     checkpointing: the shared table's gradient equals the unsharded one, and the gathered teacher computes."""
