@@ -131,7 +131,11 @@ NO_KEY = [
         "min 16 patches per block, aspect 0.3-3.3, 10 tries",
         "block_masks defaults (equal)",
     ),
-    ("schedules", "per-step LR (linear warm-up from 0, cosine) and momentum", "per step (equal)"),
+    (
+        "schedules",
+        "per step; warm-up linspace(0, lr, W) reaches lr at step W - 1; then cosine to min_lr; momentum cosine",
+        "per step; warm-up lr x step / W reaches lr at step W (slope 1/W lower); cosine and momentum equal",
+    ),
     ("unused parts", "lm_head (8192-way BEiT head), --second_input_size 112 (tokenizer input)", "not built"),
 ]
 
