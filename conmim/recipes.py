@@ -134,7 +134,7 @@ NO_KEY = [
     (
         "schedules",
         "per step; warm-up linspace(0, lr, W) reaches lr at step W - 1; then cosine to min_lr; momentum cosine",
-        "per step; warm-up lr x step / W reaches lr at step W (slope 1/W lower); cosine and momentum equal",
+        "per step; warm-up lr x step / W reaches lr at step W (slope lr / W, not lr / (W - 1)); cosine and momentum equal",
     ),
     ("unused parts", "lm_head (8192-way BEiT head), --second_input_size 112 (tokenizer input)", "not built"),
 ]
