@@ -166,9 +166,9 @@ def test_knn_monitor_on_beit(labelled_digits):
 
 
 @pytest.mark.slow
-def test_train_and_export_beit(digits, tmp_path, capsys):
+def test_train_and_export_beit(digits, labelled_digits, tmp_path, capsys):
     """conmim-train on the Beit demo model, then conmim-export: the printed timm call builds a Beit that gives
-    the teacher's backbone tokens."""
+    the teacher's backbone tokens; conmim-eval reads the run and the exported file alike."""
     import timm
 
     from conmim import export as X
@@ -188,6 +188,9 @@ def test_train_and_export_beit(digits, tmp_path, capsys):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), enc.eval().features(x), rtol=0, atol=0)
+    from_run = E.evaluate("knn", str(out), str(labelled_digits))
+    assert 0.0 <= from_run <= 1.0
+    assert E.evaluate("knn", str(tmp_path / "b.safetensors"), str(labelled_digits)) == from_run
     # the run folder as a starting point: its teacher's backbone, the mask token and head fresh
     fresh = M.build_encoder("beit_tiny_demo", 64, 32)
     report = M.init_from(fresh, out)
