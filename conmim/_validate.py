@@ -178,19 +178,41 @@ def check_tensor_lists(teacher, student) -> None:
             )
 
 
-_VIT_PARTS = ("patch_embed", "_pos_embed", "blocks", "norm", "embed_dim")
+# The parts each backbone family's forward uses (conmim.models runs them in order): a timm VisionTransformer
+# (learned absolute position embedding via ``_pos_embed``) or a timm Beit (relative position bias, shared or per
+# block, optional absolute position embedding), the layout the paper's official code trains.
+BACKBONE_PARTS = {
+    "vit": ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "embed_dim"),
+    "beit": (
+        "patch_embed",
+        "cls_token",
+        "pos_embed",
+        "pos_drop",
+        "rel_pos_bias",
+        "blocks",
+        "norm",
+        "embed_dim",
+    ),
+}
 
 
-def check_vit_backbone(backbone) -> None:
-    """A timm VisionTransformer (or a model with its parts), whose patch embeddings can be masked."""
+def check_vit_backbone(backbone) -> str:
+    """A timm VisionTransformer or Beit (or a model with its parts), whose patch embeddings can be masked.
+    Returns the family, "vit" or "beit"."""
     if not isinstance(backbone, torch.nn.Module):
-        raise TypeError(f"backbone must be a timm ViT (torch.nn.Module), got {type(backbone).__name__}")
-    missing = [a for a in _VIT_PARTS if not hasattr(backbone, a)]
-    if missing:
         raise TypeError(
-            f"backbone must be a timm VisionTransformer (e.g. timm.create_model('vit_small_patch16_224')); "
-            f"{type(backbone).__name__} has no {', '.join(missing)}"
+            f"backbone must be a timm ViT or Beit (torch.nn.Module), got {type(backbone).__name__}"
         )
+    missing = {}
+    for family, parts in BACKBONE_PARTS.items():
+        missing[family] = [a for a in parts if not hasattr(backbone, a)]
+        if not missing[family]:
+            return family
+    raise TypeError(
+        f"backbone must be a timm VisionTransformer or Beit (e.g. timm.create_model('vit_small_patch16_224') or "
+        f"conmim.models.create_backbone('beit_base_conmim')); {type(backbone).__name__} has no "
+        f"{', '.join(missing['vit'])} (VisionTransformer) and no {', '.join(missing['beit'])} (Beit)"
+    )
 
 
 def check_patch_mask(mask, images: torch.Tensor, batch: int, patches: int) -> None:
