@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from conmim._fs import write_atomic
-from conmim.data import LOADERS, MASKS
+from conmim.data import LOADERS, MASKS, SCANS, ViewConfig
 from conmim.models import MODELS
 from conmim.parallel import DEVICES, PRECISIONS, STRATEGIES
 
@@ -77,7 +77,12 @@ class TrainConfig:
     patch_size: int = option(16, "ViT patch side in pixels (image_size must be a multiple)", check=_POSITIVE_INT, arch=True)  # fmt: skip
     head_hidden: int = option(4096, "hidden width of the projection head", check=_POSITIVE_INT, arch=True)
     head_out: int = option(256, "output width of the projection head (the loss's feature size)", check=_POSITIVE_INT, arch=True)  # fmt: skip
-    data: str | None = option(None, "an image folder, or samples:photos / samples:mnist (bundled, built on first use)")  # fmt: skip
+    in_chans: int = option(3, "image channels: 3 RGB, 1 grayscale (every image reduced to one channel)", choices=(1, 3), arch=True)  # fmt: skip
+    init_from: str | None = option(None, "start the backbone (student, so the teacher too) from existing weights: a .safetensors/.pth file, a conmim run folder (its teacher), a conmim-import output, or a timm model name whose weights are in the local Hub cache; mask token and projection head stay fresh")  # fmt: skip
+    data: str | None = option(None, "an image folder, a text file listing image paths, tar shards (DIR/*.tar or shards-{000000..000099}.tar), or samples:photos / samples:mnist (bundled, built on first use)")  # fmt: skip
+    scan: str = option("content", "how data files are checked before training: content re-reads and digests every file and decodes new or changed ones; stat trusts size/mtime/ctime on a warm index; off checks nothing (trusted data: a bad file stops the run)", choices=SCANS)  # fmt: skip
+    mean: list[float] | None = option(None, "per-channel mean of [0, 1] pixels (unset: ImageNet's for 3 channels, 0.5 for 1)")  # fmt: skip
+    std: list[float] | None = option(None, "per-channel std of [0, 1] pixels (unset: ImageNet's for 3 channels, 0.25 for 1)")  # fmt: skip
     out: str = option("runs/conmim", "run folder: config, checkpoints, metrics.jsonl, loss_curve.png")
     loader: str = option("auto", "data loader", choices=LOADERS)
     num_workers: int = option(
@@ -141,6 +146,14 @@ class TrainConfig:
         if self.data is None:
             raise ConfigError(
                 "config key 'data' is required: an image folder, samples:photos or samples:mnist"
+            )
+        try:
+            ViewConfig(image_size=self.image_size, channels=self.in_chans, mean=self.mean, std=self.std)
+        except ValueError as exc:
+            raise ConfigError(f"config keys in_chans/mean/std: {exc}") from None
+        if self.eval_every and self.in_chans != 3:
+            raise ConfigError(
+                "eval_every (the k-NN monitor) needs in_chans 3: it reads its labelled set as RGB"
             )
 
 
@@ -210,6 +223,11 @@ def _check_value(field: dataclasses.Field, value):
         value = kind(value)
     elif kind is str and not isinstance(value, str):
         raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+    elif getattr(kind, "__origin__", None) is list:  # list[float]
+        numbers = isinstance(value, (list, tuple)) and value
+        if not numbers or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in value):
+            raise ConfigError(f"config key {key!r} must be a list of numbers, got {value!r}")
+        value = [float(x) for x in value]
     check = field.metadata.get("check")
     expected = check(value) if check is not None else None
     if expected is not None:

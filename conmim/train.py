@@ -27,8 +27,9 @@ from torch import nn
 
 from conmim import checkpoint as ckpt
 from conmim import config as cfgmod
+from conmim import models, recipes
 from conmim.config import TrainConfig
-from conmim.data import MaskConfig, ViewConfig, build_loader, samples, write_bad_files
+from conmim.data import MaskConfig, ViewConfig, build_loader, resolve_data, write_bad_files
 from conmim.evaluate import knn_monitor, labelled_split
 from conmim.loss import FusedPatchContrastLoss
 from conmim.metrics import Logger, Meter, loss_plot
@@ -47,17 +48,6 @@ from conmim.parallel import (
 
 class TrainingError(RuntimeError):
     """A run that cannot go on; the message says why."""
-
-
-def resolve_data(spec: str) -> Path:
-    """An image folder, or samples:photos / samples:mnist (built once under ``samples.default_dest()``)."""
-    if spec.startswith("samples:"):
-        which = spec.split(":", 1)[1]
-        if which not in ("photos", "mnist"):
-            raise TrainingError(f"data {spec!r}: bundled sets are samples:photos and samples:mnist")
-        built = samples.build(samples.default_dest(), photos=which == "photos", mnist=which == "mnist")
-        return built["photos"] if which == "photos" else built["mnist_train"]
-    return Path(spec).expanduser()
 
 
 @dataclass
@@ -109,6 +99,7 @@ class Run:
     total_steps: int
     warmup: int
     checkpoints: ckpt.CheckpointManager
+    init: object = None  # the report of init_from, if any (conmim.models.InitReport)
     log: Logger | None = None
     lock: int | None = None  # the run folder's lock (a file descriptor), held while the run trains
     progress: object = None
@@ -155,7 +146,10 @@ def build_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, out
         raise TrainingError(f"--out {str(out)!r} is a file, not a run folder")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    views = ViewConfig(image_size=cfg.image_size, perturb=cfg.perturb, scale=(cfg.crop_scale_min, 1.0))
+    views = ViewConfig(
+        image_size=cfg.image_size, perturb=cfg.perturb, scale=(cfg.crop_scale_min, 1.0), channels=cfg.in_chans,
+        mean=cfg.mean, std=cfg.std,
+    )  # fmt: skip
     masks = MaskConfig(kind=cfg.mask, patch_size=cfg.patch_size, ratio=cfg.mask_ratio, cell=cfg.mask_cell)
     loader = build_loader(
         resolve_data(cfg.data),
@@ -171,6 +165,8 @@ def build_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, out
         drop_last=True,
         run_dir=None,
         verbose=False,  # nothing is written before everything is validated (see _start)
+        scan=cfg.scan,
+        progress=rank == 0,
     )
     batches = loader.batches_per_epoch()
     if batches < cfg.accum_steps:
@@ -184,8 +180,14 @@ def build_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, out
     steps_per_epoch = batches // cfg.accum_steps
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
     student = build_encoder(
-        cfg.model, cfg.head_hidden, cfg.head_out, img_size=cfg.image_size, patch_size=cfg.patch_size
-    ).to(device)
+        cfg.model, cfg.head_hidden, cfg.head_out, img_size=cfg.image_size, patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+    )  # fmt: skip
+    try:  # before the strategy copies the student into the teacher
+        init = models.init_from(student, cfg.init_from) if cfg.init_from else None
+    except (FileNotFoundError, ValueError, TypeError, ckpt.CheckpointError) as exc:
+        raise TrainingError(f"init_from {cfg.init_from!r}: {exc}") from None
+    student.to(device)
     momentum = dict(
         base_momentum=cfg.base_momentum, final_momentum=cfg.final_momentum, total_steps=total_steps
     )
@@ -213,6 +215,7 @@ def build_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, out
         total_steps=total_steps,
         warmup=int(cfg.warmup_epochs * steps_per_epoch),
         checkpoints=ckpt.CheckpointManager(out, cfg.keep_last, cfg.keep_every_epochs),
+        init=init,
     )
 
 
@@ -418,6 +421,13 @@ def _train(run: Run) -> dict:
         f"{run.world} per epoch, {run.total_steps} optimizer steps, {cfg.model} on {run.device} "
         f"({run.loader.kind} loader)"
     )
+    images_per_step = run.images_per_step
+    run.log.msg(recipes.batch_line(cfg.model, images_per_step, cfg.lr))
+    if note := recipes.batch_note(cfg.model, images_per_step, cfg.lr):
+        run.log.msg(f"warning: {note}")
+    if run.init is not None and state.step == 0:  # a resumed run's weights come from its checkpoint
+        for line in run.init.lines():
+            run.log.msg(line)
     if cfg.eval_every and state.step == 0:
         monitor(run, state)  # the baseline, before the first step (and before the bar)
     if run.rank == 0 and cfg.progress:

@@ -233,3 +233,21 @@ def test_compiled_model_trains_like_eager(digits, tmp_path):
     compiled = losses(tmp_path / "compiled", compile=True)
     assert len(eager) == len(compiled) == 4
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=2e-3, atol=2e-3)
+
+
+def test_continued_pretraining_starts_student_and_teacher_from_a_file(digits, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from conmim import export as X
+
+    T.train(tiny(digits, tmp_path / "a", epochs=1))
+    path, _ = X.export(tmp_path / "a", tmp_path / "a.safetensors")
+    out = tmp_path / "b"
+    T.train(tiny(digits, out, epochs=1, init_from=str(path), base_momentum=1.0, final_momentum=1.0))
+    assert f"init_from {str(path)!r}: 54 backbone tensors loaded" in capsys.readouterr().err
+    teacher = ckpt.read_latest(out)["teacher"]  # momentum 1: the teacher is still what it started from
+    weights = load_file(str(path))
+    assert weights and all(torch.equal(teacher[f"backbone.{k}"], v) for k, v in weights.items())
+    with pytest.raises(T.TrainingError, match="init_from '/no/such.safetensors'"):
+        T.train(tiny(digits, tmp_path / "c", init_from="/no/such.safetensors"))
+    assert not (tmp_path / "c").exists()
