@@ -139,3 +139,24 @@ def test_conmim_bench_finds_the_checkout_from_anywhere(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     for word in HELP_WORDS:
         assert word in out, word
+
+
+def test_every_preset_the_docs_name_resolves():
+    """``--config NAME`` in the README and docs/ names a preset that exists and validates."""
+    from conmim import config as cfgmod
+
+    names = set()
+    for page in PAGES:
+        names |= set(re.findall(r"--config ([a-z_0-9]+)", page.read_text()))
+    assert {"tiny_demo", "my_images_cpu"} <= names
+    for name in names:
+        assert (ROOT / "conmim" / "configs" / f"{name}.yaml").is_file(), name
+        cfg = cfgmod.resolve(name, {"data": "samples:photos"})
+        assert cfg.image_size % cfg.patch_size == 0 and (cfg.image_size // cfg.patch_size) ** 2 >= 64, name
+
+
+def test_the_demo_keeps_fewer_checkpoints():
+    from conmim import config as cfgmod
+
+    demo = cfgmod.resolve("tiny_demo", {})
+    assert demo.keep_every_epochs == 0 or demo.keep_every_epochs >= demo.epochs / 2
