@@ -160,3 +160,14 @@ def test_the_demo_keeps_fewer_checkpoints():
 
     demo = cfgmod.resolve("tiny_demo", {})
     assert demo.keep_every_epochs == 0 or demo.keep_every_epochs >= demo.epochs / 2
+
+
+def test_every_slow_entry_names_a_test():
+    """conftest.SLOW_TESTS: a renamed test must not drop out of the slow layer (and into the default) silently."""
+    from tests.conftest import SLOW_TESTS
+
+    for entry in SLOW_TESTS:
+        path, _, name = entry.partition("::")
+        source = (ROOT / path).read_text()
+        func = name.split("[", 1)[0]
+        assert func == "*" or f"def {func}(" in source, entry
