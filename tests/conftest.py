@@ -141,6 +141,8 @@ def loss_backends_here() -> list:
 SLOW_TESTS = (
     # a second build of the extension (about a minute) and 150 cases on the CUDA-on-CPU executor
     "tests/test_cuda_on_cpu.py::*",
+    # every Triton kernel compiled for sm_90 (its setup alone took the longest of any default test)
+    "tests/test_triton_sm90.py::*",
     # the Triton interpreter at its largest shapes; the small shapes stay in the default layer
     "tests/test_patch_contrast.py::test_triton_backend[37-24-*]",
     "tests/test_patch_contrast.py::test_triton_backend[70-40-*]",
