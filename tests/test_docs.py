@@ -148,17 +148,17 @@ def test_every_preset_the_docs_name_resolves():
     names = set()
     for page in PAGES:
         names |= set(re.findall(r"--config ([a-z_0-9]+)", page.read_text()))
-    assert {"tiny_demo", "my_images_cpu"} <= names
+    assert {"tiny_demo", "my_images_cpu"} <= names <= set(cfgmod.presets(cfgmod.TrainConfig))
     for name in names:
         assert (ROOT / "conmim" / "configs" / f"{name}.yaml").is_file(), name
-        cfg = cfgmod.resolve(name, {"data": "samples:photos"})
+        cfg = cfgmod.resolve(cfgmod.TrainConfig, name, {"data": "samples:photos"})
         assert cfg.image_size % cfg.patch_size == 0 and (cfg.image_size // cfg.patch_size) ** 2 >= 64, name
 
 
 def test_the_demo_keeps_fewer_checkpoints():
     from conmim import config as cfgmod
 
-    demo = cfgmod.resolve("tiny_demo", {})
+    demo = cfgmod.resolve(cfgmod.TrainConfig, "tiny_demo", {})
     assert demo.keep_every_epochs == 0 or demo.keep_every_epochs >= demo.epochs / 2
 
 
