@@ -57,11 +57,11 @@ def test_use_section_loop_trains(size, grid):
     it without reaching it."""
     data, loop = _python_blocks(_section("Use"))
     data = _at_size(data, size)
-    setup = loop[: loop.index("\nstep = 0\n")]
+    cut = loop.index("\nstep = 0\n")
     torch.manual_seed(0)
-    initial = _params(_run(setup, _run(data, {}, "data"), "set-up")["student"])
-    torch.manual_seed(0)
-    ns = _run(loop, _run(data, {}, "data"), "loop")
+    ns = _run(loop[:cut], _run(data, {}, "data"), "set-up")  # the loop block, run in two parts as written
+    initial = _params(ns["student"])
+    ns = _run(loop[cut:], ns, "loop")
     student, teacher, vit, mask = ns["student"], ns["teacher"], ns["vit"], ns["mask"]
     B, N = mask.shape
     assert student.grid == grid and N == grid[0] * grid[1] == vit.patch_embed.num_patches
