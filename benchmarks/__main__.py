@@ -1,7 +1,15 @@
-"""``python -m benchmarks [--suite quick|full] [--ops loss,ema] [--device cpu|cuda]`` runs the suite, prints tables
-and writes benchmarks/results/<device>-<date>.json; ``python -m benchmarks report`` regenerates the README's
-performance table from every committed results file; ``python -m benchmarks static`` writes the sm_90 static
-profile (compiled, not run; see benchmarks/static.py)."""
+"""Benchmarks of the fused kernels against the reference formulations; nothing here is asserted by the tests.
+
+  python -m benchmarks [--suite quick|full] [--ops loss,ema,step,data] [--device cpu|cuda]
+      time the suite and write benchmarks/results/<device>-<date>.json
+  python -m benchmarks report [--check]
+      regenerate docs/performance.md's measured tables (and the plots) from the committed results
+  python -m benchmarks static [--docs]
+      the sm_90 static profile of every GPU kernel: compiled, not run
+
+From any directory: ``conmim-bench ...`` (or ``python -m conmim.bench ...``) runs the same commands in the
+checkout the package was installed from. Each sub-command takes --help.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +17,45 @@ import argparse
 import sys
 import time
 
-import torch
-
-from benchmarks import bench_data, bench_ema, bench_patch_contrast, bench_train_step, harness, report, static
-
 
 def main(argv=None) -> int:
+    # torch and the benchmark modules are imported after the arguments are parsed: --help answers at once
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
+        from benchmarks import report
+
         return report.main(argv[1:])
     if argv[:1] == ["static"]:
+        from benchmarks import static
+
         return static.main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    p.add_argument("--suite", choices=("quick", "full"), default="quick")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Results record the device, versions, commit, shapes, medians, spreads, peak memory and each\n"
+        "result's fraction of the machine's floor (bandwidth and matmul rate measured in the same run);\n"
+        "benchmarks/NOTES.md explains the numbers.",
+    )
+    p.add_argument(
+        "--suite",
+        choices=("quick", "full"),
+        default="quick",
+        help="quick: a few shapes per op, 7 rounds, the torch.compile baseline on the first shape only (CI runs "
+        "it; minutes on a CPU); full: every shape of the grid (N up to 3136, d up to 1024), 15 rounds, the "
+        "torch.compile baseline everywhere (default: quick)",
+    )
     p.add_argument(
         "--ops",
         default="loss,ema,step,data",
         help="comma-separated subset of: loss, ema, step (a training step), data; run in that order",
     )
     p.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where to run: cpu (the C++ kernels against the references, fp32) or cuda (Triton and CUDA "
+        "kernels, bf16; needs a GPU). Default: cuda when torch sees a GPU, else cpu",
     )
     p.add_argument(
         "--rounds", type=int, default=None, help="timed rounds per case (default: 7 quick, 15 full)"
@@ -36,6 +63,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--no-save", action="store_true", help="print only; write no results file")
     args = p.parse_args(argv)
+    import torch
+
+    from benchmarks import bench_data, bench_ema, bench_patch_contrast, bench_train_step, harness
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     ops = {o.strip() for o in args.ops.split(",") if o.strip()}
     unknown = ops - {"loss", "ema", "data", "step"}
     if unknown:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
+TARGET = ROOT / "docs" / "performance.md"  # the generated page; the README links it
 START, END = "<!-- static:start -->", "<!-- static:end -->"
 
 
@@ -534,7 +534,7 @@ def _mma(r: dict) -> str:
 
 
 def render(payload: dict) -> str:
-    """The README section (markdown) for one results file: the installed Triton's loss kernels without
+    """The docs/performance.md section (markdown) for one results file: the installed Triton's loss kernels without
     positive_index, the EMA and the CUDA extension; every row is compiled, not run."""
     tri = payload["tritons"][0]
     recs = tri["records"]
@@ -635,23 +635,29 @@ def run(jobs: int | None = None) -> dict:
     }
 
 
-def write_readme(text: str) -> None:
-    readme = README.read_text()
-    if START in readme:
-        head, rest = readme.split(START, 1)
-        readme = head + text + rest.split(END, 1)[1]
+def write_docs(text: str) -> None:
+    page = TARGET.read_text()
+    if START in page:
+        head, rest = page.split(START, 1)
+        page = head + text + rest.split(END, 1)[1]
     else:
-        readme = readme.rstrip("\n") + "\n\n## Static sm_90 profile (compiled, not run)\n\n" + text + "\n"
-    README.write_text(readme)
+        page = page.rstrip("\n") + "\n\n## Static sm_90 profile (compiled, not run)\n\n" + text + "\n"
+    TARGET.write_text(page)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks static", description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: min(8, CPUs))")
     p.add_argument("--no-save", action="store_true", help="print only; write no results file")
-    p.add_argument("--readme", action="store_true", help="also render the table into README.md")
     p.add_argument(
-        "--render", metavar="JSON", help="render a results file (README with --readme); no compiling"
+        "--docs",
+        "--readme",
+        dest="docs",
+        action="store_true",
+        help="also render the tables into docs/performance.md (--readme is the old name)",
+    )
+    p.add_argument(
+        "--render", metavar="JSON", help="render a results file (into the docs with --docs); no compiling"
     )
     p.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -661,8 +667,8 @@ def main(argv=None) -> int:
     if args.render:
         text = render(json.loads(Path(args.render).read_text()))
         print(text)
-        if args.readme:
-            write_readme(text)
+        if args.docs:
+            write_docs(text)
         return 0
     payload = run(args.jobs)
     path = RESULTS / f"static-sm90-{payload['date']}.json"
@@ -673,8 +679,8 @@ def main(argv=None) -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=1) + "\n")
         print(f"\nwrote {path}")
-    if args.readme:
-        write_readme(text)
+    if args.docs:
+        write_docs(text)
     return 0
 
 

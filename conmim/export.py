@@ -1,11 +1,17 @@
 """conmim-export RUN_DIR --out FILE: the teacher's backbone in timm's key layout, as safetensors.
 
 No mask token, no projection head, no module. / _orig_mod. prefixes; a JSON sidecar (FILE + ".json") names
-the timm model, the keyword arguments to create it with and the exact call that loads it, which is also printed:
+the timm model, the keyword arguments to create it with, the run's preprocessing and the exact call that loads
+it, which is also printed:
 
-    timm.create_model('vit_small_patch16_224', pretrained=True, pretrained_cfg_overlay=dict(file='FILE'),
-                      num_classes=0, init_values=0.1, img_size=224, patch_size=16)
+    timm.create_model('vit_small_patch16_224', pretrained=True, pretrained_cfg_overlay=dict(file='FILE',
+                      input_size=(3, 224, 224), mean=..., std=..., interpolation='bicubic', crop_pct=1.0,
+                      crop_mode='center'), num_classes=0, global_pool='avg', fc_norm=False, img_size=224, ...)
 
+The model's features are conmim-eval's: the mean of the patch tokens after the pretrained final norm
+(global_pool='avg' with fc_norm=False, which keeps that norm before the pooling). Its pretrained_cfg carries the
+run's preprocessing, so timm.data.resolve_data_config({}, model=model) and timm.data.create_transform rebuild
+conmim-eval's transform (shorter side resized to the input size, bicubic, centre crop, the run's mean and std).
 (num_classes=0: the backbone's features; num_classes=K adds a new K-class head for fine-tuning.) Both files are
 written like any new file (0644 under the usual umask), each through a temporary file renamed into place.
 """
@@ -20,6 +26,7 @@ from pathlib import Path
 from conmim import checkpoint
 from conmim import config as cfgmod
 from conmim._fs import write_atomic
+from conmim.data.views import IMAGENET_MEAN, IMAGENET_STD
 from conmim.models import model_spec
 
 _PREFIXES = ("module.", "_orig_mod.")
@@ -47,6 +54,25 @@ def backbone_state(state_dict: dict) -> dict:
     return out
 
 
+# How conmim-eval and the k-NN monitor read a backbone: the mean of the patch tokens after the final norm.
+# timm's 'avg' pooling would otherwise move the norm after the pooling (fc_norm), dropping the trained one.
+POOLING = {"global_pool": "avg", "fc_norm": False}
+
+
+def preprocessing(cfg: dict) -> dict:
+    """timm ``pretrained_cfg`` entries for conmim-eval's transform at the run's image size: resize the shorter
+    side to the input size (bicubic), centre crop (crop_pct 1), normalise with the run's mean and std."""
+    size = int(cfg["image_size"])
+    return {
+        "input_size": (3, size, size),
+        "mean": tuple(float(m) for m in cfg.get("mean", IMAGENET_MEAN)),
+        "std": tuple(float(s) for s in cfg.get("std", IMAGENET_STD)),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+
+
 def export(run_dir, out_file, which: str = "teacher") -> tuple[Path, dict]:
     """Write the newest loadable checkpoint's ``which`` ("teacher" or "student") backbone to ``out_file``.
     Returns (file, {"timm_model": name, "kwargs": {...}})."""
@@ -65,7 +91,14 @@ def export(run_dir, out_file, which: str = "teacher") -> tuple[Path, dict]:
     write_atomic(
         out, save(weights, metadata={"format": "pt", "source": f"conmim {which} step {state['step']}"})
     )
-    meta = {"timm_model": timm_name, "kwargs": kwargs, "step": state["step"], "which": which}
+    kwargs.update(POOLING)
+    meta = {
+        "timm_model": timm_name,
+        "kwargs": kwargs,
+        "pretrained_cfg": preprocessing(cfg),
+        "step": state["step"],
+        "which": which,
+    }
     meta["load"] = load_call(meta, out)
     write_atomic(str(out) + ".json", json.dumps(meta, indent=1))
     return out, meta
@@ -88,11 +121,13 @@ def read_run(run_dir, log=lambda line: None, verb: str = "reading") -> tuple[dic
 
 
 def load_call(meta: dict, path) -> str:
-    """The ``timm.create_model(...)`` call that loads an exported file, every argument spelled out."""
+    """The ``timm.create_model(...)`` call that loads an exported file, every argument spelled out: the file and
+    the preprocessing go into the pretrained_cfg, where timm's data helpers read them."""
+    overlay = {"file": str(path), **meta.get("pretrained_cfg", {})}
     args = [
         repr(meta["timm_model"]),
         "pretrained=True",
-        f"pretrained_cfg_overlay=dict(file={str(path)!r})",
+        f"pretrained_cfg_overlay=dict({', '.join(f'{k}={v!r}' for k, v in overlay.items())})",
         "num_classes=0",
         *(f"{k}={v!r}" for k, v in meta["kwargs"].items()),
     ]

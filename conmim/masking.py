@@ -101,16 +101,44 @@ def _block_mask_one(
                         blocks.append(Block(top, left, h, w, target_area, aspect, h * w - already))
             if delta > 0:
                 break
+        if delta == 0 and count == 0:
+            # Nothing fitted (a small grid): the last shape cut to the grid and the budget, at a uniform
+            # position, so that no image goes without a masked patch.
+            h, w = max(1, min(h, height)), max(1, min(w, width))
+            while h * w > budget:
+                if h >= w:
+                    h -= 1
+                else:
+                    w -= 1
+            top, left = int(rand() * (height - h + 1)), int(rand() * (width - w + 1))
+            for i in range(top, top + h):
+                for j in range(left, left + w):
+                    mask[i][j] = True
+            delta = h * w
+            if blocks is not None:
+                blocks.append(Block(top, left, h, w, target_area, aspect, delta))
         if delta == 0:
             break
         count += delta
     return mask
 
 
+DEFAULT_RATIO = 75 / 196  # ConMIM's (BEiT's) 75 of the 196 patches of a 224 px image in 16 px patches
+
+
+def _count(name: str, value, low: int, high: int | None = None) -> int:
+    """``value`` as an int in [low, high], or a ValueError naming the argument the caller passed."""
+    want = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return int(value)
+
+
 def block_masks(
     batch_size: int,
     grid=(14, 14),
-    num_masking_patches: int = 75,
+    ratio: float | None = None,
+    num_masking_patches: int | None = None,
     min_num_patches: int = 16,
     max_num_patches: int | None = None,
     min_aspect: float = 0.3,
@@ -120,17 +148,27 @@ def block_masks(
     device=None,
     blocks: list[list[Block]] | None = None,
 ) -> torch.Tensor:
-    """BEiT block-wise masking, as used by ConMIM by default.
+    """BEiT block-wise masking, as used by ConMIM by default, on any patch grid.
 
-    Rectangles of target area uniform in [min_num_patches, remaining budget] and aspect ratio log-uniform in
-    [min_aspect, max_aspect] (default 1 / min_aspect) are placed at uniform positions until
-    ``num_masking_patches`` patches are masked or 10 attempts in a row add nothing; a rectangle is kept only if
-    it masks at least one new patch and no more than the remaining budget. The count therefore varies per image
-    (on 14 x 14 with 75: mean about 74.5, never above 75).
+    The target is ``round(ratio * N)`` patches (``ratio`` defaults to 75 / 196, ConMIM's 75 of 196), or exactly
+    ``num_masking_patches`` when that is given instead. Rectangles of target area uniform between
+    min_num_patches and the remaining budget and aspect ratio log-uniform in [min_aspect, max_aspect] (default
+    1 / min_aspect) are placed at uniform positions until the target is masked or ``max_attempts`` attempts in a
+    row add nothing; a rectangle is kept only if it masks at least one new patch and no more than the remaining
+    budget. The count therefore varies per image (on 14 x 14 with 75: mean about 74.5, never above 75).
+
+    Small grids: rectangles must be narrower and shorter than the grid (BEiT's rule), so on grids of about
+    6 x 6 and below every attempt can fail. An image that would be left with no masked patch while the target is
+    at least 1 gets one rectangle of the last drawn shape cut to fit the grid and the budget (recorded in
+    ``blocks`` like the others): every image then has at least one masked patch. On grids where a rectangle
+    fits, as 14 x 14, this never happens and the masks are BEiT's.
 
     Args:
         batch_size: B.
         grid: patch grid (height, width) or one int for a square grid; N = height * width.
+        ratio: share of the N patches to target, in [0, 1]; not together with ``num_masking_patches``.
+        num_masking_patches: target count, an int in [0, N].
+        min_num_patches, max_num_patches: area range of one rectangle (max defaults to the target).
         generator: CPU torch.Generator for reproducible masks (default: torch's global generator).
         device: where the returned tensor lives.
         blocks: if a list is given, one list of :class:`Block` per image is appended to it.
@@ -141,20 +179,36 @@ def block_masks(
     B = _check_batch(batch_size)
     height, width = _grid(grid)
     n = height * width
-    if not 0 <= num_masking_patches <= n:
-        raise ValueError(f"num_masking_patches must lie in [0, N] = [0, {n}], got {num_masking_patches}")
-    if min_num_patches < 1:
-        raise ValueError(f"min_num_patches must be >= 1, got {min_num_patches}")
-    if not _is_int(max_attempts) or max_attempts < 1:
-        raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
-    max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
-    if max_num_patches < 1:
-        raise ValueError(f"max_num_patches must be >= 1, got {max_num_patches}")
-    if not min_aspect > 0:
-        raise ValueError(f"min_aspect must be > 0, got {min_aspect}")
+    if ratio is not None and num_masking_patches is not None:
+        raise ValueError(
+            f"pass ratio or num_masking_patches, not both (got ratio={ratio!r}, "
+            f"num_masking_patches={num_masking_patches!r})"
+        )
+    if num_masking_patches is not None:
+        target = _count("num_masking_patches", num_masking_patches, 0, n)
+    else:
+        ratio = DEFAULT_RATIO if ratio is None else ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
+        target = (
+            min(n, max(1, round(float(ratio) * n))) if ratio > 0 else 0
+        )  # a positive share masks something
+    min_num_patches = _count("min_num_patches", min_num_patches, 1)
+    max_attempts = _count("max_attempts", max_attempts, 1)
+    if max_num_patches is None:
+        max_num_patches = max(1, target)  # a target of 0 masks nothing; it needs no rectangle size
+    else:
+        max_num_patches = _count("max_num_patches", max_num_patches, 1)
+    if isinstance(min_aspect, bool) or not isinstance(min_aspect, numbers.Real) or not min_aspect > 0:
+        raise ValueError(f"min_aspect must be a number > 0, got {min_aspect!r}")
     max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
-    if max_aspect < min_aspect:
-        raise ValueError(f"max_aspect must be >= min_aspect = {min_aspect}, got {max_aspect}")
+    if (
+        isinstance(max_aspect, bool)
+        or not isinstance(max_aspect, numbers.Real)
+        or not max_aspect >= min_aspect
+    ):
+        raise ValueError(f"max_aspect must be a number >= min_aspect = {min_aspect}, got {max_aspect!r}")
+    num_masking_patches = target
     rand = _Uniforms(generator)
     log_aspect = (math.log(min_aspect), math.log(max_aspect))
     rows = []

@@ -132,3 +132,43 @@ def loss_backends_here() -> list:
         not triton_runs_here(), reason="Triton cannot run here (no GPU, no interpreter)"
     )
     return ["reference", "cpu", pytest.param("triton", marks=skip)]
+
+
+# The slow layer, beside the tests that carry @pytest.mark.slow themselves: node ids (``*`` matches anything)
+# of the longest default tests, measured with ``pytest --durations`` on 2 cores. Plain ``pytest`` deselects them
+# (addopts in pyproject.toml); ``pytest -m slow`` and CI run them. Listed here rather than in each file so the
+# default layer's budget is decided in one place; tests/test_docs.py checks that every entry names a test.
+SLOW_TESTS = (
+    # a second build of the extension (about a minute) and 150 cases on the CUDA-on-CPU executor
+    "tests/test_cuda_on_cpu.py::*",
+    # every Triton kernel compiled for sm_90 (its setup alone took the longest of any default test)
+    "tests/test_triton_sm90.py::*",
+    # the Triton interpreter at its largest shapes; the small shapes stay in the default layer
+    "tests/test_patch_contrast.py::test_triton_backend[37-24-*]",
+    "tests/test_patch_contrast.py::test_triton_backend[70-40-*]",
+    "tests/test_patch_contrast.py::test_triton_backward_recomputed_or_stored[full-*-recompute]",
+    "tests/test_patch_contrast.py::test_cpu_backend_gradcheck_float64",
+    # torch.compile of a whole drop-in step
+    "tests/test_mixed_dtypes.py::test_drop_in_bf16_autocast_student_fp32_teacher_compiled[*]",
+    # subprocesses that import torch and rebuild state from scratch, or evaluate whole digit splits
+    "tests/test_dispatch.py::test_missing_extension_is_warned_once_where_a_cpu_call_falls_back",
+    "tests/test_evaluate.py::test_eval_states_the_baseline_and_the_json",
+    "tests/test_scaleout.py::test_knn_and_linear_eval_on_digits",
+    "tests/test_scaleout.py::test_export_loads_in_timm",
+)
+
+
+def _pattern(node_glob: str):
+    import re
+
+    return re.compile(".*".join(re.escape(part) for part in node_glob.split("*")) + r"\Z")
+
+
+_SLOW_RES = [_pattern(p) for p in SLOW_TESTS]
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the markers
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(r.match(item.nodeid) for r in _SLOW_RES):
+            item.add_marker(pytest.mark.slow)

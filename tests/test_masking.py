@@ -80,10 +80,81 @@ def test_masks_are_deterministic_for_a_seed(fn):
 
 
 def test_mask_arguments_are_checked():
-    with pytest.raises(ValueError, match="num_masking_patches must lie in"):
+    with pytest.raises(ValueError, match=r"num_masking_patches must be an int in \[0, 196\], got 500"):
         block_masks(1, num_masking_patches=500)
     with pytest.raises(ValueError, match="grid must be"):
         block_masks(1, grid=(0, 3))
     with pytest.raises(ValueError, match="batch_size"):
         block_masks(-1)
     assert block_masks(0).shape == (0, 196)
+
+
+@pytest.mark.parametrize(
+    ("grid", "n"), [((14, 14), 196), ((8, 8), 64), ((6, 6), 36), ((5, 9), 45), (16, 256)]
+)
+def test_block_masks_take_a_ratio_on_any_grid(grid, n):
+    """The default is a share (ConMIM's 75 of 196), so the same call works for any ViT's grid."""
+    m = block_masks(400, grid=grid, generator=torch.Generator().manual_seed(3))
+    assert m.shape == (400, n)
+    target = round(n * 75 / 196)
+    assert (m.sum(1) <= target).all() and m.sum(1).float().mean() >= 0.8 * target
+    half = block_masks(400, grid=grid, ratio=0.5, generator=torch.Generator().manual_seed(3))
+    assert (half.sum(1) <= round(n / 2)).all() and half.sum(1).float().mean() > m.sum(1).float().mean()
+
+
+def test_the_count_stays_available_and_matches_the_ratio():
+    g = lambda: torch.Generator().manual_seed(4)
+    assert torch.equal(block_masks(64, generator=g()), block_masks(64, num_masking_patches=75, generator=g()))
+    assert torch.equal(
+        block_masks(64, ratio=0.5, generator=g()), block_masks(64, num_masking_patches=98, generator=g())
+    )
+
+
+@pytest.mark.parametrize("grid", [(6, 6), (4, 4), (3, 3), (2, 2), (1, 5), (5, 1), (2, 7)])
+@pytest.mark.parametrize("count", [None, 1, 14])
+def test_small_grids_mask_at_least_one_patch_per_image(grid, count):
+    """On 6 x 6, BEiT's rule (rectangles smaller than the grid, ten attempts) left 43% of images without a masked
+    patch at 14 patches; every image now gets at least one, never more than the target."""
+    n = grid[0] * grid[1]
+    if count is not None and count > n:
+        count = n
+    blocks = []
+    m = block_masks(
+        1000, grid=grid, num_masking_patches=count, generator=torch.Generator().manual_seed(5), blocks=blocks
+    )
+    target = count if count is not None else max(1, round(n * 75 / 196))
+    assert (m.sum(1) >= 1).all()
+    assert (m.sum(1) <= target).all()
+    for img, placed in zip(m, blocks):
+        union = torch.zeros(grid, dtype=torch.bool)
+        for b in placed:
+            union[b.top : b.top + b.height, b.left : b.left + b.width] = True
+        assert torch.equal(union.flatten(), img)  # the fallback rectangle is recorded like the others
+
+
+def test_zero_masked_patches_is_an_all_visible_mask():
+    """num_masking_patches=0 used to fail on max_num_patches, an argument the caller never passed."""
+    assert not block_masks(3, grid=6, num_masking_patches=0).any()
+    assert not block_masks(3, ratio=0.0).any()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_masking_patches=2.5), r"num_masking_patches must be an int in \[0, 196\], got 2\.5"),
+        (dict(num_masking_patches=True), r"num_masking_patches must be an int"),
+        (dict(num_masking_patches=-1), r"num_masking_patches must be an int in \[0, 196\], got -1"),
+        (dict(min_num_patches=2.5), r"min_num_patches must be an int >= 1, got 2\.5"),
+        (dict(max_num_patches=7.5), r"max_num_patches must be an int >= 1, got 7\.5"),
+        (dict(ratio=1.5), r"ratio must be a number in \[0, 1\], got 1\.5"),
+        (dict(ratio=float("nan")), r"ratio must be a number in \[0, 1\], got nan"),
+        (dict(ratio="0.5"), r"ratio must be a number in \[0, 1\], got '0\.5'"),
+        (dict(ratio=0.5, num_masking_patches=10), r"pass ratio or num_masking_patches, not both"),
+        (dict(min_aspect=0), r"min_aspect must be a number > 0, got 0"),
+        (dict(max_aspect=0.1), r"max_aspect must be a number >= min_aspect = 0\.3, got 0\.1"),
+    ],
+)
+def test_bad_mask_arguments_name_the_argument_passed(kwargs, message):
+    """Each error names the argument the caller passed; non-integer counts are refused, not truncated."""
+    with pytest.raises(ValueError, match=message):
+        block_masks(2, **kwargs)
