@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import commit, device_name, table, versions
-from conmim.data import ViewConfig, build_loader, dali_status, samples, scan, scan_folder, write_shards
+from conmim.data import ViewConfig, build_loader, dali_status, samples, scan, scan_folder
+from conmim.shards import write_shards
 
 IMAGES = {"quick": 224, "full": 1024}
 SOURCES = ("folder", "list", "shards")

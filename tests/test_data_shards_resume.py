@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conmim import checkpoint as ckpt
-from conmim.data import write_shards
+from conmim.shards import write_shards
 from tests.conftest import dcp_tensors
 from tests.test_scaleout import torchrun_cmd
 from tests.test_train import assert_identical, kill_once_checkpointed

@@ -19,10 +19,10 @@ from conmim.data import (
     resolve_data,
     scan_list,
     scan_shards,
-    write_shards,
 )
 from conmim.data.sources import expand_braces
 from conmim.shards import main as shards_main
+from conmim.shards import write_shards
 
 HAS_DALI = dali_status() is None
 needs_dali = pytest.mark.skipif(not HAS_DALI, reason=f"optional dependency missing: {dali_status()}")

@@ -248,6 +248,6 @@ def test_continued_pretraining_starts_student_and_teacher_from_a_file(digits, tm
     teacher = ckpt.read_latest(out)["teacher"]  # momentum 1: the teacher is still what it started from
     weights = load_file(str(path))
     assert weights and all(torch.equal(teacher[f"backbone.{k}"], v) for k, v in weights.items())
-    with pytest.raises(T.TrainingError, match="init_from '/no/such.safetensors'"):
+    with pytest.raises(T.TrainingError, match=r"init_from '/no/such\.safetensors'"):
         T.train(tiny(digits, tmp_path / "c", init_from="/no/such.safetensors"))
     assert not (tmp_path / "c").exists()

@@ -17,7 +17,7 @@ import torch
 
 from conmim.data.dali_loader import DaliTwoViewLoader, dali_status
 from conmim.data.scan import SCANS, ImageFolder, check_image, scan_folder, scan_list, write_bad_files
-from conmim.data.shards import ShardSet, scan_shards, write_shards
+from conmim.data.shards import ShardSet, scan_shards
 from conmim.data.sources import DataSource, resolve_data, scan_source
 from conmim.data.torch_loader import make_torch_loader
 from conmim.data.views import ViewConfig
@@ -257,5 +257,4 @@ __all__ = [
     "scan_source",
     "synthetic_loader",
     "write_bad_files",
-    "write_shards",
 ]
