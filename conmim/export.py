@@ -26,7 +26,7 @@ from pathlib import Path
 from conmim import checkpoint
 from conmim import config as cfgmod
 from conmim._fs import write_atomic
-from conmim.data.views import IMAGENET_MEAN, IMAGENET_STD
+from conmim.data.views import ViewConfig
 from conmim.models import model_spec
 
 _PREFIXES = ("module.", "_orig_mod.")
@@ -63,10 +63,13 @@ def preprocessing(cfg: dict) -> dict:
     """timm ``pretrained_cfg`` entries for conmim-eval's transform at the run's image size: resize the shorter
     side to the input size (bicubic), centre crop (crop_pct 1), normalise with the run's mean and std."""
     size = int(cfg["image_size"])
+    views = ViewConfig(
+        image_size=size, channels=int(cfg.get("in_chans", 3)), mean=cfg.get("mean"), std=cfg.get("std")
+    )
     return {
-        "input_size": (3, size, size),
-        "mean": tuple(float(m) for m in cfg.get("mean", IMAGENET_MEAN)),
-        "std": tuple(float(s) for s in cfg.get("std", IMAGENET_STD)),
+        "input_size": (views.channels, size, size),
+        "mean": tuple(float(m) for m in views.mean),
+        "std": tuple(float(s) for s in views.std),
         "interpolation": "bicubic",
         "crop_pct": 1.0,
         "crop_mode": "center",
@@ -86,6 +89,8 @@ def export(run_dir, out_file, which: str = "teacher") -> tuple[Path, dict]:
     cfg, state = read_run(run, log, "exporting")
     timm_name, kwargs = model_spec(cfg["model"])
     kwargs.update(img_size=cfg["image_size"], patch_size=cfg["patch_size"])
+    if cfg.get("in_chans", 3) != 3:
+        kwargs["in_chans"] = cfg["in_chans"]
     weights = backbone_state(state[which])
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(

@@ -148,9 +148,13 @@ def test_every_preset_the_docs_name_resolves():
     names = set()
     for page in PAGES:
         names |= set(re.findall(r"--config ([a-z_0-9]+)", page.read_text()))
-    assert {"tiny_demo", "my_images_cpu"} <= names <= set(cfgmod.presets(cfgmod.TrainConfig))
-    for name in names:
-        assert (ROOT / "conmim" / "configs" / f"{name}.yaml").is_file(), name
+    from conmim.finetune.config import FinetuneConfig
+
+    train, finetune = set(cfgmod.presets(cfgmod.TrainConfig)), set(cfgmod.presets(FinetuneConfig))
+    assert {"tiny_demo", "my_images_cpu"} <= names <= train | finetune
+    for name in names - train:
+        cfgmod.resolve(FinetuneConfig, name, {})
+    for name in names & train:
         cfg = cfgmod.resolve(cfgmod.TrainConfig, name, {"data": "samples:photos"})
         assert cfg.image_size % cfg.patch_size == 0 and (cfg.image_size // cfg.patch_size) ** 2 >= 64, name
 
