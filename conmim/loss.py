@@ -52,6 +52,9 @@ def patch_contrast_loss(
             (one loss per masked patch in ``mask.nonzero()`` order; this one reads the count on the host).
         normalize: L2-normalise both inputs (False for features that are already normalised); a bool.
         positive_index: optional int64 [B, N]; key index of each query's positive (default: same index).
+            Values outside [0, N) on masked rows raise a ValueError; where the host cannot read them
+            (torch.compile, CUDA-graph capture) every backend bounds them itself and gives that row a NaN
+            loss and NaN gradients for its image (a non-finite loss, never a read of another row's memory).
         backend: "auto", "triton", "cuda", "cpu" or "reference" (env CONMIM_BACKEND overrides "auto").
 
     Returns:

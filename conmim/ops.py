@@ -16,7 +16,7 @@ import torch
 
 from conmim import _ext, backends, native, preference
 from conmim.backends import Kind, Why
-from conmim.reference import acc_dtype, ema_update_reference_, patch_contrast_loss_reference
+from conmim.reference import acc_dtype, ema_update_reference_, masked_rows_loss
 
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_TRITON_D = 2048  # bf16/fp16; one [BLOCK, d] tile of each operand stays in shared memory
@@ -150,13 +150,22 @@ def patch_contrast_backend(student: torch.Tensor, teacher: torch.Tensor, backend
     )
 
 
+def _no_autocast(t: torch.Tensor):
+    """The reference backend's arithmetic is fp32 (fp64) by contract: an enclosing autocast region would run its
+    matmuls in bf16/fp16 (and hand masked_scatter a source of another dtype)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _reference_rows(student, teacher, mask, positive_index, temperature, normalize):
     """Dense [B, N] loss and logsumexp from the reference (rows that are not masked hold 0)."""
+    with _no_autocast(student):
+        return _reference_rows_fp32(student, teacher, mask, positive_index, temperature, normalize)
+
+
+def _reference_rows_fp32(student, teacher, mask, positive_index, temperature, normalize):
     B, N, _ = student.shape
     acc = acc_dtype(student.dtype)
-    per_row = patch_contrast_loss_reference(
-        student, teacher, mask, temperature, "none", normalize, positive_index
-    )
+    per_row = masked_rows_loss(student, teacher, mask, temperature, normalize, positive_index)
     loss = torch.zeros(B, N, dtype=acc, device=student.device)
     loss = loss.masked_scatter(mask, per_row)
     q = student.to(acc)
@@ -186,6 +195,15 @@ def _reference_backward(grad, student, teacher, mask, positive_index, temperatur
     the L2-normalisation Jacobian. Returns (d_student in student.dtype, d_teacher in teacher.dtype or None),
     contiguous.
     """
+    with _no_autocast(student):
+        return _reference_backward_fp32(
+            grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher
+        )
+
+
+def _reference_backward_fp32(
+    grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher
+):
     B, N, _ = student.shape
     acc = acc_dtype(student.dtype)
     x, y = student.to(acc), teacher.to(acc)
@@ -197,7 +215,10 @@ def _reference_backward(grad, student, teacher, mask, positive_index, temperatur
     )
     onehot = torch.nn.functional.one_hot(pos.clamp(0, N - 1), N).bool()
     others = torch.softmax(logits, dim=-1).masked_fill(onehot, 0.0)
-    g = (grad.to(acc) * mask.to(acc)).unsqueeze(-1)
+    g = grad.to(acc) * mask.to(acc)
+    if positive_index is not None:  # an index the host could not check: NaN gradients, as the fused kernels
+        g = g.masked_fill(mask & ((positive_index < 0) | (positive_index >= N)), float("nan"))
+    g = g.unsqueeze(-1)
     G = g * (others - onehot * others.sum(-1, keepdim=True)) / temperature
     dq = torch.bmm(G, k)
     ds = _normalize_backward(x, dq) if normalize else dq

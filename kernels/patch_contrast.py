@@ -152,12 +152,17 @@ def _query_block(order_ptr, counts_ptr, N, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS: tl.constexpr):
-    """Key index of each query's positive: positive_index[b, row] or the row itself."""
+def _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, N, HAS_POS: tl.constexpr):
+    """(key index of each query's positive: positive_index[b, row] or the row itself; whether that index lies
+    outside [0, N)). The host cannot check the indices under torch.compile or graph capture, so an index out of
+    range is replaced by 0 (nothing outside the keys is read or written) and its row is flagged: the kernels
+    give that row a NaN loss and a NaN gradient instead of another row's values."""
     if HAS_POS:
-        return tl.load(pos_ptr + b * p_sb + row_idx * p_sn, mask=valid, other=0)
+        pos = tl.load(pos_ptr + b * p_sb + row_idx * p_sn, mask=valid, other=0)
+        bad = valid & ((pos < 0) | (pos >= N))
+        return tl.where(bad, 0, pos), bad
     else:
-        return row_idx
+        return row_idx, row_idx < 0
 
 
 @triton.jit
@@ -256,7 +261,7 @@ def _patch_contrast_fwd_kernel(
             s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, D, eps, NORMALIZE, F32_DOTS, BLOCK_D, D_CHUNKS
         )
         row_scale = inv_qn * inv_tau
-        pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
+        pos, bad = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, N, HAS_POS)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         pos_logit = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -275,7 +280,8 @@ def _patch_contrast_fwd_kernel(
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
             m_i = m_new
         lse = m_i + tl.log(l_i)
-        tl.store(loss_ptr + out_off, tl.where(valid, lse - pos_logit, 0.0), mask=in_n)
+        loss = tl.where(bad, float("nan"), lse - pos_logit)
+        tl.store(loss_ptr + out_off, tl.where(valid, loss, 0.0), mask=in_n)
         tl.store(lse_ptr + out_off, tl.where(valid, lse, 0.0), mask=in_n)
 
 
@@ -328,10 +334,10 @@ def _patch_contrast_bwd_q_kernel(
         qn, inv_qn = _row_norms(
             s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, D, eps, NORMALIZE, F32_DOTS, BLOCK_D, D_CHUNKS
         )
-        pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
+        pos, bad = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, N, HAS_POS)
         lse = tl.load(lse_ptr + b * N + row_idx, mask=valid, other=0.0)
         g = tl.load(g_ptr + b * g_sb + row_idx * g_sn, mask=valid, other=0.0).to(tl.float32)
-        g = tl.where(valid, g, 0.0) * inv_tau
+        g = tl.where(valid, tl.where(bad, float("nan"), g), 0.0) * inv_tau
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         rest = tl.zeros([BLOCK_M], dtype=tl.float32)  # 1 - p_pos, summed over the negatives
         proj = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of p cos over the negatives
@@ -422,10 +428,10 @@ def _patch_contrast_bwd_k_kernel(
             F32_DOTS, EXACT_LOGITS, BLOCK_D, D_CHUNKS,
         )  # fmt: skip
         _qn, inv_qn = _norms(q_sq, eps, NORMALIZE)
-        pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
+        pos, bad = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, N, HAS_POS)
         lse = tl.load(lse_ptr + b * N + row_idx, mask=valid, other=0.0)
         g = tl.load(g_ptr + b * g_sb + row_idx * g_sn, mask=valid, other=0.0).to(tl.float32)
-        g = tl.where(valid, g, 0.0) * inv_tau
+        g = tl.where(valid, tl.where(bad, float("nan"), g), 0.0) * inv_tau
         rest = tl.load(rest_ptr + b * N + row_idx, mask=valid, other=0.0)  # 1 - p_pos, from bwd_q
         ok = valid[:, None] & col_ok[None, :]
         cos = raw * inv_qn[:, None] * inv_kn[None, :]
@@ -493,10 +499,10 @@ def _patch_contrast_bwd_w_kernel(
         qn, inv_qn = _row_norms(
             s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, D, eps, NORMALIZE, F32_DOTS, BLOCK_D, D_CHUNKS
         )
-        pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
+        pos, bad = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, N, HAS_POS)
         lse = tl.load(lse_ptr + b * N + row_idx, mask=valid, other=0.0)
         g = tl.load(g_ptr + b * g_sb + row_idx * g_sn, mask=valid, other=0.0).to(tl.float32)
-        g = tl.where(valid, g, 0.0) * inv_tau
+        g = tl.where(valid, tl.where(bad, float("nan"), g), 0.0) * inv_tau
         rest = tl.zeros([BLOCK_M], dtype=tl.float32)  # 1 - p_pos, summed over the negatives
         proj = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of p cos over the negatives
         pos_cos = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -638,7 +644,7 @@ def _patch_contrast_bwd_wk_kernel(
             if NORMALIZE:
                 proj += tl.load(parts_ptr + (b * tl.cdiv(N, BLOCK_M) + m0 // BLOCK_M) * N + offs_n,
                                 mask=col_ok, other=0.0)  # fmt: skip
-                pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
+                pos, _bad = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, N, HAS_POS)
                 v = tl.load(vpos_ptr + rows, mask=valid, other=0.0)
                 proj += tl.sum(tl.where(offs_n[None, :] == pos[:, None], v[:, None], 0.0), axis=0)
                 w = w * _inverse(tl.load(qnorm_ptr + rows, mask=valid, other=1.0), eps)[:, None]

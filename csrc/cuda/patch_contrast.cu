@@ -378,6 +378,10 @@ __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_
 }
 
 // Fills the block's query rows from the work order: q_row, q_ok (masked), pos. Returns the block's first row.
+// A positive index outside [0, N) becomes -1 (kNoPositive): the host cannot check the indices under torch.compile
+// or graph capture, so the kernels bound them and give that row a NaN loss and NaN gradients instead of reading
+// another row or past the teacher.
+constexpr int64_t kNoPositive = -1;
 __device__ void query_rows(TileState& sh, const Args& a, int64_t b, int m0, int cnt) {
   if (threadIdx.x < kTile) {
     const int m = m0 + threadIdx.x;
@@ -385,7 +389,12 @@ __device__ void query_rows(TileState& sh, const Args& a, int64_t b, int m0, int 
     const int64_t row = in ? a.order[b * a.N + m] : 0;
     sh.q_row[threadIdx.x] = row;
     sh.q_ok[threadIdx.x] = m < cnt;
-    sh.pos[threadIdx.x] = (a.pos != nullptr && m < cnt) ? a.pos[b * a.p_sb + row * a.p_sn] : row;
+    int64_t p = row;
+    if (a.pos != nullptr && m < cnt) {
+      p = a.pos[b * a.p_sb + row * a.p_sn];
+      if (p < 0 || p >= a.N) p = kNoPositive;
+    }
+    sh.pos[threadIdx.x] = p;
   }
 }
 
@@ -471,7 +480,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
     // loss = (max - positive) + log(sum exp(x - max)): no difference of two large numbers, and >= 0 (the
     // largest term is exp(0) = 1).
     const float log_sum = sh.q_ok[r] ? logf(sh.l[r]) : 0.f;
-    loss[o] = sh.q_ok[r] ? (sh.m[r] - sh.pos_logit[r]) + log_sum : 0.f;
+    const float row_loss = sh.pos[r] == kNoPositive ? NAN : (sh.m[r] - sh.pos_logit[r]) + log_sum;
+    loss[o] = sh.q_ok[r] ? row_loss : 0.f;
     lse[o] = sh.q_ok[r] ? sh.m[r] + log_sum : 0.f;
   }
 }
@@ -479,7 +489,10 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
 // The upstream gradient of the block's query rows (0 for rows that are not masked).
 template <typename T>
 __device__ void row_grads(const Tiles<T>& sh, int64_t b, const float* grad, int64_t g_sb, int64_t g_sn, float* g) {
-  if (threadIdx.x < kTile) g[threadIdx.x] = sh.q_ok[threadIdx.x] ? grad[b * g_sb + sh.q_row[threadIdx.x] * g_sn] : 0.f;
+  if (threadIdx.x < kTile) {
+    const int r = threadIdx.x;
+    g[r] = !sh.q_ok[r] ? 0.f : sh.pos[r] == kNoPositive ? NAN : grad[b * g_sb + sh.q_row[r] * g_sn];
+  }
 }
 
 // The backward never uses the saved fp32 logsumexp (its rounding, eps * |lse|, would be a relative error in every
@@ -524,7 +537,7 @@ __device__ void finish_rows(float* dq, int ld, const Args& a, int64_t b, const i
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < kTile; r += kThreads / 32) {
     if (!ok[r]) continue;
-    const TT* key = t + b * a.t_sb + pos[r] * a.t_sn;
+    const TT* key = t + b * a.t_sb + (pos[r] == kNoPositive ? 0 : pos[r]) * a.t_sn;  // g[r] is NaN there
     float sq = 0.f;
     if (a.normalize) {
       for (int d = lane; d < a.D; d += 32) {
