@@ -351,8 +351,9 @@ patch_contrast_op.register_autograd(_pc_backward, setup_context=_pc_setup_contex
 def _no_double_backward(ctx, grad_ds, grad_dt):
     raise RuntimeError(
         "conmim::patch_contrast: double backward (a gradient of the gradient, e.g. torch.autograd.grad with "
-        "create_graph=True followed by a second backward) is not supported; use backend='reference' with "
-        "torch.func or plain torch ops for higher-order gradients"
+        "create_graph=True followed by a second backward) is not supported by the fused op; for higher-order "
+        "gradients use conmim.patch_contrast_loss_reference (plain torch ops) or backend='reference' under "
+        "torch.func (e.g. torch.func.grad)"
     )
 
 
