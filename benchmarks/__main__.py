@@ -1,7 +1,8 @@
 """``python -m benchmarks [--suite quick|full] [--ops loss,ema] [--device cpu|cuda]`` runs the suite, prints tables
 and writes benchmarks/results/<device>-<date>.json; ``python -m benchmarks report`` regenerates the README's
 performance table from every committed results file; ``python -m benchmarks static`` writes the sm_90 static
-profile (compiled, not run; see benchmarks/static.py)."""
+profile (compiled, not run; see benchmarks/static.py); ``python -m benchmarks mutate`` plants bugs in the GPU
+kernels one at a time and reports how many the CPU tests kill (benchmarks/mutate.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def main(argv=None) -> int:
         return report.main(argv[1:])
     if argv[:1] == ["static"]:
         return static.main(argv[1:])
+    if argv[:1] == ["mutate"]:
+        from benchmarks import mutate
+
+        return mutate.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--suite", choices=("quick", "full"), default="quick")
     p.add_argument(
