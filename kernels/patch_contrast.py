@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from conmim.kernels import interpreting
+from conmim.limits import exact_logits
 from conmim.order import work_order
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
@@ -196,6 +197,15 @@ def _dot_grad(acc, g, x, F32_DOTS: tl.constexpr):
     dtype (16 bits of mantissa together for bf16, 22 for fp16), two MMAs on the same feature tile."""
     if F32_DOTS:
         return _dot(g, x, acc, F32_DOTS)
+    elif x.dtype == tl.float16:
+        # fp16 overflows above 65504 (hi = inf, lo = NaN): a tile whose largest entry passes 2^14 is split after
+        # scaling by a power of two (exact), and its product scaled back
+        big = tl.max(tl.abs(g))
+        e = tl.where(big > 16384.0, tl.ceil(tl.log2(big)) - 14.0, 0.0)
+        gs = g * tl.exp2(-e)
+        hi = gs.to(x.dtype)
+        lo = (gs - hi.to(tl.float32)).to(x.dtype)
+        return acc + tl.dot(lo, x, acc=tl.dot(hi, x)) * tl.exp2(e)
     else:
         hi = g.to(x.dtype)
         lo = (g - hi.to(tl.float32)).to(x.dtype)
@@ -352,7 +362,7 @@ def _patch_contrast_bwd_q_kernel(
             )  # fmt: skip
             _kn, inv_kn = _norms(k_sq, eps, NORMALIZE)
             cos = raw * inv_qn[:, None] * inv_kn[None, :]
-            p, onehot = _negatives(cos, inv_tau, lse, pos, offs_n, col_ok[None, :])
+            p, onehot = _negatives(cos, inv_tau, lse, pos, offs_n, valid[:, None] & col_ok[None, :])
             rest += tl.sum(p, axis=1)
             proj += tl.sum(p * cos, axis=1)
             pos_cos += tl.sum(tl.where(onehot, cos, 0.0), axis=1)
@@ -515,7 +525,7 @@ def _patch_contrast_bwd_w_kernel(
             )  # fmt: skip
             kn, inv_kn = _norms(k_sq, eps, NORMALIZE)
             cos = raw * inv_qn[:, None] * inv_kn[None, :]
-            p, onehot = _negatives(cos, inv_tau, lse, pos, offs_n, col_ok[None, :])
+            p, onehot = _negatives(cos, inv_tau, lse, pos, offs_n, valid[:, None] & col_ok[None, :])
             rest += tl.sum(p, axis=1)
             proj += tl.sum(p * cos, axis=1)
             pos_cos += tl.sum(tl.where(onehot, cos, 0.0), axis=1)
@@ -750,20 +760,6 @@ KERNELS = {
 
 def _f32_dots(student_dtype, teacher_dtype, interpret: bool) -> bool:
     return interpret or student_dtype == torch.float32 or student_dtype != teacher_dtype
-
-
-# 3xTF32 keeps ~21-22 bits of each fp32 operand, several times fp32's rounding error on a logit; multiplied by
-# large logits (small temperatures, unnormalised rows) it breaks the float64 rule (a fused gradient's error at
-# most 2x that of plain fp32 torch). Measured on the CUDA kernels' CPU execution, whose TF32 rounding is exact:
-# 3xTF32 logits failed at tau = 1e-3, 1e-4, 1e-5 and for unnormalised rows of norm 30 (4-6x torch's error),
-# and passed at tau = 0.05 with a saturated softmax. With normalized rows |logit| <= 1 / tau, so 3xTF32 logits
-# only there and for tau >= TF32X3_MIN_TAU; else plain fp32 (FMA). The CUDA kernels gate theirs the same way
-# (kTf32x3MinTau in csrc/cuda/patch_contrast.cu; a test keeps the two equal).
-TF32X3_MIN_TAU = 0.05
-
-
-def exact_logits(normalize: bool, temperature: float) -> bool:
-    return not (normalize and temperature >= TF32X3_MIN_TAU)
 
 
 def launch_meta(

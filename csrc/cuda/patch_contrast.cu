@@ -42,12 +42,10 @@ constexpr int kTile = 32;     // query rows and key columns per tile
 constexpr int kChunk = 32;    // feature-dim chunk staged in shared memory
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kPad = 8;       // shared-memory row padding (keeps WMMA's ldm a multiple of 8 elements)
-constexpr int kMaxDim = 1024;
 static_assert(kMaxDim % kChunk == 0, "the accumulator rows are padded to whole chunks");
 constexpr int kCopyBytes = 16;  // one cp.async copy
 static_assert((kChunk + kPad) * 2 % kCopyBytes == 0 && kChunk * 2 % kCopyBytes == 0,
               "staged rows and chunks hold whole 16-byte copies for 2- and 4-byte types");
-constexpr int64_t kMaxGridY = 65535;  // images go on grid.y
 constexpr float kNormEps = 1e-12f;
 
 // The type both operands are staged in: theirs when they agree (tensor-core MMA for bf16/fp16), else float32.
@@ -59,8 +57,8 @@ using Staged = typename std::conditional<std::is_same<TS, TT>::value, TS, float>
 // TF32, and an fp32 operand x goes in as two TF32 parts, hi = tf32(x) and lo = tf32(x - hi) (about 21
 // significant bits; the backward's G always does), lo lo dropped (an fp32 pair: 3xTF32, A_hi B_hi + A_lo B_hi +
 // A_hi B_lo), so the products keep fp32-level precision. The logits of a pair with an fp32 side run as fp32 FMA
-// instead where they can be large (Args::exact_logits: unnormalized rows, or tau < kTf32x3MinTau, as the Triton
-// kernels' exact_logits): there split logits failed DESIGN.md's rule, at most 2x plain fp32 torch's error, where
+// instead where they can be large (Args::exact_logits, chosen by the caller: LossCall::exact_logits, set from
+// conmim/limits.py's exact_logits, the same gate as the Triton kernels': unnormalized rows, or tau < 0.05): there split logits failed DESIGN.md's rule, at most 2x plain fp32 torch's error, where
 // 1 / tau magnifies the logits' rounding: an fp32 pair's d(student) came out 4-6x plain torch's error at tau =
 // 1e-3, 1e-4, 1e-5 and on unnormalized rows of norm 30 (tests/test_cuda_on_cpu.py, the large-logit cases; some
 // still failed with the low products summed apart from S, or with three TF32 parts a side and six products), and
@@ -73,8 +71,6 @@ constexpr Mma kMma = std::is_same<Staged<TS, TT>, float>::value ? Mma::kTf32 : M
 // TF32 products are exact: it keeps them).
 template <typename TS, typename TT>
 constexpr bool kHasF32 = std::is_same<TS, float>::value || std::is_same<TT, float>::value;
-// The smallest temperature whose (normalized) logits a pair with an fp32 side computes on tensor cores.
-constexpr double kTf32x3MinTau = 0.05;
 // The k of the pair's logits MMA.
 template <typename TS, typename TT>
 constexpr int kMmaK = kMma<TS, TT> == Mma::kHalf ? 16 : 8;
@@ -243,17 +239,20 @@ __device__ void mma_chunk(float* acc, int ld, int d0, const GradMma& mm) {
   wmma::load_matrix_sync(c, out, ld, wmma::mem_row_major);
 #pragma unroll
   for (int k = 0; k < kTile; k += 8) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a_hi, a_lo;
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
     wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b;
-    wmma::load_matrix_sync(a_hi, &mm.hi[br][k], kTile + 4);
-    wmma::load_matrix_sync(a_lo, &mm.lo[br][k], kTile + 4);
     wmma::load_matrix_sync(b, &mm.x[k][bc], kChunk + kPad);
-    wmma::mma_sync(c, a_lo, b, c);
+    wmma::load_matrix_sync(a, &mm.hi[br][k], kTile + 4);
+    // A TF32 fragment must hold TF32 values before any product (the tensor cores' reading of an unconverted fp32
+    // value is unspecified), so an fp32 x is split first: b keeps its TF32 high part, b_lo the residual. One A
+    // fragment at a time (hi, then lo) keeps the registers of bwd_k's fp32 case within budget.
     if constexpr (kSplitX) {
       const auto b_lo = split_fragment(b);
-      wmma::mma_sync(c, a_hi, b_lo, c);
+      wmma::mma_sync(c, a, b_lo, c);
     }
-    wmma::mma_sync(c, a_hi, b, c);
+    wmma::mma_sync(c, a, b, c);
+    wmma::load_matrix_sync(a, &mm.lo[br][k], kTile + 4);
+    wmma::mma_sync(c, a, b, c);
   }
   wmma::store_matrix_sync(out, c, ld, wmma::mem_row_major);
 }
@@ -744,7 +743,7 @@ Args make(const LossCall& p) {
   a.D = static_cast<int>(p.D);
   a.inv_tau = static_cast<float>(p.inv_tau);
   a.normalize = p.normalize;
-  a.exact_logits = !(p.normalize && 1.0 / p.inv_tau >= kTf32x3MinTau);
+  a.exact_logits = p.exact_logits;
   a.s_copy16 = a.t_copy16 = false;  // the forward's launcher decides, knowing the element types and the device
   a.q_resident = true;
   return a;
