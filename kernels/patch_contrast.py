@@ -153,17 +153,27 @@ def _query_block(order_ptr, counts_ptr, N, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _positive_index(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS: tl.constexpr):
+    """positive_index[b, row] or the row itself, unchecked: only for comparing with key indices (an index out of
+    range matches no key), never for addressing; see _positives."""
+    if HAS_POS:
+        return tl.load(pos_ptr + b * p_sb + row_idx * p_sn, mask=valid, other=0)
+    else:
+        return row_idx
+
+
+@triton.jit
 def _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, N, HAS_POS: tl.constexpr):
     """(key index of each query's positive: positive_index[b, row] or the row itself; whether that index lies
     outside [0, N)). The host cannot check the indices under torch.compile or graph capture, so an index out of
     range is replaced by 0 (nothing outside the keys is read or written) and its row is flagged: the kernels
     give that row a NaN loss and a NaN gradient instead of another row's values."""
+    pos = _positive_index(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
     if HAS_POS:
-        pos = tl.load(pos_ptr + b * p_sb + row_idx * p_sn, mask=valid, other=0)
         bad = valid & ((pos < 0) | (pos >= N))
         return tl.where(bad, 0, pos), bad
     else:
-        return row_idx, row_idx < 0
+        return pos, pos < 0
 
 
 @triton.jit
@@ -199,13 +209,15 @@ def _dot_grad(acc, g, x, F32_DOTS: tl.constexpr):
         return _dot(g, x, acc, F32_DOTS)
     elif x.dtype == tl.float16:
         # fp16 overflows above 65504 (hi = inf, lo = NaN): a tile whose largest entry passes 2^14 is split after
-        # scaling by a power of two (exact), and its product scaled back
+        # scaling (exact: a power of two), and its product scaled back; the accumulator is scaled with it rather
+        # than a second one kept, which would cost a tile of registers
         big = tl.max(tl.abs(g))
         e = tl.where(big > 16384.0, tl.ceil(tl.log2(big)) - 14.0, 0.0)
-        gs = g * tl.exp2(-e)
+        down = tl.exp2(-e)
+        gs = g * down
         hi = gs.to(x.dtype)
         lo = (gs - hi.to(tl.float32)).to(x.dtype)
-        return acc + tl.dot(lo, x, acc=tl.dot(hi, x)) * tl.exp2(e)
+        return tl.dot(lo, x, acc=tl.dot(hi, x, acc=acc * down)) * tl.exp2(e)
     else:
         hi = g.to(x.dtype)
         lo = (g - hi.to(tl.float32)).to(x.dtype)
@@ -654,7 +666,7 @@ def _patch_contrast_bwd_wk_kernel(
             if NORMALIZE:
                 proj += tl.load(parts_ptr + (b * tl.cdiv(N, BLOCK_M) + m0 // BLOCK_M) * N + offs_n,
                                 mask=col_ok, other=0.0)  # fmt: skip
-                pos, _bad = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, N, HAS_POS)
+                pos = _positive_index(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
                 v = tl.load(vpos_ptr + rows, mask=valid, other=0.0)
                 proj += tl.sum(tl.where(offs_n[None, :] == pos[:, None], v[:, None], 0.0), axis=0)
                 w = w * _inverse(tl.load(qnorm_ptr + rows, mask=valid, other=1.0), eps)[:, None]
