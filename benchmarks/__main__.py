@@ -6,6 +6,8 @@
       regenerate docs/performance.md's measured tables (and the plots) from the committed results
   python -m benchmarks static [--docs]
       the sm_90 static profile of every GPU kernel: compiled, not run
+  python -m benchmarks mutate [--only NAMES] [--list]
+      plant bugs in the GPU kernels one at a time and report how many the CPU tests kill
 
 From any directory: ``conmim-bench ...`` (or ``python -m conmim.bench ...``) runs the same commands in the
 checkout the package was installed from. Each sub-command takes --help.
@@ -29,6 +31,10 @@ def main(argv=None) -> int:
         from benchmarks import static
 
         return static.main(argv[1:])
+    if argv[:1] == ["mutate"]:
+        from benchmarks import mutate
+
+        return mutate.main(argv[1:])
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=__doc__,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import conmim
-from benchmarks.harness import Variant, fmt_time, table, time_interleaved
+from benchmarks.harness import Variant, fmt_time, kernel_times, table, time_interleaved
 from conmim.reference import ema_update_loop_
 
 MODELS = {"quick": ["vit_small+head", "vit_base+head"], "full": ["vit_small+head", "vit_base+head"]}
@@ -86,6 +86,9 @@ def run(suite: str, device: torch.device, ceil: dict, rounds: int) -> list[dict]
                     "fraction_of_copy": gbps / ceil["copy_bytes_per_s"] if gbps else None,
                     "fraction_of_bandwidth": gbps / ceil["bandwidth_bytes_per_s"] if gbps else None,
                     "error": tm.error,
+                    "kernel_s": (
+                        kernel_times(v, device) if tm.error is None and v.name.startswith("fused") else None
+                    ),
                 }
             )
     return records

@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 
 import conmim
-from benchmarks.harness import Variant, fmt_bytes, fmt_time, peak_extra_memory, table, time_interleaved
+from benchmarks.harness import (
+    Variant,
+    fmt_bytes,
+    fmt_time,
+    kernel_times,
+    peak_extra_memory,
+    table,
+    time_interleaved,
+)
 from conmim.reference import patch_contrast_loss_official, patch_contrast_loss_reference
 
 # (B, N, d) per suite and device type; dtype fp32 on the CPU, bf16 on a GPU.
@@ -83,7 +91,10 @@ def _variants(fns: dict, s, t, mask, mode: str) -> list[Variant]:
         if mode == "fwd":
             out.append(Variant(name, lambda _, f=f: f(s.detach(), t, mask)))
         elif mode == "bwd":
-            out.append(Variant(name, lambda loss: loss.backward(), setup=lambda f=f: f(s, t, mask)))
+            # retain_graph: a GPU sample times many backwards of one forward (harness.Variant.repeatable)
+            out.append(
+                Variant(name, lambda loss: loss.backward(retain_graph=True), setup=lambda f=f: f(s, t, mask))
+            )
         else:
             out.append(Variant(name, lambda _, f=f: f(s, t, mask).backward()))
     return out
@@ -111,7 +122,9 @@ def run(suite: str, device: torch.device, ceil: dict, rounds: int, with_compile:
             floor, flops, nbytes = floor_seconds(B, N, d, M, s.element_size(), mode, ceil)
             for v in _variants(fns, s, t, mask, mode):
                 tm = timings[v.name]
-                mem = None
+                mem = kernels = None
+                if mode == "fwd+bwd" and tm.error is None and v.name.startswith("fused"):
+                    kernels = kernel_times(v, device)
                 if mode == "fwd+bwd" and tm.error is None:
                     if device.type == "cpu":
                         mem = probe_memory(B, N, d, v.name)
@@ -137,6 +150,7 @@ def run(suite: str, device: torch.device, ceil: dict, rounds: int, with_compile:
                             sorted(tm.ratios)[len(tm.ratios) // 2] if tm.ratios else None
                         ),
                         "peak_extra_bytes": mem,
+                        "kernel_s": kernels,
                         "floor_s": floor,
                         "flops": flops,
                         "bytes": nbytes,

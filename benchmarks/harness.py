@@ -1,8 +1,10 @@
 """Shared benchmark harness.
 
-Timing: on a GPU, CUDA events around each call after warm-up; on the CPU, interleaved ``perf_counter`` runs
-(A B C A B C ...) so that drift and the other core's load hit every variant alike, with per-round ratios against
-the baseline. Memory: ``torch.cuda.max_memory_allocated`` growth on a GPU; on the CPU the growth of the process's
+Timing: variants run interleaved (A B C A B C ...) so that drift and other load hit every variant alike, with
+per-round ratios against the baseline. On a GPU each round's time of a variant is ``triton.testing.do_bench``'s
+median over many back-to-back calls, each preceded by an L2 flush (one call between two events would measure the
+host's launch overhead, not ~50 us of kernels behind a custom-op dispatch); on the CPU, one ``perf_counter`` call.
+Per-kernel device times of one call come from ``torch.profiler`` (``kernel_times``). Memory: ``torch.cuda.max_memory_allocated`` growth on a GPU; on the CPU the growth of the process's
 peak resident set (VmHWM, reset through /proc/self/clear_refs) over the call. Ceilings (copy bandwidth, matmul
 rate) are measured in the same run so every result carries its fraction of the hardware floor.
 """
@@ -95,6 +97,9 @@ class Variant:
     name: str
     run: Callable
     setup: Callable = lambda: None
+    # run(arg) may be called many times on one setup() (e.g. a backward with retain_graph): on a GPU do_bench
+    # then times run alone; otherwise each GPU sample is one setup() and one run() between two events
+    repeatable: bool = True
 
 
 @dataclass
@@ -116,9 +121,18 @@ class Timing:
         return (q[2] - q[0]) / 2 / statistics.median(self.times)
 
 
+# do_bench's budget per sample (ms): enough calls of a ~50 us op for a stable median, few enough for many rounds
+GPU_WARMUP_MS, GPU_REP_MS = 5, 25
+
+
 def _one(v: Variant, device: torch.device) -> float:
     arg = v.setup()
     sync(device)
+    if device.type == "cuda" and v.repeatable:
+        from triton.testing import do_bench
+
+        ms = do_bench(lambda: v.run(arg), warmup=GPU_WARMUP_MS, rep=GPU_REP_MS, return_mode="median")
+        return ms / 1e3
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -168,6 +182,28 @@ def time_interleaved(
         if r >= 2 and time.perf_counter() - t_start > budget_s:
             break
     return out
+
+
+def kernel_times(v: Variant, device: torch.device, calls: int = 5, top: int = 12) -> dict[str, float]:
+    """Device time per call of each kernel that ``v`` launches (CUDA kernels on a GPU; on the CPU the ops' own
+    CPU time), from ``torch.profiler`` over ``calls`` calls after one warm-up: {name: seconds per call}, the
+    ``top`` largest, largest first. Names are shortened to 120 characters."""
+    from torch.profiler import ProfilerActivity, profile
+
+    arg = v.setup()
+    v.run(arg)
+    sync(device)
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(calls):
+            v.run(arg if v.repeatable else v.setup())
+        sync(device)
+    totals: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = evt.self_device_time_total if device.type == "cuda" else evt.self_cpu_time_total
+        if us > 0:
+            totals[evt.key[:120]] = totals.get(evt.key[:120], 0.0) + us / 1e6 / calls
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top])
 
 
 # ------------------------------------------------------------------------------------------------------ memory

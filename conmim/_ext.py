@@ -14,14 +14,24 @@ try:
     from conmim import _C  # type: ignore[attr-defined]
 
     LOAD_ERROR: str | None = None
+    if not hasattr(_C, "dtype_tags"):  # a build from before the extension exported its tables
+        _C, LOAD_ERROR = None, "conmim._C is older than these sources (it exports no dtype_tags)"
 except ImportError as exc:  # the extension was not built, or was built for another Python
     _C = None
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
 _warned = False
 
-# Dtype tags understood by csrc/common.h.
-DTYPE_TAGS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+
+def dtype_tags(module=None) -> dict:
+    """torch dtype -> the tag csrc/common.h gives it, as the extension exports them ({} without it)."""
+    module = _C if module is None else module
+    if module is None:
+        return {}
+    return {getattr(torch, name): tag for name, tag in module.dtype_tags.items()}
+
+
+DTYPE_TAGS = dtype_tags()
 
 
 def available() -> bool:

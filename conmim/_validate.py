@@ -104,7 +104,9 @@ def check_positive_index_range(positive_index: torch.Tensor, mask: torch.Tensor,
 def check_temperature(temperature) -> None:
     if not is_real(temperature):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) tau is a symbolic float, which
+    # comparisons guard on and math.isfinite cannot trace
+    if not (0 < temperature < math.inf):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if temperature < MIN_TEMPERATURE:
         raise ValueError(

@@ -15,6 +15,7 @@ from conmim._validate import (
 )
 from conmim.ops import GPU_BACKENDS, patch_contrast_backend, patch_contrast_op
 from conmim.order import work_order
+from conmim.reference import patch_contrast_loss_reference
 
 
 def _host_checks_allowed(t: torch.Tensor) -> bool:
@@ -52,6 +53,9 @@ def patch_contrast_loss(
             (one loss per masked patch in ``mask.nonzero()`` order; this one reads the count on the host).
         normalize: L2-normalise both inputs (False for features that are already normalised); a bool.
         positive_index: optional int64 [B, N]; key index of each query's positive (default: same index).
+            Values outside [0, N) on masked rows raise a ValueError; where the host cannot read them
+            (torch.compile, CUDA-graph capture) every backend bounds them itself and gives that row a NaN
+            loss and NaN gradients for its image (a non-finite loss, never a read of another row's memory).
         backend: "auto", "triton", "cuda", "cpu" or "reference" (env CONMIM_BACKEND overrides "auto").
 
     Returns:
@@ -64,6 +68,17 @@ def patch_contrast_loss(
     if positive_index is not None and _host_checks_allowed(positive_index):
         check_positive_index_range(positive_index, mask, N)
     name = patch_contrast_backend(student, teacher, backends.requested_backend(backend))
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vjp, jacrev, ...) cannot see through a custom op's autograd; the reference's plain
+        # torch ops can (higher orders included), the fused kernels have no such form
+        if name != "reference":
+            raise RuntimeError(
+                f"patch_contrast_loss: torch.func transforms run on backend='reference' only (this call chose "
+                f"{name!r}); pass backend='reference' or use conmim.patch_contrast_loss_reference"
+            )
+        return patch_contrast_loss_reference(
+            student, teacher, mask, temperature, reduction, normalize, positive_index
+        )
     order, counts = work_order(mask) if name in GPU_BACKENDS else (None, None)  # once: forward and backward
     row_loss, _ = patch_contrast_op(
         student, teacher, mask, positive_index, float(temperature), normalize, name, order, counts

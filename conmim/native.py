@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from conmim import _ext
+from conmim.limits import exact_logits
 from conmim.order import work_order
 
 
@@ -32,6 +33,7 @@ def _loss_call(student, teacher, positive_index, temperature, normalize, **field
         call.positive_index, call.positive_stride = positive_index.data_ptr(), list(positive_index.stride())
     call.inv_tau = 1.0 / float(temperature)
     call.normalize = bool(normalize)
+    call.exact_logits = exact_logits(normalize, temperature)
     for name, value in fields.items():
         setattr(call, name, value)
     return call

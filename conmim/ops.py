@@ -16,13 +16,14 @@ import torch
 
 from conmim import _ext, backends, native, preference
 from conmim.backends import Kind, Why
-from conmim.reference import acc_dtype, ema_update_reference_, patch_contrast_loss_reference
+from conmim.reference import acc_dtype, ema_update_reference_, masked_rows_loss
 
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_TRITON_D = 2048  # bf16/fp16; one [BLOCK, d] tile of each operand stays in shared memory
 MAX_TRITON_D_FP32 = 1024  # fp32 at d = 2048 needs ~394 KB of shared memory, above the H200's 227 KB
-MAX_CUDA_D = 1024
-MAX_GPU_BATCH = 65535  # the GPU kernels put images on grid.y
+MAX_GPU_BATCH = (
+    65535  # the Triton launchers put images on grid.y, CUDA's limit (the CUDA backend's: conmim._C)
+)
 GPU_BACKENDS = ("triton", "cuda")  # their launchers take the work order (conmim.order.work_order)
 
 
@@ -63,78 +64,220 @@ def _extension_whys(needs_cuda: bool) -> list[Why]:
     return []
 
 
-def _fused_reasons(
-    device: torch.device,
-    dtypes: set[torch.dtype],
-    limits: Callable[[str], list[Why]],
-    gpu_order: tuple[str, str] = ("triton", "cuda"),
-) -> backends.Reasons:
-    """backend -> thunk listing every reason it cannot run an op on ``device`` with tensors of ``dtypes``
-    (device, build, dtype, then the op's own ``limits(backend)``), in auto priority order for the device
-    (``gpu_order`` first on a GPU, the C++ kernels first on the CPU); the reference last."""
-    bad = sorted(str(d) for d in dtypes - set(_GPU_DTYPES))
-
-    def gpu_dtypes(kernels: str) -> list[Why]:
-        if not bad:
-            return []
-        return [
-            Why(
-                f"dtype {', '.join(bad)} is not supported by the {kernels} kernels (float32, bfloat16, float16)"
-            )
-        ]
-
-    def on(kind: str, kernels: str) -> list[Why]:
-        if device.type == kind:
-            return []
-        return [
-            Why(
-                f"wrong device: the {kernels} kernels need {kind.upper()} tensors, got {device.type}",
-                Kind.DEVICE,
-            )
-        ]
-
-    thunks = {
-        "triton": lambda: (*_triton_whys(device), *gpu_dtypes("Triton"), *limits("triton")),
-        "cuda": lambda: (*on("cuda", "CUDA"), *_extension_whys(True), *gpu_dtypes("CUDA"), *limits("cuda")),
-        "cpu": lambda: (*on("cpu", "C++"), *_extension_whys(False), *limits("cpu")),
-    }
-    names = (*gpu_order, "cpu") if device.type == "cuda" else ("cpu", "triton", "cuda")
-    return {**{n: thunks[n] for n in names}, "reference": lambda: ()}
+def _gpu_dtypes(bad: list[str], kernels: str) -> list[Why]:
+    if not bad:
+        return []
+    return [
+        Why(f"dtype {', '.join(bad)} is not supported by the {kernels} kernels (float32, bfloat16, float16)")
+    ]
 
 
-# --------------------------------------------------------------------------------------------- patch contrast
-def _on_device(t: torch.Tensor):
+def _on(device: torch.device, kind: str, kernels: str) -> list[Why]:
+    if device.type == kind:
+        return []
+    return [
+        Why(
+            f"wrong device: the {kernels} kernels need {kind.upper()} tensors, got {device.type}", Kind.DEVICE
+        )
+    ]
+
+
+def _on_device(t: torch.device | torch.Tensor):
     """Makes ``t``'s GPU the current one while a kernel launches (the launchers use the current device's stream
     and context, which need not be the tensors' GPU); nothing for CPU tensors."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    dev = t.device if isinstance(t, torch.Tensor) else t
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
 
-def patch_contrast_reasons(student: torch.Tensor, teacher: torch.Tensor | None = None) -> backends.Reasons:
-    """backend -> thunk listing every reason it cannot run the loss on inputs like ``student`` and ``teacher``
-    (default: a teacher like the student); in auto priority order."""
-    teacher = student if teacher is None else teacher
-    B, N, D = student.shape
-    dtypes = {student.dtype, teacher.dtype}
+def _groups(teacher, student):
+    """Split index lists by (teacher dtype, student dtype): one launch each."""
+    out: dict[tuple, list[int]] = {}
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        out.setdefault((t.dtype, s.dtype), []).append(i)
+    return out.values()
 
-    def limits(name: str) -> list[Why]:
-        if name == "cpu":
-            return []
+
+class Backend:
+    """One way to run the ops. ``why_not`` lists every reason it cannot run on ``device`` with tensors of
+    ``dtypes`` (device, build, dtype; an empty list: it can), ``loss_limits`` the loss's own (sizes); the run
+    methods take inputs already validated by the op and a backend already chosen. ``work`` is the GPU launchers'
+    (order, counts) from conmim.order.work_order, or None to compute it there."""
+
+    name = ""
+
+    def why_not(self, device: torch.device, dtypes: set[torch.dtype]) -> list[Why]:
+        return []
+
+    def loss_limits(self, B: int, D: int, dtypes: set[torch.dtype]) -> list[Why]:
+        return []
+
+    def forward(self, student, teacher, mask, positive_index, temperature, normalize, work):
+        """(loss, lse): [B, N] float32 (float64 for float64 inputs), 0 where not masked."""
+        raise NotImplementedError
+
+    def backward(
+        self, grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher, work
+    ):
+        """(d_student in student.dtype, d_teacher in teacher.dtype or None): contiguous [B, N, D]."""
+        raise NotImplementedError
+
+    def ema_update(self, teacher: list[torch.Tensor], student: list[torch.Tensor], momentum) -> None:
+        """teacher[i] <- lerp(teacher[i], student[i], 1 - momentum); momentum a float or a 0-d tensor."""
+        raise NotImplementedError
+
+
+class Reference(Backend):
+    name = "reference"
+
+    def forward(self, student, teacher, mask, positive_index, temperature, normalize, work):
+        return _reference_rows(student, teacher, mask, positive_index, temperature, normalize)
+
+    def backward(
+        self, grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher, work
+    ):
+        return _reference_backward(
+            grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher
+        )
+
+    def ema_update(self, teacher, student, momentum):
+        ema_update_reference_(teacher, student, momentum)
+
+
+class Cpu(Backend):
+    """The C++ kernels of conmim._C (OpenMP)."""
+
+    name = "cpu"
+
+    def why_not(self, device, dtypes):
+        return [*_on(device, "cpu", "C++"), *_extension_whys(False)]
+
+    def forward(self, student, teacher, mask, positive_index, temperature, normalize, work):
+        return native.patch_contrast_forward_cpu(
+            student, teacher, mask, positive_index, temperature, normalize
+        )
+
+    def backward(
+        self, grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher, work
+    ):
+        args = (grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher)
+        return native.patch_contrast_backward_cpu(*args)
+
+    def ema_update(self, teacher, student, momentum):
+        native.ema_update_cpu_(teacher, [s.detach().contiguous() for s in student], float(momentum))
+
+
+class Triton(Backend):
+    """The Triton kernels (conmim.kernels): on a GPU, or on the CPU under TRITON_INTERPRET=1."""
+
+    name = "triton"
+
+    def why_not(self, device, dtypes):
+        return [
+            *_triton_whys(device),
+            *_gpu_dtypes(sorted(str(d) for d in dtypes - set(_GPU_DTYPES)), "Triton"),
+        ]
+
+    def loss_limits(self, B, D, dtypes):
         out = []
-        if name == "triton":
-            max_d = MAX_TRITON_D_FP32 if torch.float32 in dtypes else MAX_TRITON_D
-            fp32 = " with a float32 operand" if torch.float32 in dtypes else ""
-            if max_d < D:
-                out.append(Why(f"feature dim d = {D} is above the Triton kernels' limit of {max_d}{fp32}"))
-        elif D > MAX_CUDA_D:
-            out.append(Why(f"feature dim d = {D} is above the CUDA kernels' limit of {MAX_CUDA_D}"))
+        max_d = MAX_TRITON_D_FP32 if torch.float32 in dtypes else MAX_TRITON_D
+        fp32 = " with a float32 operand" if torch.float32 in dtypes else ""
+        if max_d < D:
+            out.append(Why(f"feature dim d = {D} is above the Triton kernels' limit of {max_d}{fp32}"))
         if B > MAX_GPU_BATCH:
             out.append(
                 Why(f"batch B = {B} is above the GPU kernels' limit of {MAX_GPU_BATCH} images per call")
             )
         return out
 
+    def forward(self, student, teacher, mask, positive_index, temperature, normalize, work):
+        mod = _triton_module("patch_contrast")
+        return mod.patch_contrast_forward(
+            student, teacher, mask, positive_index, temperature, normalize, work=work
+        )
+
+    def backward(
+        self, grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher, work
+    ):
+        args = (grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher)
+        return _triton_module("patch_contrast").patch_contrast_backward(*args, work=work)
+
+    def ema_update(self, teacher, student, momentum):
+        # A non-contiguous student is copied on every call, which also gives the launcher's cached address table
+        # a new key (a rebuild and a host-to-device copy; an error under graph capture). Parameters are
+        # contiguous in practice; a caller with strided students passes contiguous copies it keeps.
+        student = [s.detach().contiguous() for s in student]
+        mod = _triton_module("ema")
+        for idx in _groups(teacher, student):
+            mod.ema_update_([teacher[i] for i in idx], [student[i] for i in idx], momentum)
+
+
+class Cuda(Backend):
+    """The CUDA kernels of conmim._C; their size limits come from the extension (conmim._C.cuda_max_dim and
+    cuda_max_batch), where the kernels define them."""
+
+    name = "cuda"
+
+    def why_not(self, device, dtypes):
+        bad = sorted(str(d) for d in dtypes - set(_GPU_DTYPES))
+        return [*_on(device, "cuda", "CUDA"), *_extension_whys(True), *_gpu_dtypes(bad, "CUDA")]
+
+    def loss_limits(self, B, D, dtypes):
+        if not _ext.cuda_compiled():
+            return []  # why_not already says the kernels are missing
+        max_d, max_b, out = _ext.get().cuda_max_dim, _ext.get().cuda_max_batch, []
+        if max_d < D:
+            out.append(Why(f"feature dim d = {D} is above the CUDA kernels' limit of {max_d}"))
+        if max_b < B:
+            out.append(Why(f"batch B = {B} is above the GPU kernels' limit of {max_b} images per call"))
+        return out
+
+    def forward(self, student, teacher, mask, positive_index, temperature, normalize, work):
+        args = (student, teacher, mask, positive_index, temperature, normalize)
+        return native.patch_contrast_forward_cuda(*args, work=work)
+
+    def backward(
+        self, grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher, work
+    ):
+        args = (grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher)
+        return native.patch_contrast_backward_cuda(*args, work=work)
+
+    def ema_update(self, teacher, student, momentum):
+        student = [s.detach().contiguous() for s in student]
+        if isinstance(momentum, torch.Tensor):
+            momentum = momentum.to(device=teacher[0].device, dtype=torch.float32)
+        for idx in _groups(teacher, student):
+            native.ema_update_cuda_([teacher[i] for i in idx], [student[i] for i in idx], momentum)
+
+
+BACKEND_OBJECTS: dict[str, Backend] = {b.name: b for b in (Triton(), Cuda(), Cpu(), Reference())}
+
+
+def _fused_reasons(
+    device: torch.device,
+    dtypes: set[torch.dtype],
+    limits: Callable[[Backend], list[Why]],
+    gpu_order: tuple[str, str] = ("triton", "cuda"),
+) -> backends.Reasons:
+    """backend -> thunk listing every reason it cannot run an op on ``device`` with tensors of ``dtypes``
+    (the backend's why_not, then the op's ``limits(backend)``), in auto priority order for the device
+    (``gpu_order`` first on a GPU, the C++ kernels first on the CPU); the reference last."""
+
+    def thunk(b: Backend):
+        return lambda: (*b.why_not(device, dtypes), *limits(b))
+
+    names = (*gpu_order, "cpu") if device.type == "cuda" else ("cpu", "triton", "cuda")
+    return {**{n: thunk(BACKEND_OBJECTS[n]) for n in names}, "reference": lambda: ()}
+
+
+# --------------------------------------------------------------------------------------------- patch contrast
+def patch_contrast_reasons(student: torch.Tensor, teacher: torch.Tensor | None = None) -> backends.Reasons:
+    """backend -> thunk listing every reason it cannot run the loss on inputs like ``student`` and ``teacher``
+    (default: a teacher like the student); in auto priority order."""
+    teacher = student if teacher is None else teacher
+    B, N, D = student.shape
+    dtypes = {student.dtype, teacher.dtype}
     gpu_order = preference.gpu_order(N, D)[0] if student.device.type == "cuda" else ("triton", "cuda")
-    return _fused_reasons(student.device, dtypes, limits, gpu_order)
+    return _fused_reasons(student.device, dtypes, lambda b: b.loss_limits(B, D, dtypes), gpu_order)
 
 
 @torch.compiler.assume_constant_result
@@ -150,13 +293,22 @@ def patch_contrast_backend(student: torch.Tensor, teacher: torch.Tensor, backend
     )
 
 
+def _no_autocast(t: torch.Tensor):
+    """The reference backend's arithmetic is fp32 (fp64) by contract: an enclosing autocast region would run its
+    matmuls in bf16/fp16 (and hand masked_scatter a source of another dtype)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _reference_rows(student, teacher, mask, positive_index, temperature, normalize):
     """Dense [B, N] loss and logsumexp from the reference (rows that are not masked hold 0)."""
+    with _no_autocast(student):
+        return _reference_rows_fp32(student, teacher, mask, positive_index, temperature, normalize)
+
+
+def _reference_rows_fp32(student, teacher, mask, positive_index, temperature, normalize):
     B, N, _ = student.shape
     acc = acc_dtype(student.dtype)
-    per_row = patch_contrast_loss_reference(
-        student, teacher, mask, temperature, "none", normalize, positive_index
-    )
+    per_row = masked_rows_loss(student, teacher, mask, temperature, normalize, positive_index)
     loss = torch.zeros(B, N, dtype=acc, device=student.device)
     loss = loss.masked_scatter(mask, per_row)
     q = student.to(acc)
@@ -186,6 +338,15 @@ def _reference_backward(grad, student, teacher, mask, positive_index, temperatur
     the L2-normalisation Jacobian. Returns (d_student in student.dtype, d_teacher in teacher.dtype or None),
     contiguous.
     """
+    with _no_autocast(student):
+        return _reference_backward_fp32(
+            grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher
+        )
+
+
+def _reference_backward_fp32(
+    grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher
+):
     B, N, _ = student.shape
     acc = acc_dtype(student.dtype)
     x, y = student.to(acc), teacher.to(acc)
@@ -197,7 +358,10 @@ def _reference_backward(grad, student, teacher, mask, positive_index, temperatur
     )
     onehot = torch.nn.functional.one_hot(pos.clamp(0, N - 1), N).bool()
     others = torch.softmax(logits, dim=-1).masked_fill(onehot, 0.0)
-    g = (grad.to(acc) * mask.to(acc)).unsqueeze(-1)
+    g = grad.to(acc) * mask.to(acc)
+    if positive_index is not None:  # an index the host could not check: NaN gradients, as the fused kernels
+        g = g.masked_fill(mask & ((positive_index < 0) | (positive_index >= N)), float("nan"))
+    g = g.unsqueeze(-1)
     G = g * (others - onehot * others.sum(-1, keepdim=True)) / temperature
     dq = torch.bmm(G, k)
     ds = _normalize_backward(x, dq) if normalize else dq
@@ -230,15 +394,10 @@ def patch_contrast_op(
     ``order``, ``counts``: conmim.order.work_order(mask) for the GPU backends, computed once by the caller and
     reused by the backward (None: the launcher computes them)."""
     name = patch_contrast_backend(student, teacher, backend)
-    args = (student, teacher, mask, positive_index, temperature, normalize)
     with _on_device(student):
-        if name == "cpu":
-            return native.patch_contrast_forward_cpu(*args)
-        if name == "triton":
-            return _triton_module("patch_contrast").patch_contrast_forward(*args, work=_work(order, counts))
-        if name == "cuda":
-            return native.patch_contrast_forward_cuda(*args, work=_work(order, counts))
-    return _reference_rows(*args)
+        return BACKEND_OBJECTS[name].forward(
+            student, teacher, mask, positive_index, temperature, normalize, _work(order, counts)
+        )
 
 
 @patch_contrast_op.register_fake
@@ -270,18 +429,7 @@ def patch_contrast_backward_op(
     name = backend if backend != "auto" else patch_contrast_backend(student, teacher, backend)
     args = (grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher)
     with _on_device(student):
-        if name == "cpu":
-            ds, dt = native.patch_contrast_backward_cpu(*args)
-        elif name == "triton":
-            ds, dt = _triton_module("patch_contrast").patch_contrast_backward(
-                *args, work=_work(order, counts)
-            )
-        elif name == "cuda":
-            ds, dt = native.patch_contrast_backward_cuda(*args, work=_work(order, counts))
-        else:
-            ds, dt = _reference_backward(
-                grad, student, teacher, mask, positive_index, temperature, normalize, need_teacher
-            )
+        ds, dt = BACKEND_OBJECTS[name].backward(*args, _work(order, counts))
     return ds, (dt if dt is not None else teacher.new_empty(0))
 
 
@@ -330,8 +478,9 @@ patch_contrast_op.register_autograd(_pc_backward, setup_context=_pc_setup_contex
 def _no_double_backward(ctx, grad_ds, grad_dt):
     raise RuntimeError(
         "conmim::patch_contrast: double backward (a gradient of the gradient, e.g. torch.autograd.grad with "
-        "create_graph=True followed by a second backward) is not supported; use backend='reference' with "
-        "torch.func or plain torch ops for higher-order gradients"
+        "create_graph=True followed by a second backward) is not supported by the fused op; for higher-order "
+        "gradients use conmim.patch_contrast_loss_reference (plain torch ops) or backend='reference' under "
+        "torch.func (e.g. torch.func.grad)"
     )
 
 
@@ -352,15 +501,7 @@ def ema_reasons(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> bac
         common.append(
             Why(f"teacher tensors {bad[:5]} are not contiguous (fused kernels update contiguous memory)")
         )
-    return _fused_reasons(dev, dtypes, lambda name: common)
-
-
-def _groups(teacher, student):
-    """Split index lists by (teacher dtype, student dtype): one launch each."""
-    out: dict[tuple, list[int]] = {}
-    for i, (t, s) in enumerate(zip(teacher, student)):
-        out.setdefault((t.dtype, s.dtype), []).append(i)
-    return out.values()
+    return _fused_reasons(dev, dtypes, lambda b: common)
 
 
 @torch.library.custom_op("conmim::ema_update_", mutates_args=("teacher",))
@@ -377,23 +518,8 @@ def ema_update_op(
     reasons = ema_reasons(teacher, student)
     name = backends.choose("conmim::ema_update_", backend, reasons, {"teacher": teacher, "student": student})
     m = momentum_tensor if momentum_tensor is not None else momentum
-    if name == "reference":
-        ema_update_reference_(teacher, student, m)
-        return
-    student = [s.detach().contiguous() for s in student]
-    if name == "cpu":
-        native.ema_update_cpu_(teacher, student, float(m))
-        return
     with _on_device(teacher[0]):
-        if name == "cuda":
-            if isinstance(m, torch.Tensor):
-                m = m.to(device=teacher[0].device, dtype=torch.float32)
-            for idx in _groups(teacher, student):
-                native.ema_update_cuda_([teacher[i] for i in idx], [student[i] for i in idx], m)
-            return
-        mod = _triton_module("ema")
-        for idx in _groups(teacher, student):
-            mod.ema_update_([teacher[i] for i in idx], [student[i] for i in idx], m)
+        BACKEND_OBJECTS[name].ema_update(teacher, student, m)
 
 
 @ema_update_op.register_fake

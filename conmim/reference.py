@@ -64,13 +64,23 @@ def patch_contrast_loss_reference(
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [M] for reduction="none".
     """
-    B, N, d = check_patch_contrast_args(
+    _, N, _ = check_patch_contrast_args(
         student, teacher, mask, positive_index, temperature, reduction, normalize
     )
     if student.device.type == "meta":
         raise ValueError("the reference loss reads the mask's values, which meta tensors do not have")
     if positive_index is not None:
         check_positive_index_range(positive_index, mask, N)
+    return _reduce(
+        masked_rows_loss(student, teacher, mask, temperature, normalize, positive_index), reduction
+    )
+
+
+def masked_rows_loss(student, teacher, mask, temperature, normalize, positive_index) -> torch.Tensor:
+    """[M] loss of each masked patch in ``mask.nonzero()`` order, inputs already validated. A positive index
+    outside [0, N) (which the caller could not check: torch.compile, graph capture) gives that row NaN, as the
+    fused kernels do, never another row's logit."""
+    B, N, d = student.shape
     acc = acc_dtype(student.dtype)
     q, k = student.to(acc), teacher.to(acc)
     if normalize:
@@ -82,9 +92,12 @@ def patch_contrast_loss_reference(
     q_pad = q_pad.index_put((b_idx, rank), q[b_idx, i_idx])
     logits = torch.bmm(q_pad, k.transpose(1, 2)) / temperature  # [B, m_max, N]
     rows = logits[b_idx, rank]  # [M, N]
-    pos = i_idx if positive_index is None else positive_index[b_idx, i_idx]
-    per_row = torch.logsumexp(rows, dim=-1) - rows.gather(1, pos[:, None]).squeeze(1)
-    return _reduce(per_row, reduction)
+    if positive_index is None:
+        return torch.logsumexp(rows, dim=-1) - rows.gather(1, i_idx[:, None]).squeeze(1)
+    pos = positive_index[b_idx, i_idx]
+    bad = (pos < 0) | (pos >= N)
+    per_row = torch.logsumexp(rows, dim=-1) - rows.gather(1, pos.clamp(0, N - 1)[:, None]).squeeze(1)
+    return per_row.masked_fill(bad, float("nan"))
 
 
 def patch_contrast_loss_official(

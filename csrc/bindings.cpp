@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "common.h"
 #include "cpu/ema.h"
 #include "cpu/patch_contrast.h"
 #include "loss_call.h"
@@ -49,6 +50,13 @@ PYBIND11_MODULE(_C, m) {
       false;
 #endif
   m.def("cuda_archs", &cuda_archs, "CUDA architectures the CUDA kernels were compiled for ('' if none)");
+  // The dtype tags of common.h, by torch dtype name: conmim/_ext.py builds its table from this one.
+  py::dict tags;
+  tags["float32"] = static_cast<int>(conmim::kFloat32);
+  tags["bfloat16"] = static_cast<int>(conmim::kBFloat16);
+  tags["float16"] = static_cast<int>(conmim::kFloat16);
+  tags["float64"] = static_cast<int>(conmim::kFloat64);
+  m.attr("dtype_tags") = tags;
 
   // module_local: a second build of this module (the tests' CPU execution of the CUDA kernels) loads beside it.
   py::class_<LossCall>(m, "LossCall", py::module_local(),
@@ -71,6 +79,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("positive_stride", &LossCall::positive_stride)
       .def_readwrite("inv_tau", &LossCall::inv_tau)
       .def_readwrite("normalize", &LossCall::normalize)
+      .def_readwrite("exact_logits", &LossCall::exact_logits)
       .def_readwrite("loss", &LossCall::loss)
       .def_readwrite("lse", &LossCall::lse)
       .def_readwrite("grad", &LossCall::grad)
@@ -92,6 +101,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("patch_contrast_fwd_cuda", &loss_entry<conmim::cuda::patch_contrast_forward>, nogil);
   m.def("patch_contrast_bwd_cuda", &loss_entry<conmim::cuda::patch_contrast_backward>, nogil);
   namespace cc = conmim::cuda;
+  m.attr("cuda_max_dim") = cc::kMaxDim;
+  m.attr("cuda_max_batch") = cc::kMaxGridY;
   py::enum_<cc::LossKernel>(m, "LossKernel", py::module_local())
       .value("forward", cc::LossKernel::kForward)
       .value("backward", cc::LossKernel::kBackward);

@@ -10,7 +10,7 @@
 
 namespace conmim {
 
-// Dtype tags passed from Python (conmim/_ext.py keeps the same table).
+// Dtype tags passed from Python (exported as conmim._C.dtype_tags, from which conmim/_ext.py builds its table).
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 struct bf16_t {

@@ -25,6 +25,9 @@ struct LossCall {
   std::array<int64_t, 2> positive_stride{};
   double inv_tau = 10.0;
   bool normalize = true;
+  // CUDA: the logits of a pair with an fp32 side on fp32 FMA rather than 3xTF32 tensor cores. The caller decides
+  // (conmim/limits.py exact_logits, the one gate the Triton kernels use too); the CPU kernels ignore it.
+  bool exact_logits = true;
   // loss, lse: contiguous [B, N] of the accumulation dtype (float64 for float64 inputs, else float32), outputs of
   // the forward. The backward kernels recompute each row's softmax exactly instead of reading lse (its fp32
   // rounding would cost eps * |lse| relative accuracy in every probability).

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from conmim.kernels import interpreting
+from conmim.limits import exact_logits
 from conmim.order import work_order
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
@@ -152,12 +153,27 @@ def _query_block(order_ptr, counts_ptr, N, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS: tl.constexpr):
-    """Key index of each query's positive: positive_index[b, row] or the row itself."""
+def _positive_index(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS: tl.constexpr):
+    """positive_index[b, row] or the row itself, unchecked: only for comparing with key indices (an index out of
+    range matches no key), never for addressing; see _positives."""
     if HAS_POS:
         return tl.load(pos_ptr + b * p_sb + row_idx * p_sn, mask=valid, other=0)
     else:
         return row_idx
+
+
+@triton.jit
+def _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, N, HAS_POS: tl.constexpr):
+    """(key index of each query's positive: positive_index[b, row] or the row itself; whether that index lies
+    outside [0, N)). The host cannot check the indices under torch.compile or graph capture, so an index out of
+    range is replaced by 0 (nothing outside the keys is read or written) and its row is flagged: the kernels
+    give that row a NaN loss and a NaN gradient instead of another row's values."""
+    pos = _positive_index(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
+    if HAS_POS:
+        bad = valid & ((pos < 0) | (pos >= N))
+        return tl.where(bad, 0, pos), bad
+    else:
+        return pos, pos < 0
 
 
 @triton.jit
@@ -191,6 +207,17 @@ def _dot_grad(acc, g, x, F32_DOTS: tl.constexpr):
     dtype (16 bits of mantissa together for bf16, 22 for fp16), two MMAs on the same feature tile."""
     if F32_DOTS:
         return _dot(g, x, acc, F32_DOTS)
+    elif x.dtype == tl.float16:
+        # fp16 overflows above 65504 (hi = inf, lo = NaN): a tile whose largest entry passes 2^14 is split after
+        # scaling (exact: a power of two), and its product scaled back; the accumulator is scaled with it rather
+        # than a second one kept, which would cost a tile of registers
+        big = tl.max(tl.abs(g))
+        e = tl.where(big > 16384.0, tl.ceil(tl.log2(big)) - 14.0, 0.0)
+        down = tl.exp2(-e)
+        gs = g * down
+        hi = gs.to(x.dtype)
+        lo = (gs - hi.to(tl.float32)).to(x.dtype)
+        return tl.dot(lo, x, acc=tl.dot(hi, x, acc=acc * down)) * tl.exp2(e)
     else:
         hi = g.to(x.dtype)
         lo = (g - hi.to(tl.float32)).to(x.dtype)
@@ -256,7 +283,7 @@ def _patch_contrast_fwd_kernel(
             s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, D, eps, NORMALIZE, F32_DOTS, BLOCK_D, D_CHUNKS
         )
         row_scale = inv_qn * inv_tau
-        pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
+        pos, bad = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, N, HAS_POS)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         pos_logit = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -275,7 +302,8 @@ def _patch_contrast_fwd_kernel(
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
             m_i = m_new
         lse = m_i + tl.log(l_i)
-        tl.store(loss_ptr + out_off, tl.where(valid, lse - pos_logit, 0.0), mask=in_n)
+        loss = tl.where(bad, float("nan"), lse - pos_logit)
+        tl.store(loss_ptr + out_off, tl.where(valid, loss, 0.0), mask=in_n)
         tl.store(lse_ptr + out_off, tl.where(valid, lse, 0.0), mask=in_n)
 
 
@@ -328,10 +356,10 @@ def _patch_contrast_bwd_q_kernel(
         qn, inv_qn = _row_norms(
             s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, D, eps, NORMALIZE, F32_DOTS, BLOCK_D, D_CHUNKS
         )
-        pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
+        pos, bad = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, N, HAS_POS)
         lse = tl.load(lse_ptr + b * N + row_idx, mask=valid, other=0.0)
         g = tl.load(g_ptr + b * g_sb + row_idx * g_sn, mask=valid, other=0.0).to(tl.float32)
-        g = tl.where(valid, g, 0.0) * inv_tau
+        g = tl.where(valid, tl.where(bad, float("nan"), g), 0.0) * inv_tau
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         rest = tl.zeros([BLOCK_M], dtype=tl.float32)  # 1 - p_pos, summed over the negatives
         proj = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of p cos over the negatives
@@ -346,7 +374,7 @@ def _patch_contrast_bwd_q_kernel(
             )  # fmt: skip
             _kn, inv_kn = _norms(k_sq, eps, NORMALIZE)
             cos = raw * inv_qn[:, None] * inv_kn[None, :]
-            p, onehot = _negatives(cos, inv_tau, lse, pos, offs_n, col_ok[None, :])
+            p, onehot = _negatives(cos, inv_tau, lse, pos, offs_n, valid[:, None] & col_ok[None, :])
             rest += tl.sum(p, axis=1)
             proj += tl.sum(p * cos, axis=1)
             pos_cos += tl.sum(tl.where(onehot, cos, 0.0), axis=1)
@@ -422,10 +450,10 @@ def _patch_contrast_bwd_k_kernel(
             F32_DOTS, EXACT_LOGITS, BLOCK_D, D_CHUNKS,
         )  # fmt: skip
         _qn, inv_qn = _norms(q_sq, eps, NORMALIZE)
-        pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
+        pos, bad = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, N, HAS_POS)
         lse = tl.load(lse_ptr + b * N + row_idx, mask=valid, other=0.0)
         g = tl.load(g_ptr + b * g_sb + row_idx * g_sn, mask=valid, other=0.0).to(tl.float32)
-        g = tl.where(valid, g, 0.0) * inv_tau
+        g = tl.where(valid, tl.where(bad, float("nan"), g), 0.0) * inv_tau
         rest = tl.load(rest_ptr + b * N + row_idx, mask=valid, other=0.0)  # 1 - p_pos, from bwd_q
         ok = valid[:, None] & col_ok[None, :]
         cos = raw * inv_qn[:, None] * inv_kn[None, :]
@@ -493,10 +521,10 @@ def _patch_contrast_bwd_w_kernel(
         qn, inv_qn = _row_norms(
             s_ptr, s_sb, s_sn, s_sd, b, row_idx, valid, D, eps, NORMALIZE, F32_DOTS, BLOCK_D, D_CHUNKS
         )
-        pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
+        pos, bad = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, N, HAS_POS)
         lse = tl.load(lse_ptr + b * N + row_idx, mask=valid, other=0.0)
         g = tl.load(g_ptr + b * g_sb + row_idx * g_sn, mask=valid, other=0.0).to(tl.float32)
-        g = tl.where(valid, g, 0.0) * inv_tau
+        g = tl.where(valid, tl.where(bad, float("nan"), g), 0.0) * inv_tau
         rest = tl.zeros([BLOCK_M], dtype=tl.float32)  # 1 - p_pos, summed over the negatives
         proj = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of p cos over the negatives
         pos_cos = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -509,7 +537,7 @@ def _patch_contrast_bwd_w_kernel(
             )  # fmt: skip
             kn, inv_kn = _norms(k_sq, eps, NORMALIZE)
             cos = raw * inv_qn[:, None] * inv_kn[None, :]
-            p, onehot = _negatives(cos, inv_tau, lse, pos, offs_n, col_ok[None, :])
+            p, onehot = _negatives(cos, inv_tau, lse, pos, offs_n, valid[:, None] & col_ok[None, :])
             rest += tl.sum(p, axis=1)
             proj += tl.sum(p * cos, axis=1)
             pos_cos += tl.sum(tl.where(onehot, cos, 0.0), axis=1)
@@ -638,7 +666,7 @@ def _patch_contrast_bwd_wk_kernel(
             if NORMALIZE:
                 proj += tl.load(parts_ptr + (b * tl.cdiv(N, BLOCK_M) + m0 // BLOCK_M) * N + offs_n,
                                 mask=col_ok, other=0.0)  # fmt: skip
-                pos = _positives(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
+                pos = _positive_index(pos_ptr, p_sb, p_sn, b, row_idx, valid, HAS_POS)
                 v = tl.load(vpos_ptr + rows, mask=valid, other=0.0)
                 proj += tl.sum(tl.where(offs_n[None, :] == pos[:, None], v[:, None], 0.0), axis=0)
                 w = w * _inverse(tl.load(qnorm_ptr + rows, mask=valid, other=1.0), eps)[:, None]
@@ -744,20 +772,6 @@ KERNELS = {
 
 def _f32_dots(student_dtype, teacher_dtype, interpret: bool) -> bool:
     return interpret or student_dtype == torch.float32 or student_dtype != teacher_dtype
-
-
-# 3xTF32 keeps ~21-22 bits of each fp32 operand, several times fp32's rounding error on a logit; multiplied by
-# large logits (small temperatures, unnormalised rows) it breaks the float64 rule (a fused gradient's error at
-# most 2x that of plain fp32 torch). Measured on the CUDA kernels' CPU execution, whose TF32 rounding is exact:
-# 3xTF32 logits failed at tau = 1e-3, 1e-4, 1e-5 and for unnormalised rows of norm 30 (4-6x torch's error),
-# and passed at tau = 0.05 with a saturated softmax. With normalized rows |logit| <= 1 / tau, so 3xTF32 logits
-# only there and for tau >= TF32X3_MIN_TAU; else plain fp32 (FMA). The CUDA kernels gate theirs the same way
-# (kTf32x3MinTau in csrc/cuda/patch_contrast.cu; a test keeps the two equal).
-TF32X3_MIN_TAU = 0.05
-
-
-def exact_logits(normalize: bool, temperature: float) -> bool:
-    return not (normalize and temperature >= TF32X3_MIN_TAU)
 
 
 def launch_meta(

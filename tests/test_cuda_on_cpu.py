@@ -286,7 +286,7 @@ MUTANTS = {
     # make: a pair with an fp32 side keeps its split (TF32) logits at large logits too
     "exact-logits-ungated": (
         PC,
-        "  a.exact_logits = !(p.normalize && 1.0 / p.inv_tau >= kTf32x3MinTau);",
+        "  a.exact_logits = p.exact_logits;",
         "  a.exact_logits = false;",
     ),
     # ema_kernel: 16-byte vectors whatever the alignment

@@ -23,12 +23,10 @@ def test_forced_backend_names_every_reason_and_the_inputs_it_saw():
         backends.choose("op", "cuda", ops.patch_contrast_reasons(big), {"student": big, "teacher": big})
     msg = str(info.value)
     assert f"student [{ops.MAX_GPU_BATCH + 1}, 3, 1100] torch.float64 on cpu" in msg
-    for words in (
-        "wrong device",
-        "torch.float64 is not supported",
-        "d = 1100",
-        f"B = {ops.MAX_GPU_BATCH + 1}",
-    ):
+    expected = ["wrong device", "torch.float64 is not supported"]
+    if _ext.cuda_compiled():  # the size limits come from the extension's CUDA kernels
+        expected += ["d = 1100", f"B = {ops.MAX_GPU_BATCH + 1}"]
+    for words in expected:
         assert words in msg, msg
 
 
@@ -168,3 +166,53 @@ def test_opcheck_with_a_work_order():
         *work_order(mask),
     )
     torch.library.opcheck(torch.ops.conmim.patch_contrast.default, args)
+
+
+# ------------------------------------------------------------------------------------- backends as objects
+def test_each_op_calls_one_method_of_the_chosen_backend(monkeypatch):
+    calls = []
+    real = ops.BACKEND_OBJECTS["reference"]
+
+    class Recording(ops.Reference):
+        def forward(self, *args):
+            calls.append("forward")
+            return real.forward(*args)
+
+        def backward(self, *args):
+            calls.append("backward")
+            return real.backward(*args)
+
+        def ema_update(self, *args):
+            calls.append("ema_update")
+            return real.ema_update(*args)
+
+    monkeypatch.setitem(ops.BACKEND_OBJECTS, "reference", Recording())
+    s = torch.randn(2, 5, 4, requires_grad=True)
+    conmim.patch_contrast_loss(
+        s, torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool), backend="reference"
+    ).backward()
+    conmim.ema_update_([torch.zeros(3)], [torch.ones(3)], 0.5, backend="reference")
+    assert calls == ["forward", "backward", "ema_update"]
+    for b in ops.BACKEND_OBJECTS.values():
+        assert isinstance(b, ops.Backend) and b.name in backends.BACKENDS
+
+
+def test_cuda_limits_and_dtype_tags_come_from_the_extension(monkeypatch):
+    if not _ext.cuda_compiled():
+        pytest.skip("conmim._C was built without its CUDA kernels")
+    real = _ext.get()
+    tags = _ext.DTYPE_TAGS
+    assert tags == _ext.dtype_tags(real)
+    assert tags == {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+
+    class Smaller:  # the real module with other limits: the dispatch must follow them
+        cuda_max_dim, cuda_max_batch = 40, 3
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(_ext, "_C", Smaller())
+    texts = " ".join(w.text for w in ops.patch_contrast_reasons(torch.empty(4, 3, 41))["cuda"]())
+    assert "d = 41 is above the CUDA kernels' limit of 40" in texts
+    assert "B = 4 is above the GPU kernels' limit of 3" in texts
+    assert not any("limit" in w.text for w in ops.patch_contrast_reasons(torch.empty(3, 3, 40))["cuda"]())

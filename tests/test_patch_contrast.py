@@ -30,6 +30,10 @@ def make_mask(kind, B, N, seed=0):
     m[0] = False  # one image with nothing masked
     if B > 2:
         m[-1] = True  # one image fully masked
+    if N > 1:  # every other image partly masked, whatever its random ratio (it may draw 0 or N)
+        for b in range(1, B - 1 if B > 2 else B):
+            m[b, b % N] = True
+            m[b, (b + 1) % N] = False
     return m
 
 
@@ -536,13 +540,18 @@ def test_fp32_logits_are_exact_where_they_can_be_large(kernel, dtypes, normalize
     assert const["EXACT_LOGITS"] is exact
 
 
-def test_cuda_and_triton_gate_split_tf32_logits_at_the_same_temperature():
-    import re
-    from pathlib import Path
+@pytest.mark.parametrize("normalize,temperature", [(True, 0.1), (True, 0.01), (False, 0.1)])
+def test_cuda_launchers_pass_the_shared_split_tf32_gate(normalize, temperature):
+    # one definition (conmim.limits): the Triton launchers read it, the CUDA launchers pass its decision in
+    from conmim import _ext, native
+    from conmim.kernels import patch_contrast as kpc
+    from conmim.limits import exact_logits
 
-    from conmim.kernels.patch_contrast import TF32X3_MIN_TAU
-
-    cu = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "patch_contrast.cu").read_text()
-    found = re.search(r"constexpr double kTf32x3MinTau = ([0-9.e+-]+);", cu)
-    assert found is not None, "kTf32x3MinTau not found in csrc/cuda/patch_contrast.cu"
-    assert float(found.group(1)) == TF32X3_MIN_TAU
+    if not _ext.available():
+        pytest.skip(_ext.why_unavailable())
+    s = torch.randn(1, 3, 4)
+    call = native._loss_call(s, s, None, temperature, normalize)
+    assert (
+        call.exact_logits == exact_logits(normalize, temperature) == kpc.exact_logits(normalize, temperature)
+    )
+    assert call.exact_logits == (not normalize or temperature < 0.05)

@@ -192,8 +192,14 @@ static inline void masked_rows(const uint8_t* mask, ptrdiff_t msb, ptrdiff_t msn
     if (mask[b * msb + i * msn]) rows.push_back(i);
 }
 
-static inline ptrdiff_t positive_of(const int64_t* pos, ptrdiff_t psb, ptrdiff_t psn, ptrdiff_t b, ptrdiff_t i) {
-  return pos ? static_cast<ptrdiff_t>(pos[b * psb + i * psn]) : i;
+// The positive's key index of row i, or -1 when positive_index holds a value outside [0, N): the host cannot check
+// the indices under torch.compile or graph capture, so the kernel bounds them itself and gives that row a NaN loss
+// and NaN gradients rather than reading another row (or past the tensor).
+static inline ptrdiff_t positive_of(const int64_t* pos, ptrdiff_t psb, ptrdiff_t psn, ptrdiff_t b, ptrdiff_t i,
+                                    ptrdiff_t N) {
+  if (!pos) return i;
+  const int64_t p = pos[b * psb + i * psn];
+  return p >= 0 && p < N ? static_cast<ptrdiff_t>(p) : -1;
 }
 
 // Loads the block's queries and computes S = Q K^T (unscaled). Returns the padded row count.
@@ -228,9 +234,9 @@ static void forward_image(const View3<TS>& s, const View3<TT>& t, const LossCall
       const A* x = sc.s.data() + r * dm.Npad;
       const A mx = row_max<A>(x, dm.N);
       const A log_sum = std::log(sum_exp(x, dm.N, inv_tau, mx));  // >= 0: the largest term is 1
-      const A xp = x[positive_of(pos, a.positive_stride[0], a.positive_stride[1], b, i)];
+      const ptrdiff_t p = positive_of(pos, a.positive_stride[0], a.positive_stride[1], b, i, dm.N);
       lse[b * dm.N + i] = mx * inv_tau + log_sum;
-      loss[b * dm.N + i] = (mx - xp) * inv_tau + log_sum;
+      loss[b * dm.N + i] = p < 0 ? std::numeric_limits<A>::quiet_NaN() : (mx - x[p]) * inv_tau + log_sum;
     }
   }
 }
@@ -288,7 +294,12 @@ static void backward_image(const View3<TS>& s, const View3<TT>& t, const LossCal
       // fp32 rounding is a relative error of eps * |lse| in every probability), and the positive's entry
       // -g (1 - p_pos) / tau taken as the sum of the other terms, without the cancellation of p_pos - 1.
       const ptrdiff_t i = sc.rows[r0 + r];
-      const ptrdiff_t p = positive_of(pos, a.positive_stride[0], a.positive_stride[1], b, i);
+      const ptrdiff_t p = positive_of(pos, a.positive_stride[0], a.positive_stride[1], b, i, N);
+      if (p < 0) {
+        std::fill(x, x + N, std::numeric_limits<A>::quiet_NaN());
+        std::fill(x + N, x + dm.Npad, A(0));
+        continue;
+      }
       shifted_exp(x, N, inv_tau, row_max<A>(x, N));
       for (ptrdiff_t j = N; j < dm.Npad; ++j) x[j] = A(0);
       const A e_pos = x[p];

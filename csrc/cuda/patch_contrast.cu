@@ -42,12 +42,10 @@ constexpr int kTile = 32;     // query rows and key columns per tile
 constexpr int kChunk = 32;    // feature-dim chunk staged in shared memory
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kPad = 8;       // shared-memory row padding (keeps WMMA's ldm a multiple of 8 elements)
-constexpr int kMaxDim = 1024;
 static_assert(kMaxDim % kChunk == 0, "the accumulator rows are padded to whole chunks");
 constexpr int kCopyBytes = 16;  // one cp.async copy
 static_assert((kChunk + kPad) * 2 % kCopyBytes == 0 && kChunk * 2 % kCopyBytes == 0,
               "staged rows and chunks hold whole 16-byte copies for 2- and 4-byte types");
-constexpr int64_t kMaxGridY = 65535;  // images go on grid.y
 constexpr float kNormEps = 1e-12f;
 
 // The type both operands are staged in: theirs when they agree (tensor-core MMA for bf16/fp16), else float32.
@@ -59,8 +57,8 @@ using Staged = typename std::conditional<std::is_same<TS, TT>::value, TS, float>
 // TF32, and an fp32 operand x goes in as two TF32 parts, hi = tf32(x) and lo = tf32(x - hi) (about 21
 // significant bits; the backward's G always does), lo lo dropped (an fp32 pair: 3xTF32, A_hi B_hi + A_lo B_hi +
 // A_hi B_lo), so the products keep fp32-level precision. The logits of a pair with an fp32 side run as fp32 FMA
-// instead where they can be large (Args::exact_logits: unnormalized rows, or tau < kTf32x3MinTau, as the Triton
-// kernels' exact_logits): there split logits failed DESIGN.md's rule, at most 2x plain fp32 torch's error, where
+// instead where they can be large (Args::exact_logits, chosen by the caller: LossCall::exact_logits, set from
+// conmim/limits.py's exact_logits, the same gate as the Triton kernels': unnormalized rows, or tau < 0.05): there split logits failed DESIGN.md's rule, at most 2x plain fp32 torch's error, where
 // 1 / tau magnifies the logits' rounding: an fp32 pair's d(student) came out 4-6x plain torch's error at tau =
 // 1e-3, 1e-4, 1e-5 and on unnormalized rows of norm 30 (tests/test_cuda_on_cpu.py, the large-logit cases; some
 // still failed with the low products summed apart from S, or with three TF32 parts a side and six products), and
@@ -73,8 +71,6 @@ constexpr Mma kMma = std::is_same<Staged<TS, TT>, float>::value ? Mma::kTf32 : M
 // TF32 products are exact: it keeps them).
 template <typename TS, typename TT>
 constexpr bool kHasF32 = std::is_same<TS, float>::value || std::is_same<TT, float>::value;
-// The smallest temperature whose (normalized) logits a pair with an fp32 side computes on tensor cores.
-constexpr double kTf32x3MinTau = 0.05;
 // The k of the pair's logits MMA.
 template <typename TS, typename TT>
 constexpr int kMmaK = kMma<TS, TT> == Mma::kHalf ? 16 : 8;
@@ -243,17 +239,20 @@ __device__ void mma_chunk(float* acc, int ld, int d0, const GradMma& mm) {
   wmma::load_matrix_sync(c, out, ld, wmma::mem_row_major);
 #pragma unroll
   for (int k = 0; k < kTile; k += 8) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a_hi, a_lo;
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
     wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b;
-    wmma::load_matrix_sync(a_hi, &mm.hi[br][k], kTile + 4);
-    wmma::load_matrix_sync(a_lo, &mm.lo[br][k], kTile + 4);
     wmma::load_matrix_sync(b, &mm.x[k][bc], kChunk + kPad);
-    wmma::mma_sync(c, a_lo, b, c);
+    wmma::load_matrix_sync(a, &mm.hi[br][k], kTile + 4);
+    // A TF32 fragment must hold TF32 values before any product (the tensor cores' reading of an unconverted fp32
+    // value is unspecified), so an fp32 x is split first: b keeps its TF32 high part, b_lo the residual. One A
+    // fragment at a time (hi, then lo) keeps the registers of bwd_k's fp32 case within budget.
     if constexpr (kSplitX) {
       const auto b_lo = split_fragment(b);
-      wmma::mma_sync(c, a_hi, b_lo, c);
+      wmma::mma_sync(c, a, b_lo, c);
     }
-    wmma::mma_sync(c, a_hi, b, c);
+    wmma::mma_sync(c, a, b, c);
+    wmma::load_matrix_sync(a, &mm.lo[br][k], kTile + 4);
+    wmma::mma_sync(c, a, b, c);
   }
   wmma::store_matrix_sync(out, c, ld, wmma::mem_row_major);
 }
@@ -378,6 +377,10 @@ __device__ void logits_tile(Tiles<T>& sh, const Args& a, int64_t b, const int64_
 }
 
 // Fills the block's query rows from the work order: q_row, q_ok (masked), pos. Returns the block's first row.
+// A positive index outside [0, N) becomes -1 (kNoPositive): the host cannot check the indices under torch.compile
+// or graph capture, so the kernels bound them and give that row a NaN loss and NaN gradients instead of reading
+// another row or past the teacher.
+constexpr int64_t kNoPositive = -1;
 __device__ void query_rows(TileState& sh, const Args& a, int64_t b, int m0, int cnt) {
   if (threadIdx.x < kTile) {
     const int m = m0 + threadIdx.x;
@@ -385,7 +388,12 @@ __device__ void query_rows(TileState& sh, const Args& a, int64_t b, int m0, int 
     const int64_t row = in ? a.order[b * a.N + m] : 0;
     sh.q_row[threadIdx.x] = row;
     sh.q_ok[threadIdx.x] = m < cnt;
-    sh.pos[threadIdx.x] = (a.pos != nullptr && m < cnt) ? a.pos[b * a.p_sb + row * a.p_sn] : row;
+    int64_t p = row;
+    if (a.pos != nullptr && m < cnt) {
+      p = a.pos[b * a.p_sb + row * a.p_sn];
+      if (p < 0 || p >= a.N) p = kNoPositive;
+    }
+    sh.pos[threadIdx.x] = p;
   }
 }
 
@@ -471,7 +479,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
     // loss = (max - positive) + log(sum exp(x - max)): no difference of two large numbers, and >= 0 (the
     // largest term is exp(0) = 1).
     const float log_sum = sh.q_ok[r] ? logf(sh.l[r]) : 0.f;
-    loss[o] = sh.q_ok[r] ? (sh.m[r] - sh.pos_logit[r]) + log_sum : 0.f;
+    const float row_loss = sh.pos[r] == kNoPositive ? NAN : (sh.m[r] - sh.pos_logit[r]) + log_sum;
+    loss[o] = sh.q_ok[r] ? row_loss : 0.f;
     lse[o] = sh.q_ok[r] ? sh.m[r] + log_sum : 0.f;
   }
 }
@@ -479,7 +488,10 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, float* loss
 // The upstream gradient of the block's query rows (0 for rows that are not masked).
 template <typename T>
 __device__ void row_grads(const Tiles<T>& sh, int64_t b, const float* grad, int64_t g_sb, int64_t g_sn, float* g) {
-  if (threadIdx.x < kTile) g[threadIdx.x] = sh.q_ok[threadIdx.x] ? grad[b * g_sb + sh.q_row[threadIdx.x] * g_sn] : 0.f;
+  if (threadIdx.x < kTile) {
+    const int r = threadIdx.x;
+    g[r] = !sh.q_ok[r] ? 0.f : sh.pos[r] == kNoPositive ? NAN : grad[b * g_sb + sh.q_row[r] * g_sn];
+  }
 }
 
 // The backward never uses the saved fp32 logsumexp (its rounding, eps * |lse|, would be a relative error in every
@@ -524,7 +536,7 @@ __device__ void finish_rows(float* dq, int ld, const Args& a, int64_t b, const i
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < kTile; r += kThreads / 32) {
     if (!ok[r]) continue;
-    const TT* key = t + b * a.t_sb + pos[r] * a.t_sn;
+    const TT* key = t + b * a.t_sb + (pos[r] == kNoPositive ? 0 : pos[r]) * a.t_sn;  // g[r] is NaN there
     float sq = 0.f;
     if (a.normalize) {
       for (int d = lane; d < a.D; d += 32) {
@@ -731,7 +743,7 @@ Args make(const LossCall& p) {
   a.D = static_cast<int>(p.D);
   a.inv_tau = static_cast<float>(p.inv_tau);
   a.normalize = p.normalize;
-  a.exact_logits = !(p.normalize && 1.0 / p.inv_tau >= kTf32x3MinTau);
+  a.exact_logits = p.exact_logits;
   a.s_copy16 = a.t_copy16 = false;  // the forward's launcher decides, knowing the element types and the device
   a.q_resident = true;
   return a;

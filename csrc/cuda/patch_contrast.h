@@ -8,6 +8,11 @@
 namespace conmim {
 namespace cuda {
 
+// Limits of the launchers, exported by the bindings (conmim._C.cuda_max_dim, cuda_max_batch) so the Python
+// dispatch reads them instead of keeping copies.
+constexpr int kMaxDim = 1024;         // feature dim: the backward's fp32 accumulator rows live in shared memory
+constexpr int64_t kMaxGridY = 65535;  // images per call: one grid row each
+
 // Reads student, teacher (float32/bfloat16/float16, any pair), order, counts, positive_index, B/N/D, inv_tau,
 // normalize, stream (all pointers device addresses); writes loss and lse (float32 [B, N], 0 where not masked).
 void patch_contrast_forward(const LossCall& a);
