@@ -82,7 +82,7 @@ class CMakeBuild(build_ext):
 setup(
     packages=[*find_packages(include=["conmim", "conmim.*"]), "conmim.kernels"],
     package_dir={"conmim": "conmim", "conmim.kernels": "kernels"},
-    package_data={"conmim": ["configs/*.yaml", "configs/finetune/*.yaml", "gpu_preference.json"]},
+    package_data={"conmim": ["configs/*.yaml", "configs/finetune/*.yaml"]},
     ext_modules=[CMakeExtension("conmim._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -1,6 +1,5 @@
 """``python -m benchmarks report``: regenerate the measured tables of docs/performance.md from
-benchmarks/results/*.json (never hand-written; the README only links them), the plots beside the results, and
-conmim/gpu_preference.json when GPU results exist."""
+benchmarks/results/*.json (never hand-written; the README only links them), and the plots beside the results."""
 
 from __future__ import annotations
 
@@ -209,27 +208,6 @@ def plots(runs: list[dict]) -> list[Path]:
     return made
 
 
-def gpu_preference(runs: list[dict]) -> dict | None:
-    """For conmim/gpu_preference.json: per GPU-measured (N, d), which fused backend was faster (fwd+bwd)."""
-    rules, sources = {}, []
-    for run in runs:
-        if run["device_type"] != "cuda":
-            continue
-        for r in run.get("patch_contrast", []):
-            if (
-                r["mode"] != "fwd+bwd"
-                or r["variant"] not in ("fused triton", "fused cuda")
-                or not r["median_s"]
-            ):
-                continue
-            rules.setdefault((r["N"], r["d"]), {})[r["variant"].split()[1]] = r["median_s"]
-        sources.append(run["file"])
-    both = [
-        {"N": n, "d": d, "faster": min(t, key=t.get)} for (n, d), t in sorted(rules.items()) if len(t) == 2
-    ]
-    return {"source": ", ".join(sources), "patch_contrast": both} if both else None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks report", description=__doc__)
     p.add_argument(
@@ -247,11 +225,6 @@ def main(argv=None) -> int:
         return 0 if new == text else 1
     TARGET.write_text(new)
     print(f"updated {TARGET}")
-    pref = gpu_preference(runs)
-    if pref is not None:
-        path = Path(__file__).resolve().parents[1] / "conmim" / "gpu_preference.json"
-        path.write_text(json.dumps(pref, indent=1) + "\n")
-        print(f"wrote {path}")
     for path in plots(runs):
         print(f"wrote {path}")
     return 0

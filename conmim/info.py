@@ -47,10 +47,6 @@ def report() -> str:
     gpu = torch.cuda.is_available()
     lines.append(f"GPU: {torch.cuda.get_device_name(0) if gpu else 'none visible to torch'}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if gpu else [])
-    from conmim.preference import gpu_order
-
-    order, why = gpu_order(196, 256)
-    lines.append(f"auto on a GPU, loss at N=196 d=256: {' then '.join(order)} ({why})")
     lines.append("")
     lines.append("backends (auto takes the first that can run, in this order, per device):")
     for dev in devices:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from conmim import _ext, backends, native, preference
+from conmim import _ext, backends, native
 from conmim.backends import Kind, Why
 from conmim.reference import acc_dtype, ema_update_reference_, masked_rows_loss
 
@@ -256,16 +256,15 @@ def _fused_reasons(
     device: torch.device,
     dtypes: set[torch.dtype],
     limits: Callable[[Backend], list[Why]],
-    gpu_order: tuple[str, str] = ("triton", "cuda"),
 ) -> backends.Reasons:
     """backend -> thunk listing every reason it cannot run an op on ``device`` with tensors of ``dtypes``
     (the backend's why_not, then the op's ``limits(backend)``), in auto priority order for the device
-    (``gpu_order`` first on a GPU, the C++ kernels first on the CPU); the reference last."""
+    (Triton, then CUDA, on a GPU; the C++ kernels first on the CPU); the reference last."""
 
     def thunk(b: Backend):
         return lambda: (*b.why_not(device, dtypes), *limits(b))
 
-    names = (*gpu_order, "cpu") if device.type == "cuda" else ("cpu", "triton", "cuda")
+    names = ("triton", "cuda", "cpu") if device.type == "cuda" else ("cpu", "triton", "cuda")
     return {**{n: thunk(BACKEND_OBJECTS[n]) for n in names}, "reference": lambda: ()}
 
 
@@ -274,10 +273,9 @@ def patch_contrast_reasons(student: torch.Tensor, teacher: torch.Tensor | None =
     """backend -> thunk listing every reason it cannot run the loss on inputs like ``student`` and ``teacher``
     (default: a teacher like the student); in auto priority order."""
     teacher = student if teacher is None else teacher
-    B, N, D = student.shape
+    B, _, D = student.shape
     dtypes = {student.dtype, teacher.dtype}
-    gpu_order = preference.gpu_order(N, D)[0] if student.device.type == "cuda" else ("triton", "cuda")
-    return _fused_reasons(student.device, dtypes, lambda b: b.loss_limits(B, D, dtypes), gpu_order)
+    return _fused_reasons(student.device, dtypes, lambda b: b.loss_limits(B, D, dtypes))
 
 
 @torch.compiler.assume_constant_result
@@ -437,7 +435,7 @@ def patch_contrast_backward_op(
 def _(
     grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher, backend, *work
 ):
-    B, N, D = student.shape
+    B, _, D = student.shape
     ds = student.new_empty(B, N, D)
     dt = teacher.new_empty(B, N, D) if need_teacher else teacher.new_empty(0)
     return ds, dt

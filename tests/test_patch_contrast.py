@@ -493,34 +493,6 @@ def test_module_api_and_errors():
         loss_fn(s, t, mask, torch.full((2, 9), -1))
 
 
-def test_gpu_preference_follows_recorded_results(tmp_path, monkeypatch):
-    import json
-
-    from conmim import preference
-
-    monkeypatch.setattr(preference, "PATH", tmp_path / "missing.json")
-    preference._rules.cache_clear()
-    assert preference.gpu_order(196, 256)[0] == ("triton", "cuda")
-    path = tmp_path / "pref.json"
-    path.write_text(
-        json.dumps(
-            {
-                "source": "gpu-h200.json",
-                "patch_contrast": [
-                    {"N": 196, "d": 256, "faster": "cuda"},
-                    {"N": 3136, "d": 256, "faster": "triton"},
-                ],
-            }
-        )
-    )
-    monkeypatch.setattr(preference, "PATH", path)
-    preference._rules.cache_clear()
-    (first, second), why = preference.gpu_order(197, 256)
-    assert (first, second) == ("cuda", "triton") and "gpu-h200.json" in why
-    assert preference.gpu_order(2000, 384)[0] == ("triton", "cuda")
-    preference._rules.cache_clear()
-
-
 @pytest.mark.parametrize(
     ("dtypes", "normalize", "tau", "exact"),
     [
