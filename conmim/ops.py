@@ -435,7 +435,7 @@ def patch_contrast_backward_op(
 def _(
     grad, student, teacher, mask, positive_index, lse, temperature, normalize, need_teacher, backend, *work
 ):
-    B, _, D = student.shape
+    B, N, D = student.shape
     ds = student.new_empty(B, N, D)
     dt = teacher.new_empty(B, N, D) if need_teacher else teacher.new_empty(0)
     return ds, dt
