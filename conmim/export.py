@@ -27,26 +27,14 @@ from conmim import checkpoint
 from conmim import config as cfgmod
 from conmim._fs import write_atomic
 from conmim.data.views import ViewConfig
-from conmim.models import model_spec
-
-_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
-    return key
+from conmim.models import model_spec, strip_wrapper_prefixes
 
 
 def backbone_state(state_dict: dict) -> dict:
     """``backbone.*`` entries of an encoder state dict, renamed to timm's keys (everything else dropped)."""
     out = {}
     for key, value in state_dict.items():
-        key = _strip(key)
+        key = strip_wrapper_prefixes(key)
         if key.startswith("backbone."):
             out[key[len("backbone.") :]] = value.detach().cpu().contiguous()
     if not out:
@@ -146,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_dir", help="a conmim-train run folder; its newest checkpoint that loads is exported")
+    p.add_argument("run_dir", help="a conmim-train run folder; its newest verified checkpoint is exported")
     p.add_argument(
         "--out", required=True, help="the .safetensors file to write (its sidecar gets .json added)"
     )

@@ -291,7 +291,8 @@ _WRAPPERS = ("model", "module", "state_dict", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-def _strip_prefixes(key: str) -> str:
+def strip_wrapper_prefixes(key: str) -> str:
+    """A state-dict key without DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes."""
     changed = True
     while changed:
         changed = False
@@ -393,7 +394,7 @@ def _source_state(source, file, which: str, log) -> tuple[dict, str]:
         if key in state and isinstance(state[key], Mapping):
             state = state[key]
             break
-    return {_strip_prefixes(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}, what
+    return {strip_wrapper_prefixes(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}, what
 
 
 def _has_owner(module: nn.Module, key: str) -> bool:
