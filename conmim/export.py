@@ -42,9 +42,11 @@ def backbone_state(state_dict: dict) -> dict:
     return out
 
 
-# How conmim-eval and the k-NN monitor read a backbone: the mean of the patch tokens after the final norm.
-# timm's 'avg' pooling would otherwise move the norm after the pooling (fc_norm), dropping the trained one.
-POOLING = {"global_pool": "avg", "fc_norm": False}
+def pooling(timm_name: str) -> dict:
+    """timm keyword arguments for conmim-eval's features: the mean of the patch tokens after the final norm.
+    A ViT's 'avg' pooling would otherwise move the norm after the pooling (fc_norm), dropping the trained one;
+    conmim's Beit models already keep the final norm on every token (use_fc_norm=False in their spec)."""
+    return {"global_pool": "avg"} if timm_name.startswith("beit") else {"global_pool": "avg", "fc_norm": False}
 
 
 def preprocessing(cfg: dict) -> dict:
@@ -84,7 +86,7 @@ def export(run_dir, out_file, which: str = "teacher") -> tuple[Path, dict]:
     write_atomic(
         out, save(weights, metadata={"format": "pt", "source": f"conmim {which} step {state['step']}"})
     )
-    kwargs.update(POOLING)
+    kwargs.update(pooling(timm_name))
     meta = {
         "timm_model": timm_name,
         "kwargs": kwargs,
