@@ -1,5 +1,5 @@
 """Does pretraining learn? ``python -m benchmarks.fidelity [--epochs 20 | --demo] [--seeds 0 1]
-[--out runs/fidelity] [--init-seeds 0 1 2 3] [--baseline-only] [--no-save]``
+[--loader auto|dali|torch] [--out runs/fidelity] [--init-seeds 0 1 2 3] [--baseline-only] [--no-save]``
 
 For each seed: pretrain the tiny ViT on the bundled MNIST-5k digits with the README's command
 (``conmim-train --config tiny_demo --epochs E --seed S --out OUT/seed-S``), then k-NN and linear-probe top-1 of
@@ -25,16 +25,20 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import RESULTS, commit, device_name, device_slug, versions
+from conmim.checkpoint import checkpoints
 from conmim.evaluate import evaluate
 
 DATA = "samples:mnist"
 
 
-def train_command(epochs: int | None, seed: int, out: Path) -> list[str]:
-    """The README's run command with a seed and a run folder (and the preset's epochs when ``epochs`` is None)."""
+def train_command(epochs: int | None, seed: int, out: Path, loader: str = "auto") -> list[str]:
+    """The README's run command with a seed and a run folder (and the preset's epochs when ``epochs`` is None);
+    ``loader`` torch is what a plain ``pip install -e .`` (no DALI) runs."""
     cmd = ["conmim-train", "--config", "tiny_demo"]
     if epochs is not None:
         cmd += ["--epochs", str(epochs)]
+    if loader != "auto":
+        cmd += ["--loader", loader]
     return [*cmd, "--seed", str(seed), "--out", str(out)]
 
 
@@ -52,10 +56,10 @@ def monitored(out: Path) -> dict:
     }
 
 
-def run_seed(epochs: int | None, seed: int, out: Path) -> dict:
+def run_seed(epochs: int | None, seed: int, out: Path, loader: str = "auto") -> dict:
     """Train (resuming if ``out`` already holds this run) and evaluate; returns the seed's record."""
-    cmd = train_command(epochs, seed, out)
-    resumed = any(out.glob("ckpt-*.pt"))  # then train_s covers only what was left to train
+    cmd = train_command(epochs, seed, out, loader)
+    resumed = bool(checkpoints(out))  # then train_s covers only what was left to train
     if resumed:
         print(f"{out} holds checkpoints: resuming that run (delete the folder for a fresh one)", flush=True)
     t0 = time.perf_counter()
@@ -111,6 +115,12 @@ def main(argv=None) -> int:
         help="the README's run command as is (the preset's epochs, not --epochs), timed: the demo's figure",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument(
+        "--loader",
+        choices=("auto", "dali", "torch"),
+        default="auto",
+        help="the run command's loader (auto: DALI when installed; torch: a plain install's)",
+    )
     p.add_argument("--out", default="runs/fidelity", help="run folders go here, one per seed")
     p.add_argument(
         "--init-seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="random inits for the baseline"
@@ -133,7 +143,7 @@ def main(argv=None) -> int:
             _save("fidelity-baseline", {"what": WHAT + ", at random initialisation", "random_inits": spread})
         return 0
     epochs = None if args.demo else args.epochs
-    records = [run_seed(epochs, s, Path(args.out) / f"seed-{s}") for s in args.seeds]
+    records = [run_seed(epochs, s, Path(args.out) / f"seed-{s}", args.loader) for s in args.seeds]
     spread = random_init_spread(first, args.init_seeds)
     if args.no_save:
         return 0
@@ -149,7 +159,9 @@ def main(argv=None) -> int:
         "runs": records,
         "random_inits": spread,
     }
-    _save("fidelity-demo" if args.demo else "fidelity", payload)
+    payload["loader"] = args.loader
+    name = "fidelity-demo" if args.demo else "fidelity"
+    _save(name if args.loader == "auto" else f"{name}-{args.loader}-loader", payload)
     return 0
 
 
