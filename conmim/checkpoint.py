@@ -110,6 +110,26 @@ def manifests(out) -> list[dict]:
     return found
 
 
+def check_resumable(out, info: dict) -> None:
+    """CheckpointError when ``out`` holds checkpoints of conmim 0.1, or checkpoints whose manifests hold another
+    value of a key of ``info`` (given to :meth:`CheckpointManager.save`): a run that would resume from them
+    would not continue the same run. Reads the manifests only."""
+    refuse_old_format(out)
+    for manifest in manifests(out):
+        for key, here in info.items():
+            there = manifest.get(key, here)
+            if there == here:
+                continue
+            if isinstance(here, dict):
+                what = ", ".join(f"{k}: {there.get(k)!r} there vs {v!r} here" for k, v in here.items() if there.get(k) != v)  # fmt: skip
+            else:
+                what = f"{there!r} there vs {here!r} here"
+            raise CheckpointError(
+                f"run folder {str(out)!r} holds checkpoints of another {key} ({what}): resume with the same "
+                "values, or choose another --out"
+            )
+
+
 def verify(path) -> dict:
     """The manifest of the checkpoint folder ``path`` once every file it lists has its size and SHA-256;
     CheckpointError naming the first file that does not."""

@@ -46,7 +46,9 @@ def pooling(timm_name: str) -> dict:
     """timm keyword arguments for conmim-eval's features: the mean of the patch tokens after the final norm.
     A ViT's 'avg' pooling would otherwise move the norm after the pooling (fc_norm), dropping the trained one;
     conmim's Beit models already keep the final norm on every token (use_fc_norm=False in their spec)."""
-    return {"global_pool": "avg"} if timm_name.startswith("beit") else {"global_pool": "avg", "fc_norm": False}
+    return (
+        {"global_pool": "avg"} if timm_name.startswith("beit") else {"global_pool": "avg", "fc_norm": False}
+    )
 
 
 def preprocessing(cfg: dict) -> dict:

@@ -203,7 +203,9 @@ def test_empty_folder_and_incompatible_run_folder(digits, tmp_path):
     r = cli("--config", "tiny_demo", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"))
     assert r.returncode == 2 and "holds no usable" in r.stderr
     T.train(tiny(digits, tmp_path / "run", epochs=1))
-    with pytest.raises(T.TrainingError, match=r"holds checkpoints of another network .*head_out"):
+    with pytest.raises(
+        T.TrainingError, match=r"holds checkpoints of another arch \(head_out: 32 there vs 16 here\)"
+    ):
         T.train(tiny(digits, tmp_path / "run", epochs=1, head_out=16))
 
 
