@@ -24,7 +24,8 @@ then bwd_wq (d(student)) and bwd_wk (d(teacher)) multiply w into each chunk of t
 Arithmetic is fp32 (logsumexp and accumulators always). bf16/fp16 tiles go to tl.dot in their own dtype on a
 GPU (tensor cores, fp32 accumulate; the fp32 gradient tile as a high part plus residual in that dtype); fp32
 tiles, and a student and teacher of different dtypes, go to tensor cores as 3xTF32 (fp32-level error, see _dot);
-under TRITON_INTERPRET everything is cast to fp32 first (the interpreter's low-precision arithmetic is wrong).
+under TRITON_INTERPRET everything is cast to fp32 first (the interpreter's bf16 arithmetic is wrong), except in
+the tests that supply IEEE bf16 (INTERPRET_16BIT_DOTS).
 """
 
 from __future__ import annotations
@@ -211,8 +212,8 @@ def _dot_grad(acc, g, x, F32_DOTS: tl.constexpr):
         # fp16 overflows above 65504 (hi = inf, lo = NaN): a tile whose largest entry passes 2^14 is split after
         # scaling (exact: a power of two), and its product scaled back; the accumulator is scaled with it rather
         # than a second one kept, which would cost a tile of registers
-        big = tl.max(tl.abs(g))
-        e = tl.where(big > 16384.0, tl.ceil(tl.log2(big)) - 14.0, 0.0)
+        big = tl.max(tl.abs(g), axis=1)
+        e = tl.where(big > 16384.0, tl.ceil(tl.log2(tl.maximum(big, 16384.0))) - 14.0, 0.0)[:, None]
         down = tl.exp2(-e)
         gs = g * down
         hi = gs.to(x.dtype)
@@ -770,8 +771,16 @@ KERNELS = {
 }
 
 
+# Under the interpreter, products run in fp32: its bf16 arithmetic is not IEEE's. tests/interpreter16.py supplies
+# IEEE bf16 and sets this, so the 16-bit branches (tensor-core operands in the features' dtype, the gradient's
+# high/low split, fp16's scaling) run on the CPU too.
+INTERPRET_16BIT_DOTS = False
+
+
 def _f32_dots(student_dtype, teacher_dtype, interpret: bool) -> bool:
-    return interpret or student_dtype == torch.float32 or student_dtype != teacher_dtype
+    if interpret and not INTERPRET_16BIT_DOTS:
+        return True
+    return student_dtype == torch.float32 or student_dtype != teacher_dtype
 
 
 def launch_meta(
