@@ -37,7 +37,9 @@ def _assert_rounding_only(name, got, want, dtype):
     """got within 10% of the error of rounding the float64 ``want`` to ``dtype`` (norms)."""
     assert torch.isfinite(got).all(), f"{name}: non-finite entries"
     ours, rounding = _rel(got, want), _rel(want.to(dtype), want)
-    assert ours <= 1.1 * rounding, f"{name}: relative error {ours:.3g}, rounding to {dtype} alone {rounding:.3g}"
+    assert ours <= 1.1 * rounding, (
+        f"{name}: relative error {ours:.3g}, rounding to {dtype} alone {rounding:.3g}"
+    )
 
 
 def _case(dtype, B, N, d, seed=1):
