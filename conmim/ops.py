@@ -97,6 +97,35 @@ def _groups(teacher, student):
     return out.values()
 
 
+def _dense(x: torch.Tensor) -> bool:
+    """x covers its memory span once, without gaps: contiguous in some order of its dimensions (row-major,
+    channels_last, a transpose)."""
+    expect = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def _layout(x: torch.Tensor) -> tuple:
+    return tuple((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1)
+
+
+def _flat_operands(teacher, student):
+    """1-D views of each (dense) teacher tensor's memory, and of its student's values in the same order: an
+    update is elementwise, so a channels_last or transposed parameter and its teacher are read and written where
+    they lie, without a copy. Only a student in another layout than its teacher's is copied into that layout."""
+    ts, ss = [], []
+    for t, s in zip(teacher, student):
+        s = s.detach()
+        if _layout(s) != _layout(t) or not _dense(s):
+            s = torch.empty_like(t, dtype=s.dtype).copy_(s)  # empty_like keeps a dense tensor's strides
+        ts.append(t.as_strided((t.numel(),), (1,)))
+        ss.append(s.as_strided((s.numel(),), (1,)))
+    return ts, ss
+
+
 class Backend:
     """One way to run the ops. ``why_not`` lists every reason it cannot run on ``device`` with tensors of
     ``dtypes`` (device, build, dtype; an empty list: it can), ``loss_limits`` the loss's own (sizes); the run
@@ -163,7 +192,7 @@ class Cpu(Backend):
         return native.patch_contrast_backward_cpu(*args)
 
     def ema_update(self, teacher, student, momentum):
-        native.ema_update_cpu_(teacher, [s.detach().contiguous() for s in student], float(momentum))
+        native.ema_update_cpu_(*_flat_operands(teacher, student), float(momentum))
 
 
 class Triton(Backend):
@@ -202,10 +231,10 @@ class Triton(Backend):
         return _triton_module("patch_contrast").patch_contrast_backward(*args, work=work)
 
     def ema_update(self, teacher, student, momentum):
-        # A non-contiguous student is copied on every call, which also gives the launcher's cached address table
-        # a new key (a rebuild and a host-to-device copy; an error under graph capture). Parameters are
-        # contiguous in practice; a caller with strided students passes contiguous copies it keeps.
-        student = [s.detach().contiguous() for s in student]
+        # flat views keep the tensors' addresses, so the launcher's cached address table is found again; only a
+        # student whose layout differs from its teacher's is copied (a new table each call, an error under
+        # graph capture)
+        teacher, student = _flat_operands(teacher, student)
         mod = _triton_module("ema")
         for idx in _groups(teacher, student):
             mod.ema_update_([teacher[i] for i in idx], [student[i] for i in idx], momentum)
@@ -242,7 +271,7 @@ class Cuda(Backend):
         return native.patch_contrast_backward_cuda(*args, work=work)
 
     def ema_update(self, teacher, student, momentum):
-        student = [s.detach().contiguous() for s in student]
+        teacher, student = _flat_operands(teacher, student)
         if isinstance(momentum, torch.Tensor):
             momentum = momentum.to(device=teacher[0].device, dtype=torch.float32)
         for idx in _groups(teacher, student):
@@ -494,10 +523,10 @@ def ema_reasons(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> bac
     common = []
     if len(devices) > 1:
         common.append(Why(f"tensors are on several devices {sorted(str(d) for d in devices)}"))
-    bad = [i for i, t in enumerate(teacher) if not t.is_contiguous()]
+    bad = [i for i, t in enumerate(teacher) if not _dense(t)]
     if bad:
         common.append(
-            Why(f"teacher tensors {bad[:5]} are not contiguous (fused kernels update contiguous memory)")
+            Why(f"teacher tensors {bad[:5]} have gaps or overlaps (fused kernels update dense memory)")
         )
     return _fused_reasons(dev, dtypes, lambda b: common)
 

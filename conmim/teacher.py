@@ -19,9 +19,11 @@ def ema_update_(teacher, student, momentum, backend: str = "auto") -> None:
     semantics, fp32 arithmetic, stored in each teacher tensor's dtype).
 
     Args:
-        teacher: list/tuple of floating tensors (fp32/bf16/fp16; fp64 on cpu/reference), contiguous for the
-            fused backends (a non-contiguous one makes ``auto`` fall back to the reference, with a warning).
-        student: tensors of the same shapes, any float dtype, any strides (non-contiguous ones are copied).
+        teacher: list/tuple of floating tensors (fp32/bf16/fp16; fp64 on cpu/reference), dense for the fused
+            backends (contiguous in any order of dimensions: row-major, channels_last, transposed; one with gaps
+            or overlaps makes ``auto`` fall back to the reference, with a warning).
+        student: tensors of the same shapes, any float dtype, any strides (read in place where the layout is
+            its teacher's, otherwise copied into that layout on each call).
         momentum: float in [0, 1], or a 0-d float tensor (on the GPU it is read on the device: no host sync).
         backend: "auto", "triton", "cuda", "cpu" or "reference".
     """

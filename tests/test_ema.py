@@ -62,10 +62,54 @@ def test_ema_float64_and_momentum_edges():
     assert all(torch.equal(a, b) for a, b in zip(teacher, student))  # m = 0 copies the student
 
 
-def test_ema_non_contiguous_teacher_falls_back_with_a_reason():
-    t = torch.randn(4, 6).t()
+# (teacher, student) layouts: channels_last and transposed pairs (what a deepcopy of such a parameter gives),
+# and a transposed teacher with a row-major student and a strided one (copied into the teacher's layout)
+LAYOUTS = {
+    "channels-last": (
+        lambda x: x.to(memory_format=torch.channels_last),
+        lambda x: x.to(memory_format=torch.channels_last),
+    ),
+    "transposed": (lambda x: x.transpose(1, 3).contiguous().transpose(1, 3),) * 2,
+    "transposed-teacher": (lambda x: x.transpose(1, 3).contiguous().transpose(1, 3), lambda x: x),
+    "strided-student": (lambda x: x, lambda x: torch.cat([x, x], 3)[..., ::2]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_ema_dense_teachers_in_any_layout(backend, layout):
+    to_t, to_s = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(5)
+    teacher = [to_t(torch.randn(2, 3, 4, 5, generator=g)), torch.randn(7, generator=g)]
+    student = [to_s(torch.randn(2, 3, 4, 5, generator=g)), torch.randn(7, generator=g)]
+    strides = [t.stride() for t in teacher]
+    want = [t.clone() for t in teacher]
+    for m in (0.9, 0.5):
+        conmim.ema_update_(teacher, student, m, backend=backend)
+        ema_update_reference_(want, student, m)
+    assert [t.stride() for t in teacher] == strides
+    for got, ref in zip(teacher, want):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_ema_reads_a_student_in_its_teachers_layout_in_place():
+    """No copy per call where the layouts match: the kernels get views of the tensors' own memory (the Triton
+    launcher's address table, keyed by addresses, is found again on the next call)."""
+    from conmim import ops
+
+    t = torch.randn(8, 3, 4, 4).to(memory_format=torch.channels_last)
+    s = torch.randn(8, 3, 4, 4).to(memory_format=torch.channels_last)
+    (ft,), (fs,) = ops._flat_operands([t], [s])
+    assert (ft.data_ptr(), fs.data_ptr()) == (t.data_ptr(), s.data_ptr())
+    assert ft.is_contiguous() and fs.is_contiguous()
+    (_,), (fs,) = ops._flat_operands([t], [s.contiguous()])
+    assert fs.data_ptr() != s.data_ptr()  # another layout: copied into the teacher's
+
+
+def test_ema_teacher_with_gaps_falls_back_with_a_reason():
+    t = torch.randn(6, 8)[:, ::2]
     s = torch.randn(6, 4)
-    with pytest.raises(RuntimeError, match="not contiguous"):
+    with pytest.raises(RuntimeError, match="gaps or overlaps"):
         conmim.ema_update_([t], [s], 0.5, backend="cpu")
     want = t.clone()
     ema_update_reference_([want], [s], 0.5)
