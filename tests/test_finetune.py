@@ -224,8 +224,8 @@ def test_init_from_exported_file_and_bad_inputs(tmp_path):
     cfg = cfg_for(init=str(path), model=None, image_size=None)
     model = recipe.build_classifier(recipe.resolve_init(cfg), 3, cfg, 0)
     assert torch.equal(model.blocks[2].mlp.fc1.weight, weights["blocks.2.mlp.fc1.weight"])
-    with pytest.raises(ValueError, match="image_size 32 differs"):
-        recipe.resolve_init(cfg_for(init=str(path), model=None, image_size=32))
+    with pytest.raises(ValueError, match="patch_size 8 differs"):
+        recipe.resolve_init(cfg_for(init=str(path), model=None, image_size=None, patch_size=8))
     with pytest.raises(FileNotFoundError, match="neither"):
         recipe.resolve_init(cfg_for(init=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="needs model"):
@@ -234,6 +234,46 @@ def test_init_from_exported_file_and_bad_inputs(tmp_path):
     bad["blocks.9.extra"] = torch.zeros(1)
     with pytest.raises(ValueError, match="unexpected"):
         recipe.load_backbone_weights(model, bad)
+
+
+def test_another_image_size_resamples_the_position_tables(tmp_path):
+    """Pretrained at 16 px (a 4 x 4 grid), fine-tuned at 24 px (6 x 6): timm's resampling of the absolute
+    position embedding (class token kept) and of BEiT's relative position tables, and a network that runs."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
+
+    from conmim.export import backbone_state
+
+    weights = backbone_state(_encoder_state(5))
+    path = tmp_path / "bb.safetensors"
+    save_file(weights, str(path))
+    kwargs = dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4)
+    Path(str(path) + ".json").write_text(json.dumps({"timm_model": "vit_tiny_patch16_224", "kwargs": kwargs}))
+    cfg = cfg_for(init=str(path), model=None, image_size=24)
+    messages = []
+    model = recipe.build_classifier(recipe.resolve_init(cfg, messages.append), 3, cfg, 0)
+    assert any("resampled" in m for m in messages)
+    assert model.pos_embed.shape[1] == 1 + 36
+    want = resample_abs_pos_embed(weights["pos_embed"], new_size=[6, 6], num_prefix_tokens=1)
+    assert torch.equal(model.pos_embed, want)
+    assert torch.equal(model.pos_embed[:, 0], weights["pos_embed"][:, 0])
+    assert model(torch.randn(2, 3, 24, 24)).shape == (2, 3)
+
+    kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, use_abs_pos_emb=False,
+              use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=0.1)  # fmt: skip
+    torch.manual_seed(0)
+    pre = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0, **kw)
+    table = pre.state_dict()["rel_pos_bias.relative_position_bias_table"]
+    beit = recipe.build_classifier(
+        recipe.Init("beit_base_patch16_224", kw | {"img_size": 24}, pre.state_dict(), "test"), 4, cfg, 0
+    )
+    own = beit.blocks[0].attn.relative_position_bias_table
+    assert own.shape != table.shape
+    want = resize_rel_pos_bias_table(table, new_window_size=(6, 6), new_bias_shape=own.shape)
+    for blk in beit.blocks:
+        assert torch.equal(blk.attn.relative_position_bias_table, want)
+    assert beit(torch.randn(2, 3, 24, 24)).shape == (2, 4)
 
 
 def test_beit_shared_relative_position_table_expanded_per_block():
@@ -293,8 +333,10 @@ def _final(out: Path, cfg: FinetuneConfig) -> dict:
     return state | {"model": model.state_dict()}
 
 
-def test_resume_after_crash_is_bit_identical(folder, tmp_path, monkeypatch):
-    common = dict(data=str(folder), epochs=3, checkpoint_every=2, keep_last=10, batch_size=8, lr_batch=8)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resume_after_crash_is_bit_identical(folder, tmp_path, monkeypatch, precision):
+    common = dict(data=str(folder), epochs=3, checkpoint_every=2, keep_last=10, batch_size=8, lr_batch=8,
+                  precision=precision)  # fmt: skip
     whole = run.train(cfg_for(out=str(tmp_path / "whole"), **common))
     calls = {"n": 0}
     real = run.train_step
@@ -354,6 +396,23 @@ def test_grad_checkpointing_and_bf16(folder, tmp_path):
     with r.autocast:
         out = r.net(x)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_fp16_skips_a_step_with_non_finite_gradients_and_lowers_the_scale(folder, tmp_path):
+    cfg = cfg_for(data=str(folder), out=str(tmp_path / "x"), precision="fp16", mixup=0.0, cutmix=0.0,
+                  accum_steps=1, drop_path=0.0)  # fmt: skip
+    r = run.build_run(cfg, 0, 1, torch.device("cpu"))
+    assert r.scaler.is_enabled() and r.autocast.fast_dtype == torch.float16
+    state, sums = run.RunState(), torch.zeros(2)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    before = {k: v.clone() for k, v in r.net.state_dict().items()}
+    scale = r.scaler.get_scale()
+    run.train_step(r, state, [(x.clone().fill_(float("inf")), y)], sums)
+    assert all(torch.equal(before[k], v) for k, v in r.net.state_dict().items())  # skipped
+    assert r.scaler.get_scale() == scale / 2
+    run.train_step(r, state, [(x, y)], sums)
+    assert any(not torch.equal(before[k], v) for k, v in r.net.state_dict().items())  # a finite step trains
+    assert state.step == 2
 
 
 def test_bad_input_writes_nothing(folder, tmp_path, capsys):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from conmim.config import ConfigError, above, at_least, option, within
 from conmim.parallel import DEVICES
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp16", "fp32")
 positive = above(0)
 non_negative = at_least(0)
 at_least_one = at_least(1)
@@ -95,7 +95,11 @@ class FinetuneConfig:
     # machinery
     seed: int = option(0, "seed of the labelled subset, the head, the data order, augmentations and mixup")
     device: str = option("auto", "auto: cuda when available", DEVICES)
-    precision: str = option("bf16", "autocast dtype (fp32: none)", PRECISIONS)
+    precision: str = option(
+        "bf16",
+        "autocast dtype (fp32: none; fp16 with a dynamic loss scale, torch.amp.GradScaler, as the official fp16)",
+        PRECISIONS,
+    )
     grad_checkpointing: bool = option(False, "recompute block activations in backward (less memory)")
     num_workers: int = option(8, "data-loading worker processes per rank", check=non_negative)
     eval_every: int = option(

@@ -79,13 +79,17 @@ def resolve_init(cfg: FinetuneConfig, log=lambda m: None) -> Init:
             )
         if cfg.model is not None and model_spec(cfg.model)[0] != timm_name:
             raise ValueError(f"model {cfg.model!r} differs from the init's network ({timm_name})")
-    for key, value in (("img_size", cfg.image_size), ("patch_size", cfg.patch_size)):
-        if value is not None:
-            if weights is not None and key in kwargs and kwargs[key] != value:
-                raise ValueError(
-                    f"{'image_size' if key == 'img_size' else key} {value} differs from the init's {kwargs[key]}"
-                )
-            kwargs[key] = value
+    if cfg.patch_size is not None:
+        if weights is not None and kwargs.get("patch_size", cfg.patch_size) != cfg.patch_size:
+            raise ValueError(f"patch_size {cfg.patch_size} differs from the init's {kwargs['patch_size']}")
+        kwargs["patch_size"] = cfg.patch_size
+    if cfg.image_size is not None:
+        if weights is not None and kwargs.get("img_size", cfg.image_size) != cfg.image_size:
+            log(
+                f"image_size {cfg.image_size} differs from the init's {kwargs['img_size']}: position embeddings "
+                "and relative position tables are resampled to the new grid of patches"
+            )
+        kwargs["img_size"] = cfg.image_size
     return Init(timm_name, kwargs, weights, source)
 
 
@@ -98,6 +102,35 @@ def _expand_shared_rel_pos(weights: dict, model: nn.Module) -> dict:
         for i in range(len(model.blocks)):
             weights.setdefault(f"blocks.{i}.attn.relative_position_bias_table", shared.clone())
     return weights
+
+
+def _resample_to_grid(weights: dict, model: nn.Module) -> dict:
+    """Position tables pretrained at another image size, resampled to the model's grid of patches with timm's
+    functions (as timm's own checkpoint filters and BEiT's fine-tuning at 384 px do): the absolute position
+    embedding bicubically, its class-token entry kept; relative position bias tables to the new window."""
+    from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
+
+    own = model.state_dict()
+    grid = list(model.patch_embed.grid_size)
+    out = dict(weights)
+    for key, value in weights.items():
+        if key not in own or own[key].shape == value.shape:
+            continue
+        if key == "pos_embed":
+            prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+            out[key] = resample_abs_pos_embed(value, new_size=grid, num_prefix_tokens=prefix)
+        elif key.endswith("relative_position_index"):
+            del out[key]  # the network computes its own for its grid
+        elif key.endswith("relative_position_bias_table"):
+            out[key] = resize_rel_pos_bias_table(
+                value, new_window_size=tuple(grid), new_bias_shape=own[key].shape
+            )
+        else:
+            raise ValueError(
+                f"init weights do not fit the network: {key} is {tuple(value.shape)}, the network's "
+                f"{tuple(own[key].shape)}"
+            )
+    return out
 
 
 def build_classifier(init: Init, num_classes: int, cfg: FinetuneConfig, seed: int) -> nn.Module:
@@ -130,7 +163,7 @@ def load_backbone_weights(model: nn.Module, weights: dict) -> None:
     """Load pretrained backbone weights into a classifier: the head and ``fc_norm`` stay new, the pretraining's
     final ``norm`` is dropped where the classifier pools before its norm; any other missing or unexpected key
     is an error (a wrong file is never half-loaded silently)."""
-    weights = _expand_shared_rel_pos(weights, model)
+    weights = _resample_to_grid(_expand_shared_rel_pos(weights, model), model)
     own = model.state_dict()
     new = {k for k in own if k.startswith(("head.", "fc_norm."))}
     unused = {k for k in weights if k.startswith("norm.") and k not in own}

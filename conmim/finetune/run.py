@@ -133,6 +133,7 @@ class Run:
     mixup: object
     criterion: nn.Module
     autocast: object
+    scaler: torch.amp.GradScaler  # enabled with fp16 only
     steps_per_epoch: int
     total_steps: int
     lr: float
@@ -180,13 +181,14 @@ def build_run(
     if world > 1:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if pin else None)
     mixup = make_mixup(cfg, len(tr.classes))
-    low = {"bf16": torch.bfloat16}.get(cfg.precision)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     return Run(
         cfg=cfg, init=init, device=device, rank=rank, world=world, out=Path(cfg.out).expanduser(),
         classes=tr.classes, train_files=files, loader=loader, sampler=sampler, val_loader=val, net=net,
         model=model, opt=opt, sched=make_scheduler(opt, cfg, total, round(cfg.warmup_epochs * steps_per_epoch)),
         mixup=mixup, criterion=make_criterion(cfg, mixup),
         autocast=torch.autocast(device.type, dtype=low) if low is not None else nullcontext(),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
         steps_per_epoch=steps_per_epoch, total_steps=total, lr=lr,
     )  # fmt: skip
 
@@ -211,12 +213,14 @@ def train_step(run: Run, state: RunState, micro_batches, sums: torch.Tensor) -> 
             with run.autocast:
                 logits = run.model(x)
             loss = run.criterion(logits.float(), y)
-            (loss / cfg.accum_steps).backward()
+            run.scaler.scale(loss / cfg.accum_steps).backward()
         sums += torch.stack([loss.detach(), torch.ones((), device=run.device)])
         state.batch += 1
+    run.scaler.unscale_(run.opt)  # (a no-op unless fp16) so that clipping sees the true gradients
     if cfg.clip_grad > 0:
         nn.utils.clip_grad_norm_(run.net.parameters(), cfg.clip_grad)
-    run.opt.step()
+    run.scaler.step(run.opt)  # with fp16: skipped when a gradient is inf or NaN, and the scale lowered
+    run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
     state.step += 1
 
@@ -262,7 +266,8 @@ def _parts(run: Run) -> dict:
 
 def checkpoint(run: Run, state: RunState) -> None:
     """Every rank: the weights, the optimizer and the run state as one verified checkpoint (conmim.checkpoint)."""
-    run.ckpt.save(_parts(run), state.state_dict(), state.epoch, state.step, epoch_end=state.batch == 0)
+    extra = state.state_dict() | {"scaler": run.scaler.state_dict()}
+    run.ckpt.save(_parts(run), extra, state.epoch, state.step, epoch_end=state.batch == 0)
 
 
 def restore(run: Run, state: RunState) -> None:
@@ -270,6 +275,7 @@ def restore(run: Run, state: RunState) -> None:
     saved = run.ckpt.load_latest(_parts(run))
     if saved is not None:
         state.load_state_dict(saved)
+        run.scaler.load_state_dict(saved.get("scaler", {}))
 
 
 def check_compatible(out: Path, cfg: FinetuneConfig) -> None:
