@@ -61,8 +61,9 @@ VIT_B_BATCH = 128  # conmim/configs/vit_b.yaml's batch per GPU: the loss's B on 
 ASSUMPTIONS = (
     "each kernel's time is max(DRAM bytes / 4.8 TB/s, issued MMA FLOPs / dense peak), as if every load were "
     "in flight and every MMA issued back to back: memory latency, instruction issue, barriers, the softmax's "
-    "FP32 and MUFU work, L2 misses on re-read rows and clocks below boost are not modelled; waves are counted "
-    "(a partial last wave is charged as a full one) but occupancy below what hides latency is not; kernels "
+    "FP32 and MUFU work, L2 misses on re-read rows and clocks below boost are not modelled; waves are reported "
+    "but not charged (a partial last wave would add up to ceil(waves) / waves to a compute-bound kernel), nor is "
+    "occupancy too low to hide latency; kernels "
     "run back to back with no launch overhead, and the forward's work order (torch ops) is not counted"
 )
 EMA_PARAMS = 106_000_000
@@ -458,7 +459,7 @@ def memory_floor_s(dtype: str, d: int, need_teacher: bool) -> float:
 
 def estimate_loss(rec: dict, B: int = GRID["B"]) -> dict:
     """An estimate, not a measurement (see ASSUMPTIONS): max(bytes / HBM, issued MMA FLOPs / peak) for GRID with
-    B images; the compute time is charged per wave, a partial last wave as a full one."""
+    B images; waves and occupancy are reported beside it, not charged."""
     N, M, d = GRID["N"], GRID["masked"], rec["d"]
     kind = LOSS_KERNELS[rec["kernel"]]
     bm, bn, bd = (rec["tiles"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D"))
@@ -486,7 +487,6 @@ def estimate_loss(rec: dict, B: int = GRID["B"]) -> dict:
     memory_s = _loss_bytes(rec, B) / GPU.hbm_bytes_per_s
     slots = GPU.sms * max(1, rec["resident_warps"] // rec["warps"])
     waves = programs / slots
-    compute_s *= math.ceil(waves) / waves  # the last wave's idle slots
     return {
         "B": B,
         "bytes": _loss_bytes(rec, B),
