@@ -51,7 +51,12 @@ def test_the_rendered_profile_states_its_assumptions_waves_and_launches():
     r = _record()
     recs = static.with_estimates([r])
     assert recs[0]["estimate_vit_b"]["B"] == static.VIT_B_BATCH
-    payload = {"tritons": [{"triton": "x", "records": recs}], "file": "f.json", "commit": "0" * 12, "cuda": []}
+    payload = {
+        "tritons": [{"triton": "x", "records": recs}],
+        "file": "f.json",
+        "commit": "0" * 12,
+        "cuda": [],
+    }
     text = static.render(payload)
     assert static.ASSUMPTIONS in text and "programs / waves" in text
     assert "1 Triton launches (fwd)" in text and f"at vit_b's {static.VIT_B_BATCH} images per GPU" in text
