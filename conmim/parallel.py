@@ -5,7 +5,8 @@
 - ``Sharded`` (``strategy: fsdp``): FSDP2 ``fully_shard`` per transformer block, the projection head and the
   root, for the student and for the teacher on the same mesh; the teacher's EMA runs on the local shards.
 
-Both build the one :class:`conmim.teacher.MomentumTeacher` and expose the same small interface to the loop:
+Both build the one :class:`conmim.teacher.MomentumTeacher` (none for fine-tuning, which trains one network: a
+timm classifier) and expose the same small interface to the loop:
 ``model`` (what to call), ``student`` (the module whose parameters the optimizer holds), ``teacher``,
 ``grad_scaler`` (its class), ``fused_adamw_with_scaler``, ``no_sync``, ``grad_norm``, ``eval_model`` and
 ``finish``. Checkpoints are the
@@ -95,17 +96,22 @@ def on_rank0(action, errors: tuple = (OSError,)) -> None:
         raise ParallelError(error)
 
 
+def transformer_blocks(net: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a ConMIM encoder (its backbone's) or of a timm ViT/BEiT classifier."""
+    return net.backbone.blocks if hasattr(net, "backbone") else net.blocks
+
+
 def checkpoint_blocks(encoder: nn.Module) -> None:
     """Activation checkpointing per transformer block (non-reentrant ``torch.utils.checkpoint``): each block's
     activations are recomputed in the backward. Names and state dicts do not change. Apply before sharding."""
-    for block in encoder.backbone.blocks:
+    for block in transformer_blocks(encoder):
         if isinstance(block.forward, functools.partial):
             raise ValueError("checkpoint_blocks: the encoder's blocks are already checkpointed")
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def _teacher(student: nn.Module, momentum: dict) -> MomentumTeacher:
-    return MomentumTeacher(student, **momentum)
+def _teacher(student: nn.Module, momentum: dict | None) -> MomentumTeacher | None:
+    return None if momentum is None else MomentumTeacher(student, **momentum)
 
 
 # ------------------------------------------------------------------------------------------------ strategies
@@ -113,14 +119,18 @@ class Replicated:
     """``strategy: ddp``: DDP under torchrun, the student as is in one process.
 
     Args:
-        student: the ConMIMEncoder on its device (unsharded).
+        student: the network trained (a ConMIMEncoder, or a timm classifier when fine-tuning) on its device,
+            unsharded.
         device: the training device.
-        momentum: MomentumTeacher's keyword arguments (base_momentum, final_momentum, total_steps).
+        momentum: MomentumTeacher's keyword arguments (base_momentum, final_momentum, total_steps), or None: no
+            teacher (fine-tuning).
         precision: unused here (autocast is the loop's); kept so both strategies take the same arguments.
         grad_checkpointing: recompute each block's activations in the backward.
     """
 
-    def __init__(self, student, device, momentum: dict, precision="fp32", grad_checkpointing=False, **_):
+    def __init__(
+        self, student, device, momentum: dict | None, precision="fp32", grad_checkpointing=False, **_
+    ):
         if grad_checkpointing:
             checkpoint_blocks(student)
         self.teacher = _teacher(student, momentum)
@@ -154,7 +164,8 @@ class Replicated:
         if self.world == 1:
             return
         sums = []
-        for p in [*self.student.parameters(), *self.teacher.parameters()]:
+        teacher = [] if self.teacher is None else list(self.teacher.parameters())
+        for p in [*self.student.parameters(), *teacher]:
             q = p.detach().double()
             sums += [q.sum(), (q * q).sum()]
         local = torch.stack(sums)
@@ -164,7 +175,7 @@ class Replicated:
             (out / "rank_checksums.json").write_text(json.dumps([g.tolist() for g in gathered]))
             if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
                 raise ParallelError("ranks ended with different weights (see rank_checksums.json)")
-            log(f"all {self.world} ranks hold identical student and teacher weights")
+            log(f"all {self.world} ranks hold identical weights")
 
 
 class Sharded:
@@ -185,7 +196,7 @@ class Sharded:
         self,
         student,
         device,
-        momentum: dict,
+        momentum: dict | None,
         precision="bf16",
         grad_checkpointing=False,
         reshard_after_forward=True,
@@ -201,7 +212,8 @@ class Sharded:
         if grad_checkpointing:
             checkpoint_blocks(student)
         shard_encoder(student, mesh, precision, reshard_after_forward)
-        shard_encoder(self.teacher.module, mesh, precision, reshard_after_forward=True)
+        if self.teacher is not None:
+            shard_encoder(self.teacher.module, mesh, precision, reshard_after_forward=True)
         self.student = self.model = student
         self.device = device
 
@@ -255,16 +267,18 @@ def mixed_precision(precision: str) -> MixedPrecisionPolicy:
 
 
 def shard_encoder(encoder: nn.Module, mesh: DeviceMesh, precision: str, reshard_after_forward: bool) -> None:
-    """``fully_shard`` each transformer block, the projection head (always gathered in fp32) and the root."""
+    """``fully_shard`` each transformer block, a ConMIM encoder's projection head (always gathered in fp32) and
+    the root (a timm classifier's head and norms are in the root)."""
     policy = mixed_precision(precision)
-    for block in encoder.backbone.blocks:
+    for block in transformer_blocks(encoder):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(
-        encoder.head,
-        mesh=mesh,
-        mp_policy=mixed_precision("fp32"),
-        reshard_after_forward=reshard_after_forward,
-    )
+    if hasattr(encoder, "backbone"):
+        fully_shard(
+            encoder.head,
+            mesh=mesh,
+            mp_policy=mixed_precision("fp32"),
+            reshard_after_forward=reshard_after_forward,
+        )
     fully_shard(encoder, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 

@@ -4,6 +4,7 @@ source, the labelled subset, exact resume and the run folder. Tiny networks and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -333,10 +334,10 @@ def _final(out: Path, cfg: FinetuneConfig) -> dict:
     return state | {"model": model.state_dict()}
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_resume_after_crash_is_bit_identical(folder, tmp_path, monkeypatch, precision):
+@pytest.mark.parametrize("strategy,precision", [("ddp", "fp32"), ("ddp", "fp16"), ("fsdp", "fp32")])
+def test_resume_after_crash_is_bit_identical(folder, tmp_path, monkeypatch, strategy, precision):
     common = dict(data=str(folder), epochs=3, checkpoint_every=2, keep_last=10, batch_size=8, lr_batch=8,
-                  precision=precision)  # fmt: skip
+                  precision=precision, strategy=strategy)  # fmt: skip
     whole = run.train(cfg_for(out=str(tmp_path / "whole"), **common))
     calls = {"n": 0}
     real = run.train_step
@@ -385,7 +386,10 @@ def test_cli_run_folder_results_and_baseline(folder, tmp_path, capsys):
 def test_grad_checkpointing_and_bf16(folder, tmp_path):
     cfg = cfg_for(data=str(folder), out=str(tmp_path / "x"), drop_path=0.0, grad_checkpointing=True)
     r = run.build_run(dataclasses.replace(cfg, precision="bf16"), 0, 1, torch.device("cpu"))
-    assert r.net.grad_checkpointing and r.autocast.fast_dtype == torch.bfloat16
+    assert all(
+        isinstance(b.forward, functools.partial) for b in r.net.blocks
+    )  # conmim.parallel's checkpointing
+    assert r.autocast.fast_dtype == torch.bfloat16
     assert not (tmp_path / "x").exists()
     plain = tiny_classifier(dataclasses.replace(cfg, grad_checkpointing=False), num_classes=3)
     x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -396,6 +400,49 @@ def test_grad_checkpointing_and_bf16(folder, tmp_path):
     with r.autocast:
         out = r.net(x)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_fsdp_in_one_process_trains_as_ddp_does(folder, tmp_path, monkeypatch):
+    """The same run under both strategies (conmim.parallel's objects) in one process ends with the same weights
+    to float rounding, either's checkpoint loads into a plain classifier, and a run cut under ddp resumes under
+    fsdp."""
+    common = dict(data=str(folder), epochs=2, batch_size=8, lr_batch=8, drop_path=0.0, checkpoint_every=1)
+    finals = {}
+    for strategy in ("ddp", "fsdp"):
+        cfg = cfg_for(out=str(tmp_path / strategy), strategy=strategy, **common)
+        run.train(cfg)
+        finals[strategy] = _final(tmp_path / strategy, cfg)
+    real, calls = run.train_step, {"n": 0}
+
+    def crash_at_4(*a, **k):
+        real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "train_step", crash_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        run.train(cfg_for(out=str(tmp_path / "both"), strategy="ddp", **common))
+    monkeypatch.setattr(run, "train_step", real)
+    run.train(cfg_for(out=str(tmp_path / "both"), strategy="fsdp", **common))
+    finals["both"] = _final(tmp_path / "both", cfg_for(**common))
+    a = finals["ddp"]
+    for other in ("fsdp", "both"):
+        b = finals[other]
+        assert a["step"] == b["step"] == 6
+        for key in a["model"]:
+            torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_validation_shares_are_padded_to_equal_length_and_padding_is_not_counted(tmp_path):
+    from conmim.finetune.data import PAD_LABEL, eval_loader
+
+    files, labels = [f"f{i}" for i in range(7)], [i % 3 for i in range(7)]
+    shares = [eval_loader(files, labels, None, 2, r, 3, 0, False).dataset for r in range(3)]
+    assert [len(d) for d in shares] == [3, 3, 3]
+    real = sorted(f for d in shares for f, y in zip(d.files, d.labels) if y != PAD_LABEL)
+    assert real == sorted(files)  # every image once
+    assert sum(y == PAD_LABEL for d in shares for y in d.labels) == 2
 
 
 def test_fp16_skips_a_step_with_non_finite_gradients_and_lowers_the_scale(folder, tmp_path):
@@ -466,13 +513,15 @@ def test_kill_minus_9_then_resume_matches(folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_under_torchrun(folder, tmp_path):
-    """DDP on gloo: 2 ranks with gradient accumulation run to the end; each epoch has the steps of the global
-    batch, and the ranks' validation shares add up to every image once."""
-    out = tmp_path / "ddp"
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_under_torchrun(folder, tmp_path, strategy):
+    """DDP and FSDP on gloo: 2 ranks with gradient accumulation run to the end; each epoch has the steps of the
+    global batch, and the ranks' validation shares add up to every image once."""
+    out = tmp_path / strategy
     args = ["--init", "none", "--model", "vit_tiny_demo", "--image_size", "16", "--data", str(folder),
             "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "2", "--accum_steps", "2", "--num_workers",
-            "0", "--precision", "fp32", "--progress", "false", "--out", str(out)]  # fmt: skip
+            "0", "--precision", "fp32", "--progress", "false", "--out", str(out), "--strategy", strategy,
+            "--eval_batch_size", "5"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     subprocess.run([*cmd, "-m", "conmim.finetune", *args], env=env, check=True, timeout=300)

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from conmim.config import ConfigError, above, at_least, option, within
-from conmim.parallel import DEVICES
+from conmim.parallel import DEVICES, STRATEGIES
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 positive = above(0)
@@ -99,6 +99,12 @@ class FinetuneConfig:
         "bf16",
         "autocast dtype (fp32: none; fp16 with a dynamic loss scale, torch.amp.GradScaler, as the official fp16)",
         PRECISIONS,
+    )
+    strategy: str = option(
+        "ddp",
+        "ddp: the whole network on every rank (DDP under torchrun); fsdp: FSDP2, every block sharded over the "
+        "ranks (conmim.parallel's strategies, as conmim-train's; checkpoints resume under either)",
+        tuple(STRATEGIES),
     )
     grad_checkpointing: bool = option(False, "recompute block activations in backward (less memory)")
     num_workers: int = option(8, "data-loading worker processes per rank", check=non_negative)

@@ -84,13 +84,21 @@ def train_loader(files, labels, transform, batch_size, rank, world, seed, num_wo
     return loader, sampler
 
 
+PAD_LABEL = -1  # a validation image repeated only so every rank has as many; not counted
+
+
 def eval_loader(files, labels, transform, batch_size, rank, world, num_workers, pin_memory):
-    """This rank's share of the validation images (every ``world``-th, no padding: counts sum exactly)."""
+    """This rank's share of the validation images: every ``world``-th, the shorter shares padded to the longest
+    with the first image labelled PAD_LABEL (not counted: counts sum exactly), so every rank runs as many
+    forward passes (FSDP's all-gathers need every rank in each)."""
     share = list(range(rank, len(files), world))
+    fill = -(-len(files) // world) - len(share)
+    share_labels = [labels[i] for i in share] + [PAD_LABEL] * fill
+    share += [0] * fill
     return DataLoader(
-        LabelledImages([files[i] for i in share], [labels[i] for i in share], transform),
+        LabelledImages([files[i] for i in share], share_labels, transform),
         batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
     )  # fmt: skip
 
 
-__all__ = ["LabelledImages", "class_subset", "eval_loader", "sample_seed", "train_loader"]
+__all__ = ["PAD_LABEL", "LabelledImages", "class_subset", "eval_loader", "sample_seed", "train_loader"]

@@ -35,7 +35,7 @@ from conmim.checkpoint import (
     set_rng_state,
 )
 from conmim.finetune.config import ConfigError, FinetuneConfig
-from conmim.finetune.data import _Seeded, class_subset, eval_loader, train_loader
+from conmim.finetune.data import PAD_LABEL, _Seeded, class_subset, eval_loader, train_loader
 from conmim.finetune.recipe import (
     Init,
     build_classifier,
@@ -48,13 +48,13 @@ from conmim.finetune.recipe import (
     resolve_init,
 )
 from conmim.metrics import Logger
-from conmim.parallel import ParallelError, dist_env, init_process_group, pick_device
+from conmim.parallel import STRATEGIES, ParallelError, dist_env, init_process_group, pick_device
 
 PROG = "conmim-finetune"
 RESULTS = "eval_finetune.json"
 # Keys that do not change what a run computes: a run folder may be resumed with other values for these.
 MACHINERY = ("out", "device", "num_workers", "eval_batch_size", "log_every", "checkpoint_every", "keep_last",
-             "progress", "baseline")  # fmt: skip
+             "progress", "baseline", "strategy")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------ logging
@@ -126,8 +126,9 @@ class Run:
     loader: object
     sampler: object
     val_loader: object
-    net: nn.Module  # the classifier itself
-    model: nn.Module  # as called in training: DDP-wrapped under torchrun
+    net: nn.Module  # the classifier itself (its blocks sharded in place under fsdp)
+    parallel: object  # the strategy (conmim.parallel.Replicated or Sharded)
+    model: nn.Module  # as called in training: DDP-wrapped under torchrun with ddp
     opt: torch.optim.Optimizer
     sched: object
     mixup: object
@@ -160,8 +161,6 @@ def build_run(
     init = init or resolve_init(cfg, lambda m: print(f"{PROG}: {m}", file=sys.stderr) if rank == 0 else None)
     net = build_classifier(init, len(tr.classes), cfg, cfg.seed).to(device)
     size = int(net.patch_embed.img_size[0])
-    if cfg.grad_checkpointing:
-        net.set_grad_checkpointing(True)
     t_train, t_val = make_transforms(cfg, size)
     pin = device.type == "cuda"
     loader, sampler = train_loader(
@@ -176,19 +175,19 @@ def build_run(
         )
     total = steps_per_epoch * cfg.epochs
     lr = peak_lr(cfg, world)
-    opt = make_optimizer(net, cfg, lr)
-    model = net
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if pin else None)
+    parallel = STRATEGIES[cfg.strategy](
+        net, device, None, precision=cfg.precision, grad_checkpointing=cfg.grad_checkpointing
+    )
+    opt = make_optimizer(net, cfg, lr)  # after sharding, which replaces the parameters by their shards
     mixup = make_mixup(cfg, len(tr.classes))
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     return Run(
         cfg=cfg, init=init, device=device, rank=rank, world=world, out=Path(cfg.out).expanduser(),
         classes=tr.classes, train_files=files, loader=loader, sampler=sampler, val_loader=val, net=net,
-        model=model, opt=opt, sched=make_scheduler(opt, cfg, total, round(cfg.warmup_epochs * steps_per_epoch)),
+        parallel=parallel, model=parallel.model, opt=opt, sched=make_scheduler(opt, cfg, total, round(cfg.warmup_epochs * steps_per_epoch)),
         mixup=mixup, criterion=make_criterion(cfg, mixup),
         autocast=torch.autocast(device.type, dtype=low) if low is not None else nullcontext(),
-        scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
+        scaler=parallel.grad_scaler(device.type, enabled=cfg.precision == "fp16"),
         steps_per_epoch=steps_per_epoch, total_steps=total, lr=lr,
     )  # fmt: skip
 
@@ -207,9 +206,7 @@ def train_step(run: Run, state: RunState, micro_batches, sums: torch.Tensor) -> 
         if run.mixup is not None:
             with _Seeded(_mix_seed(cfg.seed, state.step * cfg.accum_steps + i, run.rank)):
                 x, y = run.mixup(x, y)
-        last = i == cfg.accum_steps - 1
-        sync = run.model.no_sync() if run.world > 1 and not last else nullcontext()
-        with sync:
+        with run.parallel.no_sync(i == cfg.accum_steps - 1):
             with run.autocast:
                 logits = run.model(x)
             loss = run.criterion(logits.float(), y)
@@ -218,7 +215,7 @@ def train_step(run: Run, state: RunState, micro_batches, sums: torch.Tensor) -> 
         state.batch += 1
     run.scaler.unscale_(run.opt)  # (a no-op unless fp16) so that clipping sees the true gradients
     if cfg.clip_grad > 0:
-        nn.utils.clip_grad_norm_(run.net.parameters(), cfg.clip_grad)
+        run.parallel.grad_norm(cfg.clip_grad)
     run.scaler.step(run.opt)  # with fp16: skipped when a gradient is inf or NaN, and the scale lowered
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
@@ -235,9 +232,9 @@ def evaluate(run: Run) -> dict:
         with run.autocast:
             logits = run.net(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top == y[:, None]
-        sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), nn.functional.cross_entropy(logits, y, reduction="sum"),
-                             torch.tensor(len(y), device=run.device)]).double()  # fmt: skip
+        hit = top == y[:, None]  # a padding image (PAD_LABEL) hits nothing
+        loss = nn.functional.cross_entropy(logits, y, reduction="sum", ignore_index=PAD_LABEL)
+        sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), loss, (y != PAD_LABEL).sum()]).double()
     if run.world > 1:
         torch.distributed.all_reduce(sums)
     run.net.train()
