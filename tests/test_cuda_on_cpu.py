@@ -184,8 +184,8 @@ def plan(module, kernel, D, pair, device):
         ("forward", 1024, (F32, F32), SM86, False, False),  # 146 KB > 99 KB: streamed, 17 + 10 KB
         ("forward", 672, (F32, BF16), SM86, False, False),  # mixed pairs stage fp32: 17 + 85 KB > 99 KB
         ("forward", 640, (F16, BF16), SM86, True, True),  # 17 + 81 KB, just fits
-        ("backward", 128, (BF16, BF16), SM90, True, False),  # 26.5 KB static + 16 KB accumulator
-        ("backward", 512, (F32, F16), SM86, True, True),  # 31.5 + 64 KB
+        ("backward", 128, (BF16, BF16), SM90, True, False),  # 31.5 KB static + 16.5 KB accumulator
+        ("backward", 480, (F32, F16), SM86, True, True),  # 36.5 + 60.5 KB
     ],
 )
 def test_smem_plan(cuda_cpu_module, kernel, D, pair, device, resident, opt_in):
@@ -209,14 +209,15 @@ def test_backward_that_does_not_fit_names_the_limit(cuda_cpu_module, on_cpu, pai
         native.patch_contrast_backward_cuda(torch.ones(1, 9), s, t, mask, None, lse, 0.1, True, True)
 
 
-# The README's d limits of the CUDA backward on a 99 KB device: the 32 x d fp32 accumulator beside the static
-# tiles (staged chunks, and the split G of the gradient products, as float for a pair with an fp32 side).
+# docs/usage.md's d limits of the CUDA backward on a 99 KB device: the 32 x (d + 4) fp32 accumulator beside the
+# static tiles (staged chunks, the split G of the gradient products and two feature chunks of its other operand,
+# as float for a pair with an fp32 side).
 BACKWARD_LARGEST_D_SM86 = {
-    (BF16, BF16): 576,
-    (F16, F16): 576,
-    (F32, F32): 512,
-    (F32, BF16): 512,
-    (F16, F32): 512,
+    (BF16, BF16): 512,
+    (F16, F16): 512,
+    (F32, F32): 480,
+    (F32, BF16): 480,
+    (F16, F32): 480,
 }
 
 

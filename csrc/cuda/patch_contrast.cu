@@ -184,7 +184,7 @@ __device__ __forceinline__ void stage_chunk(T* dst, int ld, const Src* src, int6
 // the backward's loader. (Written out rather than as stage_chunk with a row function: that form spilled 4 bytes
 // in bwd_k for fp32-staged pairs at sm_80.)
 template <typename T, typename Src>
-__device__ void load_chunk(T (*dst)[kChunk + kPad], const Src* base, int64_t sb, int64_t sn, int64_t sd, int64_t b,
+__device__ __forceinline__ void load_chunk(T (*dst)[kChunk + kPad], const Src* base, int64_t sb, int64_t sn, int64_t sd, int64_t b,
                            const int64_t* rows, const bool* ok, int d0, int D) {
   for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
     const int r = e / kChunk, c = e % kChunk;
@@ -199,12 +199,17 @@ __device__ void load_chunk(T (*dst)[kChunk + kPad], const Src* base, int64_t sb,
 struct GradMma {
   alignas(32) float hi[kTile][kTile + 4];
   alignas(32) float lo[kTile][kTile + 4];
-  alignas(32) float x[kTile][kChunk + kPad];  // one feature chunk of the other operand, as float
+  // two feature chunks of the other operand, as float: one multiplied while the next is loaded
+  alignas(32) float x[2][kTile][kChunk + kPad];
 };
 
-// Backward accumulators ([kTile][ld] fp32 in dynamic shared memory) have rows padded to whole feature chunks, so
-// the MMA path's 16 x 16 blocks stay aligned.
+// Backward accumulators ([kTile][acc_ld] fp32 in dynamic shared memory) have rows padded to whole feature chunks
+// (the MMA path's 16 x 16 blocks stay aligned) plus 4 floats, so that the rows of a WMMA load or store start in
+// different banks (a row of a multiple of 32 floats puts all 16 rows of a block on the same banks).
 __host__ __device__ constexpr int padded_dim(int D) { return (D + kChunk - 1) / kChunk * kChunk; }
+__host__ __device__ constexpr int acc_ld(int D) { return padded_dim(D) + 4; }
+static_assert(acc_ld(kChunk) * 16 * sizeof(float) % 32 == 0,
+              "a 16-row block of the accumulator starts 32-byte aligned (WMMA's pointers)");
 
 // v = hi + lo, both TF32 (the tensor cores' input precision), together about 21 significant bits of v.
 __device__ __forceinline__ void tf32_parts(float v, float& hi, float& lo) {
@@ -230,7 +235,7 @@ __device__ __forceinline__ Frag split_fragment(Frag& hi) {
 // acc[0:32][d0:d0+32] += (hi + lo) x on tensor cores (TF32 m16n16k8, fp32 accumulate); warp w owns the 16 x 16
 // block (w / 2, w % 2). acc rows have ld floats. kSplitX: x holds fp32 values (else values exact in TF32).
 template <bool kSplitX>
-__device__ void mma_chunk(float* acc, int ld, int d0, const GradMma& mm) {
+__device__ __forceinline__ void mma_chunk(float* acc, int ld, int d0, const GradMma& mm, const float (*x)[kChunk + kPad]) {
   using namespace nvcuda;
   const int warp = threadIdx.x / 32;
   const int br = (warp / 2) * 16, bc = (warp % 2) * 16;
@@ -241,7 +246,7 @@ __device__ void mma_chunk(float* acc, int ld, int d0, const GradMma& mm) {
   for (int k = 0; k < kTile; k += 8) {
     wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
     wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b;
-    wmma::load_matrix_sync(b, &mm.x[k][bc], kChunk + kPad);
+    wmma::load_matrix_sync(b, &x[k][bc], kChunk + kPad);
     wmma::load_matrix_sync(a, &mm.hi[br][k], kTile + 4);
     // A TF32 fragment must hold TF32 values before any product (the tensor cores' reading of an unconverted fp32
     // value is unspecified), so an fp32 x is split first: b keeps its TF32 high part, b_lo the residual. One A
@@ -259,14 +264,25 @@ __device__ void mma_chunk(float* acc, int ld, int d0, const GradMma& mm) {
 
 // acc[32][ld] += (hi + lo) X over the whole feature dim, X = rows `rows` of the [B, N, D] tensor `src` (zero where
 // not ok), one chunk at a time.
+// Double-buffered: chunk c is multiplied from one buffer and chunk c + 1 loaded into the other with no barrier
+// between, so a warp done with its products loads while the others multiply; one barrier per chunk (the buffer
+// a load overwrites was last read by the previous chunk's products, finished at the previous barrier). Loading
+// after the products rather than before keeps the loads' registers apart from the fragments' (loaded before,
+// bwd_k spilled 40 bytes in bf16 and fp16). Ends on a barrier, so the caller may overwrite mm's G at once.
 template <typename Src>
 __device__ void mma_rows(float* acc, int ld, GradMma& mm, const Src* src, int64_t sb, int64_t sn, int64_t sd,
                          int64_t b, const int64_t* rows, const bool* ok, int D) {
+  float(*cur)[kChunk + kPad] = mm.x[0];
+  float(*next)[kChunk + kPad] = mm.x[1];
+  load_chunk<float, Src>(cur, src, sb, sn, sd, b, rows, ok, 0, D);
+  __syncthreads();
   for (int d0 = 0; d0 < D; d0 += kChunk) {
-    load_chunk<float, Src>(mm.x, src, sb, sn, sd, b, rows, ok, d0, D);
+    mma_chunk<std::is_same<Src, float>::value>(acc, ld, d0, mm, cur);
+    if (d0 + kChunk < D) load_chunk<float, Src>(next, src, sb, sn, sd, b, rows, ok, d0 + kChunk, D);
     __syncthreads();
-    mma_chunk<std::is_same<Src, float>::value>(acc, ld, d0, mm);
-    __syncthreads();
+    const auto done = cur;
+    cur = next;
+    next = done;
   }
 }
 
@@ -621,7 +637,7 @@ template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const float* grad, int64_t g_sb, int64_t g_sn,
                                                          TS* ds) {
   using T = Staged<TS, TT>;
-  const int ld = padded_dim(a.D);
+  const int ld = acc_ld(a.D);
   float* dq = dynamic_smem<float>();  // [kTile][ld]
   __shared__ Tiles<T> sh;
   __shared__ GradMma mm;
@@ -665,11 +681,14 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const Args a, const flo
                           sh.inv_q, a.normalize, a.D, ds, a.N);
 }
 
+// At least 3 blocks per SM (at most 168 registers): without a minimum, ptxas chose 80-96 registers for the
+// double-buffered loop and spilled (bf16, fp16 and fp32 pairs); the static shared memory allows 3 blocks up to
+// d = 256 anyway.
 template <typename TS, typename TT>
-__global__ void __launch_bounds__(kThreads) bwd_k_kernel(const Args a, const float* grad, int64_t g_sb, int64_t g_sn,
+__global__ void __launch_bounds__(kThreads, 3) bwd_k_kernel(const Args a, const float* grad, int64_t g_sb, int64_t g_sn,
                                                          TT* dt) {
   using T = Staged<TS, TT>;
-  const int ld = padded_dim(a.D);
+  const int ld = acc_ld(a.D);
   float* dk = dynamic_smem<float>();  // [kTile][ld]
   __shared__ Tiles<T> sh;
   __shared__ GradMma mm;
@@ -823,7 +842,7 @@ SmemPlan plan_of(LossKernel kernel, int64_t D, int64_t limit) {
     }
   } else {
     p.static_bytes = bwd_static_smem<TS, TT>();
-    p.dynamic_bytes = static_cast<int64_t>(sizeof(float)) * kTile * padded_dim(static_cast<int>(D));
+    p.dynamic_bytes = static_cast<int64_t>(sizeof(float)) * kTile * acc_ld(static_cast<int>(D));
   }
   const int64_t need = p.static_bytes + p.dynamic_bytes;
   if (need > limit)
