@@ -334,10 +334,20 @@ def _final(out: Path, cfg: FinetuneConfig) -> dict:
     return state | {"model": model.state_dict()}
 
 
-@pytest.mark.parametrize("strategy,precision", [("ddp", "fp32"), ("ddp", "fp16"), ("fsdp", "fp32")])
-def test_resume_after_crash_is_bit_identical(folder, tmp_path, monkeypatch, strategy, precision):
+DALI = pytest.mark.skipif(
+    __import__("conmim.data.dali_loader", fromlist=["dali_status"]).dali_status() is not None,
+    reason="NVIDIA DALI is not installed (pip install -e '.[dali]')",
+)
+
+
+@pytest.mark.parametrize(
+    "strategy,precision,loader",
+    [("ddp", "fp32", "torch"), ("ddp", "fp16", "torch"), ("fsdp", "fp32", "torch"),
+     pytest.param("ddp", "fp32", "dali", marks=DALI)],
+)  # fmt: skip
+def test_resume_after_crash_is_bit_identical(folder, tmp_path, monkeypatch, strategy, precision, loader):
     common = dict(data=str(folder), epochs=3, checkpoint_every=2, keep_last=10, batch_size=8, lr_batch=8,
-                  precision=precision, strategy=strategy)  # fmt: skip
+                  precision=precision, strategy=strategy, loader=loader, num_workers=1 if loader == "dali" else 0)  # fmt: skip
     whole = run.train(cfg_for(out=str(tmp_path / "whole"), **common))
     calls = {"n": 0}
     real = run.train_step
@@ -432,6 +442,47 @@ def test_fsdp_in_one_process_trains_as_ddp_does(folder, tmp_path, monkeypatch):
         assert a["step"] == b["step"] == 6
         for key in a["model"]:
             torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@DALI
+def test_dali_loader_shards_resumes_and_erases(folder):
+    """Labels set to file numbers: each rank's epoch is whole batches of distinct files, the ranks' disjoint; a
+    start mid-epoch gives the uninterrupted epoch's later batches; the next epoch another order; random erasing
+    (reprob 1) changes pixels, reproducibly."""
+    from conmim.finetune.data import DaliLabelledLoader
+
+    files = sorted(str(f) for f in (folder / "train").rglob("*.png"))
+    cfg = cfg_for(reprob=0.0)
+
+    def make(rank, world=2, c=cfg):
+        return DaliLabelledLoader(files, list(range(len(files))), c, 16, 4, rank, world, 0, None, 1)
+
+    epochs = [[(x, y) for x, y in make(r)] for r in (0, 1)]
+    seen = [torch.cat([y for _, y in e]).tolist() for e in epochs]
+    assert [len(s) for s in seen] == [12, 12] and len(set(seen[0]) | set(seen[1])) == 24
+    assert all(x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 for e in epochs for x, _ in e)
+    again = make(0)
+    again.set_epoch(0, start=8)
+    assert len(again) == 4
+    later = list(again)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(later, epochs[0][2:]))
+    assert len(later) == 1
+    again.set_epoch(1)
+    assert torch.cat([y for _, y in again]).tolist() != seen[0]
+    erased = [make(0, c=cfg_for(reprob=1.0)) for _ in range(2)]
+    a, b = (next(iter(e))[0] for e in erased)
+    assert torch.equal(a, b) and not torch.equal(a, epochs[0][0][0])
+
+
+def test_dali_rand_augment_arguments_from_timm_policies():
+    from conmim.finetune.data import rand_augment_args
+
+    assert rand_augment_args("rand-m9-mstd0.5-inc1") == {"n": 2, "m": 9, "num_magnitude_bins": 11}
+    assert rand_augment_args("rand-n3-m5") == {"n": 3, "m": 5, "num_magnitude_bins": 11}
+    with pytest.raises(ValueError, match="RandAugment policies"):
+        rand_augment_args("original-mstd0.5")
+    with pytest.raises(ValueError, match="magnitude"):
+        rand_augment_args("rand-m12")
 
 
 def test_validation_shares_are_padded_to_equal_length_and_padding_is_not_counted(tmp_path):

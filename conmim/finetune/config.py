@@ -107,7 +107,16 @@ class FinetuneConfig:
         tuple(STRATEGIES),
     )
     grad_checkpointing: bool = option(False, "recompute block activations in backward (less memory)")
-    num_workers: int = option(8, "data-loading worker processes per rank", check=non_negative)
+    loader: str = option(
+        "torch",
+        "training images: torch (timm's transforms in DataLoader workers: the official augmentation exactly) or "
+        "dali (NVIDIA DALI: decoding on the GPU, DALI's RandAugment without timm's magnitude noise); validation "
+        "always reads through torch",
+        ("torch", "dali"),
+    )
+    num_workers: int = option(
+        8, "data-loading worker processes per rank (DALI: its CPU threads, at least 1)", check=non_negative
+    )
     eval_every: int = option(
         1, "epochs between validations (the last epoch is always validated)", check=at_least_one
     )

@@ -35,7 +35,14 @@ from conmim.checkpoint import (
     set_rng_state,
 )
 from conmim.finetune.config import ConfigError, FinetuneConfig
-from conmim.finetune.data import PAD_LABEL, _Seeded, class_subset, eval_loader, train_loader
+from conmim.finetune.data import (
+    PAD_LABEL,
+    DaliLabelledLoader,
+    _Seeded,
+    class_subset,
+    eval_loader,
+    train_loader,
+)
 from conmim.finetune.recipe import (
     Init,
     build_classifier,
@@ -163,9 +170,15 @@ def build_run(
     size = int(net.patch_embed.img_size[0])
     t_train, t_val = make_transforms(cfg, size)
     pin = device.type == "cuda"
-    loader, sampler = train_loader(
-        files, labels, t_train, cfg.batch_size, rank, world, cfg.seed, cfg.num_workers, pin
-    )
+    if cfg.loader == "dali":
+        dev = device.index if device.type == "cuda" else None
+        loader = sampler = DaliLabelledLoader(
+            files, labels, cfg, size, cfg.batch_size, rank, world, cfg.seed, dev, max(1, cfg.num_workers)
+        )
+    else:
+        loader, sampler = train_loader(
+            files, labels, t_train, cfg.batch_size, rank, world, cfg.seed, cfg.num_workers, pin
+        )
     val = eval_loader(va.files, va.labels, t_val, cfg.eval_batch_size, rank, world, cfg.num_workers, pin)
     steps_per_epoch = len(sampler) // cfg.batch_size // cfg.accum_steps
     if steps_per_epoch < 1:
