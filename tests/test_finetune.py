@@ -513,7 +513,7 @@ def test_fp16_skips_a_step_with_non_finite_gradients_and_lowers_the_scale(folder
     assert state.step == 2
 
 
-def test_bad_input_writes_nothing(folder, tmp_path, capsys):
+def test_bad_input_writes_nothing(folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "never"
     base = [
         "--init",
@@ -534,6 +534,14 @@ def test_bad_input_writes_nothing(folder, tmp_path, capsys):
     assert run.main(["--init", str(tmp_path / "nope"), "--data", str(folder), "--out", str(out)]) == 2
     assert run.main([*base[:-2]]) == 2
     assert "out is required" in capsys.readouterr().err
+    assert run.main([*base, "--loader", "dali", "--auto_augment", "original"]) == 2
+    assert "RandAugment policies" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        import conmim.data.dali_loader as dali
+
+        m.setattr(dali, "dali_status", lambda: "NVIDIA DALI is not available (test)")
+        assert run.main([*base, "--loader", "dali"]) == 2
+        assert "loader dali: NVIDIA DALI is not available" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -123,7 +123,7 @@ class DaliLabelledLoader:
 
         why = dali_status()
         if why is not None:
-            raise RuntimeError(why)
+            raise ValueError(f"loader dali: {why}")
         self._links = tempfile.TemporaryDirectory(prefix="conmim-dali-")  # removed with the loader
         self.files, self.labels = dali_paths(list(files), self._links.name), list(labels)
         self.cfg, self.image_size, self.batch_size = cfg, image_size, batch_size
@@ -132,9 +132,8 @@ class DaliLabelledLoader:
         policy = None if cfg.auto_augment in (None, "none") else cfg.auto_augment
         self.rand_augment = None if policy is None else rand_augment_args(policy)
         self.epoch, self.start, self.it = 0, 0, None
-        self.per_rank = (
-            len(self.files) // world // batch_size * batch_size
-        )  # the smallest part's whole batches
+        # every rank takes the smallest part's whole batches
+        self.per_rank = len(self.files) // world // batch_size * batch_size
         self.set_epoch(0)
 
     def __len__(self) -> int:
